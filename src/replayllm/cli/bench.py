@@ -1,0 +1,91 @@
+"""`replayllm bench`: llama-bench's ppN / tgN table, plus achieved bandwidth and the roofline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tqdm import tqdm
+
+from ..errors import InvalidParameterError
+
+
+def add_commands(sub) -> None:
+    bench = sub.add_parser("bench", help="prompt processing and generation speed (llama-bench compatible)")
+    bench.add_argument("model", help="GGUF file (see `replayllm synth` for large synthetic ones)")
+    bench.add_argument("-p", "--n-prompt", default="512", help="prompt tokens, comma list (0: skip)")
+    bench.add_argument("-n", "--n-gen", default="128", help="generated tokens, comma list (0: skip)")
+    bench.add_argument("-r", "--repetitions", type=int, default=5)
+    bench.add_argument("-d", "--n-depth", default="0", help="context depth before the test, comma list")
+    bench.add_argument("-b", "--batch-size", type=int, default=2048, help="prompt chunk size")
+    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    bench.add_argument("--mode", default="graph", help="GPU decode mode (see generate --help)")
+    bench.add_argument("--json", help="write all results and the environment to this file")
+    bench.add_argument("--quiet", "-q", action="store_true")
+    bench.set_defaults(run=run_bench)
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InvalidParameterError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise InvalidParameterError(f"{flag} values must be >= 0, got {text!r}")
+    return values
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from ..bench.bandwidth import measure_copy_gbps
+    from ..bench.device_info import environment
+    from ..bench.llama_bench import BenchTest, markdown_table, model_facts, run_test
+    from ..engine import LLM
+
+    if args.repetitions < 1:
+        raise InvalidParameterError(f"-r must be >= 1, got {args.repetitions}")
+    if args.batch_size < 1:
+        raise InvalidParameterError(f"-b must be >= 1, got {args.batch_size}")
+    depths = _int_list(args.n_depth, "-d") or [0]
+    tests = [BenchTest("pp", n, d, args.batch_size) for d in depths for n in _int_list(args.n_prompt, "-p") if n]
+    tests += [BenchTest("tg", n, d, args.batch_size) for d in depths for n in _int_list(args.n_gen, "-n") if n]
+    if not tests:
+        raise InvalidParameterError("nothing to run: give -p and/or -n values above 0")
+    needed = max(t.depth + t.n_tokens for t in tests) + 2
+    llm = LLM(args.model, device=args.device, mode=args.mode, progress=not args.quiet,
+              max_context=min(max(needed, 16), _model_context(args.model)))
+    if needed > llm.max_context_tokens:
+        raise InvalidParameterError(f"depth + tokens = {needed} exceeds the model's context "
+                                    f"({llm.max_context_tokens})")
+    device = llm.backend.device if hasattr(llm.backend, "device") else None
+    import torch
+
+    device = device or torch.device("cpu")
+    copy_gbps = measure_copy_gbps(device) if device.type == "cuda" else None
+    facts = model_facts(llm._model_file.gguf, llm.config)
+    results = []
+    with tqdm(total=len(tests) * args.repetitions, desc="bench", disable=args.quiet, leave=False) as bar:
+        for test in tests:
+            results.append(run_test(llm.backend, test, facts, llm.config.vocab_size, args.repetitions,
+                                    copy_gbps, on_sample=lambda: bar.update(1)))
+    print(markdown_table(results))
+    env = environment(device)
+    if copy_gbps:
+        print(f"\n{env['device']}: measured copy bandwidth {copy_gbps:.0f} GB/s (read + write); "
+              f"commit {env['commit']}, {env['date']}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"kind": "bench", **env, "copy_gbps": copy_gbps,
+                       "results": [r.to_json() for r in results]}, f, indent=2)
+    llm.close()
+    return 0
+
+
+def _model_context(path: str) -> int:
+    from ..engine.model_file import open_model_file
+
+    model_file = open_model_file(path)
+    try:
+        return model_file.config.max_context_tokens
+    finally:
+        model_file.close()

@@ -1,0 +1,4 @@
+from .llm import LLM
+from .outputs import GenerationOutput
+
+__all__ = ["LLM", "GenerationOutput"]

@@ -1,0 +1,64 @@
+"""The plain-torch fp32 reference backend: the correctness oracle for every faster path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from tqdm import tqdm
+
+from ..gguf import dequantize
+from ..models import get_architecture
+from ..sampling import SamplerState, SamplingParams, sample
+from .backend import Backend
+from .model_file import ModelFile
+
+
+class CPUBackend(Backend):
+    name = "cpu"
+
+    def __init__(self, model_file: ModelFile, max_context_tokens: int, progress: bool = True):
+        self.config = model_file.config
+        self.max_context_tokens = max_context_tokens
+        gguf_file = model_file.gguf
+        total = sum(gguf_file.tensors[n].nbytes for n in gguf_file.tensors)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress,
+                   leave=False)
+
+        def load_weight(name: str) -> torch.Tensor:
+            info = gguf_file.tensors[name]
+            weight = torch.from_numpy(dequantize(info, gguf_file.tensor_data(name)))
+            bar.update(info.nbytes)
+            return weight
+
+        with bar:
+            self.model = get_architecture(self.config.architecture).build_reference(self.config, load_weight)
+
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        cache = self.model.new_kv_cache(len(token_ids))
+        return self.model(torch.tensor(token_ids, dtype=torch.long), 0, cache)
+
+    @torch.inference_mode()
+    def prefill_only(self, token_ids: list[int], chunk_tokens: int) -> None:
+        cache = self.model.new_kv_cache(len(token_ids))
+        ids = torch.tensor(token_ids, dtype=torch.long)
+        for start in range(0, len(token_ids), chunk_tokens):
+            self.model(ids[start:start + chunk_tokens], start, cache)
+
+    @torch.inference_mode()
+    def generate_ids(self, prompt_ids: list[int], params: SamplingParams, seed: int,
+                     max_new_tokens: int) -> Iterator[int]:
+        cache = self.model.new_kv_cache(len(prompt_ids) + max_new_tokens)
+        state = SamplerState.create(1, self.config.vocab_size, torch.device("cpu"))
+        state.set_row(0, params, seed, prompt_ids)
+        logits = self.model(torch.tensor(prompt_ids, dtype=torch.long), 0, cache)[-1:]
+        position = len(prompt_ids)
+        for i in range(max_new_tokens):
+            token = sample(logits, state)  # [1]
+            state.record(token)
+            yield int(token[0])
+            if i + 1 == max_new_tokens:
+                return
+            logits = self.model(token, position, cache)
+            position += 1

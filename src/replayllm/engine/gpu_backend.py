@@ -1,0 +1,270 @@
+"""The GPU backend: quantized weights on the device, paged KV cache, GPU prefill, and the decode modes.
+
+- "graph" (default): the decode step, sampling included, is one replayed CUDA graph. The host runs one step
+  ahead: it queues replay k+1 before it waits for the token of step k (an asynchronous copy into pinned memory),
+  so the GPU never idles while the host detokenizes and checks stop conditions.
+- "eager": the same kernels launched one by one every token, the logits copied to the host and sampled there:
+  the per-token CPU work the graph mode removes, kept as the baseline it is measured against.
+- "graph-host-sampling": the graph stops at the logits, which are sampled on the host (isolates sampling).
+- "graph-Nstep": N decode steps captured in one graph (fewer replays; tokens reach the host N at a time).
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InvalidParameterError
+from ..gguf import dequantize
+from ..runner.decode_step import RopeTables, StepBuffers, decode_step
+from ..runner.graph import DecodeGraph
+from ..runner.kv_cache import PagedKVCache
+from ..runner.prefill import Prefiller
+from ..runner.weights import load_device_weights
+from ..sampling import SamplerState, SamplingParams, sample
+from .backend import Backend
+from .decode_mode import DecodeMode
+from .model_file import ModelFile
+from .tracer import TokenTracer
+
+PINNED_SLOTS = 4  # host slots for sampled tokens in flight; the host lags the GPU by one replay
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    weights_bytes: int
+    kv_cache_bytes: int
+    workspace_bytes: int  # step buffers, prefill scratch, CUDA-graph pools, rope tables
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.workspace_bytes
+
+    def __str__(self) -> str:
+        gib = 2**30
+        return (f"GPU memory: weights {self.weights_bytes / gib:.2f} GiB, KV cache {self.kv_cache_bytes / gib:.2f} "
+                f"GiB, workspace {self.workspace_bytes / gib:.2f} GiB, total {self.total_bytes / gib:.2f} GiB")
+
+
+class GPUBackend(Backend):
+    def __init__(self, model_file: ModelFile, max_context_tokens: int, mode: str = "graph",
+                 progress: bool = True, device: torch.device | None = None):
+        started = time.perf_counter()
+        self.config = config = model_file.config
+        self.max_context_tokens = max_context_tokens
+        self.device = device or torch.device("cuda")
+        self.is_cuda = self.device.type == "cuda"
+        self.tracer: TokenTracer | None = None
+        base = _allocated(self.device)
+        self.weights = load_device_weights(model_file.gguf, config, self.device, progress)
+        weights_bytes = _allocated(self.device) - base if self.is_cuda else self.weights.nbytes
+        self.cache = PagedKVCache.allocate(config, max_context_tokens, 1, self.device)
+        freq_factors = None
+        if config.has_rope_freqs:  # Llama 3.x: per-frequency divisors stored as a tensor
+            info = model_file.gguf.tensors["rope_freqs.weight"]
+            freq_factors = torch.from_numpy(dequantize(info, model_file.gguf.tensor_data(info.name)))
+        cos, sin = config.rope_tables(max_context_tokens, freq_factors)
+        self.rope = RopeTables(cos.to(self.device), sin.to(self.device))
+        self.bufs = StepBuffers.allocate(config, 1, self.cache.max_pages_per_seq, max_context_tokens, self.device)
+        self.prefiller = Prefiller(config, self.weights, self.cache, self.rope)
+        self.device_sampler = SamplerState.create(1, config.vocab_size, self.device)
+        self.host_sampler = SamplerState.create(1, config.vocab_size, torch.device("cpu"))
+        self._graphs: dict[tuple[int, bool], DecodeGraph] = {}
+        self.load_seconds = time.perf_counter() - started
+        self.set_mode(mode)
+        self.startup_seconds = time.perf_counter() - started
+        workspace = _allocated(self.device) - base - weights_bytes - self.cache.nbytes if self.is_cuda else 0
+        self.memory = MemoryReport(weights_bytes, self.cache.nbytes, max(workspace, 0))
+        if progress and self.is_cuda:
+            print(f"replayllm: {self.memory}; ready in {self.startup_seconds:.1f} s "
+                  f"(load {self.load_seconds:.1f} s)", file=sys.stderr)
+        self._pinned = torch.zeros(PINNED_SLOTS, 64, dtype=torch.int64, pin_memory=self.is_cuda)
+        self._copied = [torch.cuda.Event() if self.is_cuda else None for _ in range(PINNED_SLOTS)]
+
+    @property
+    def name(self) -> str:
+        return f"cuda-{self.mode.name}"
+
+    def set_mode(self, mode: str) -> None:
+        """Switch decode mode; a graph is captured the first time its mode is used and kept."""
+        decode_mode = DecodeMode.parse(mode)
+        if decode_mode.use_graph:
+            if not self.is_cuda:
+                raise InvalidParameterError(f"decode mode {mode!r} needs a CUDA device; use mode 'eager'")
+            self.graph_for(decode_mode)
+        self.mode = decode_mode
+
+    def graph_for(self, mode: DecodeMode) -> DecodeGraph:
+        key = (mode.steps_per_graph, mode.sample_on_device)
+        if key not in self._graphs:
+            sampler = self.device_sampler if mode.sample_on_device else None
+            graph = DecodeGraph(self._step, self.bufs, sampler, mode.steps_per_graph)
+            graph.capture()
+            self.bufs.positions.zero_()
+            self._graphs[key] = graph
+        return self._graphs[key]
+
+    def _step(self, bufs: StepBuffers) -> torch.Tensor:
+        return decode_step(self.config, self.weights, self.cache, self.rope, bufs)
+
+    # ---- prompt processing ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        pages = self.cache.reserve(len(token_ids))
+        try:
+            self.cache.fill_page_table_row(self.bufs.page_table, 0, pages)
+            ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+            return self.prefiller.run(ids, self.bufs.page_table[0], all_logits=True).cpu()
+        finally:
+            self.cache.release(pages)
+
+    @torch.inference_mode()
+    def prefill_only(self, token_ids: list[int], chunk_tokens: int) -> None:
+        pages = self.cache.reserve(len(token_ids))
+        try:
+            self.cache.fill_page_table_row(self.bufs.page_table, 0, pages)
+            ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+            for start in range(0, len(token_ids), chunk_tokens):
+                self.prefiller.run(ids[start:start + chunk_tokens], self.bufs.page_table[0], start=start)
+            if self.is_cuda:
+                torch.cuda.synchronize(self.device)
+        finally:
+            self.cache.release(pages)
+
+    # ---- decoding ---------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate_ids(self, prompt_ids: list[int], params: SamplingParams, seed: int,
+                     max_new_tokens: int) -> Iterator[int]:
+        pages = self.cache.reserve(len(prompt_ids) + max_new_tokens)
+        try:
+            self.cache.fill_page_table_row(self.bufs.page_table, 0, pages)
+            ids = torch.tensor(prompt_ids, dtype=torch.int64, device=self.device)
+            logits = self.prefiller.run(ids, self.bufs.page_table[0])
+            self.bufs.positions.fill_(len(prompt_ids))
+            if self.mode.sample_on_device:
+                yield from self._decode_run_ahead(logits, params, seed, prompt_ids, max_new_tokens)
+            else:
+                yield from self._decode_host_sampling(logits, params, seed, prompt_ids, max_new_tokens)
+        finally:
+            self.cache.release(pages)
+
+    def _decode_host_sampling(self, logits, params, seed, prompt_ids, max_new_tokens) -> Iterator[int]:
+        """Eager and graph-host-sampling: every token the host waits for the logits and samples them."""
+        sampler, trace = self.host_sampler, self.tracer
+        graph = self.graph_for(self.mode) if self.mode.use_graph else None
+        sampler.set_row(0, params, seed, prompt_ids)
+        for i in range(max_new_tokens):
+            if trace:
+                t0 = time.perf_counter()
+                if self.is_cuda:
+                    torch.cuda.current_stream().synchronize()
+                t1 = time.perf_counter()
+            host_logits = logits.cpu()
+            if trace:
+                t2 = time.perf_counter()
+            token = sample(host_logits, sampler)
+            sampler.record(token)
+            if trace:
+                t3 = time.perf_counter()
+                trace.add("wait", t1 - t0)
+                trace.add("copy", t2 - t1)
+                trace.add("sampling", t3 - t2)
+            yield int(token[0])
+            if i + 1 == max_new_tokens:
+                return
+            if trace:
+                t0 = time.perf_counter()
+            self.bufs.tokens.copy_(token)
+            if trace:
+                t1 = time.perf_counter()
+                trace.step_begin()
+            if graph is not None:
+                graph.replay()
+                logits = self.bufs.logits
+            else:
+                logits = self._step(self.bufs)
+                self.bufs.positions.add_(1)
+            if trace:
+                trace.step_end()
+                trace.add("copy", t1 - t0)
+                trace.add("launch", time.perf_counter() - t1)
+
+    def _decode_run_ahead(self, logits, params, seed, prompt_ids, max_new_tokens) -> Iterator[int]:
+        """Graph modes with sampling on the device. Chunk 0 is the token sampled from the prompt's logits;
+        chunk j >= 1 holds the n tokens of replay j. At iteration k the host queues replay k+1, then waits for
+        chunk k, so the GPU always has a step queued while the host handles the previous token."""
+        graph, sampler, trace = self.graph_for(self.mode), self.device_sampler, self.tracer
+        n = graph.steps_per_graph
+        sampler.set_row(0, params, seed, prompt_ids)
+        first = sample(logits, sampler)  # [1]: the prompt's next token, sampled on the device
+        sampler.record(first)
+        self.bufs.tokens.copy_(first)
+        self._pinned[0, :1].copy_(first, non_blocking=True)
+        self._copied[0].record()
+        produced, replays, remaining = 1, 0, max_new_tokens
+        for chunk in itertools.count():
+            if produced < max_new_tokens:
+                replays += 1
+                slot = replays % PINNED_SLOTS
+                if trace:
+                    t0 = time.perf_counter()
+                    trace.step_begin()
+                graph.replay()
+                if trace:
+                    trace.step_end()
+                    t1 = time.perf_counter()
+                self._pinned[slot, :n].copy_(graph.out_tokens[:, 0], non_blocking=True)
+                self._copied[slot].record()
+                if trace:
+                    trace.add("launch", t1 - t0)
+                    trace.add("copy", time.perf_counter() - t1)
+                produced += n
+            slot = chunk % PINNED_SLOTS
+            if trace:
+                t0 = time.perf_counter()
+            self._copied[slot].synchronize()  # waits for chunk k only; replay k+1 is already queued
+            if trace:
+                trace.add("wait", time.perf_counter() - t0)
+            for token in self._pinned[slot, : 1 if chunk == 0 else n].tolist():
+                yield token
+                remaining -= 1
+                if remaining == 0:
+                    return
+
+    def measure_step_gpu_ms(self, mode: str, positions: int, replays: int = 50) -> float:
+        """GPU time of one decode step of `mode`'s kernels, replayed back to back with no host work between
+        (so it is the GPU's own cost, the floor of the token time), at context length `positions`."""
+        graph = self.graph_for(DecodeMode.parse("graph-host-sampling" if mode in ("eager", "graph-host-sampling")
+                                                else mode))
+        pages = self.cache.reserve(positions + replays * graph.steps_per_graph + 1)
+        try:
+            self.cache.fill_page_table_row(self.bufs.page_table, 0, pages)
+            self.bufs.positions.fill_(positions)
+            graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(replays):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / (replays * graph.steps_per_graph)
+        finally:
+            self.bufs.positions.zero_()
+            self.cache.release(pages)
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self.weights = self.cache = self.bufs = self.prefiller = None
+        if self.is_cuda:
+            torch.cuda.empty_cache()
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0

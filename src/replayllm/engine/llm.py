@@ -1,0 +1,202 @@
+"""`LLM`: the public entry point. Loads a GGUF model on a device and generates text."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ..default_model import default_model_path
+from ..errors import InvalidParameterError, PromptTooLongError, ReplayLLMError
+from ..sampling import SamplingParams
+from .backend import Backend
+from .decode_mode import DecodeMode
+from .model_file import ModelFile, open_model_file
+from .outputs import GenerationOutput
+from .stop_strings import StopStringFilter
+
+Prompt = str | Sequence[int]
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_MAX_CONTEXT_TOKENS = 4096
+
+
+class LLM:
+    """A GGUF model loaded on a device.
+
+    `model`: path of a .gguf file; None means the default model (SmolLM2-135M-Instruct, fetched once).
+    `device`: "cpu" (the plain-torch reference), "cuda" (CUDA-graph decode), or "auto" (cuda when usable).
+    `max_context`: tokens of context (prompt + generated) per sequence; default min(model's, 4096).
+    `mode`: GPU decode mode, "graph" (replayed CUDA graph, sampling on the GPU) or "eager" (every kernel
+    launched each token, logits sampled on the host: the baseline the graph mode is measured against);
+    also "graph-host-sampling" and "graph-Nstep" (N steps per graph), see engine/decode_mode.py.
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", *,
+                 max_context: int | None = None, mode: str = "graph", progress: bool = True):
+        if device not in DEVICES:
+            raise InvalidParameterError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        DecodeMode.parse(mode)  # an unknown mode fails before anything loads
+        path = default_model_path(progress=progress) if model is None else model
+        self._model_file: ModelFile = open_model_file(path)
+        self.config = self._model_file.config
+        self.tokenizer = self._model_file.tokenizer
+        self.max_context_tokens = _resolve_max_context(max_context, self.config.max_context_tokens)
+        self.device = _resolve_device(device)
+        self.backend = self._make_backend(mode, progress)
+        self.last_output: GenerationOutput | None = None
+
+    def _make_backend(self, mode: str, progress: bool) -> Backend:
+        if self.device == "cpu":
+            from .cpu_backend import CPUBackend
+
+            return CPUBackend(self._model_file, self.max_context_tokens, progress=progress)
+        from .gpu_backend import GPUBackend
+
+        return GPUBackend(self._model_file, self.max_context_tokens, mode=mode, progress=progress)
+
+    @property
+    def model_file(self) -> ModelFile:
+        return self._model_file
+
+    # ---- public API -------------------------------------------------------------------------------------
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | None = None) -> list[GenerationOutput]:
+        """Generate for each prompt (a string, or a list of token ids); returns one output per prompt."""
+        params = params or SamplingParams()
+        outputs = []
+        for prompt in _as_prompt_list(prompts):
+            output = GenerationOutput(prompt_token_ids=self._prompt_ids(prompt))
+            for _ in self._run(output, params):
+                pass
+            outputs.append(output)
+        return outputs
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the generated text piece by piece (never half a UTF-8 character, never part of a stop string)."""
+        output = GenerationOutput(prompt_token_ids=self._prompt_ids(prompt))
+        self.last_output = output  # lets a caller read token ids and finish reason after streaming
+        yield from self._run(output, params or SamplingParams())
+
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template, ready for the assistant's turn."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.tokenizer.encode(text)
+        bos = self.tokenizer.bos_id
+        if len(ids) >= 2 and ids[0] == ids[1] == bos:  # the template wrote BOS and so did encode()
+            ids = ids[1:]
+        return ids
+
+    @torch.inference_mode()
+    def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Float32 logits [len(token_ids), vocab], one row per position, from an empty context."""
+        ids = self._prompt_ids(list(token_ids))
+        return self.backend.logits(ids)
+
+    def close(self) -> None:
+        self.backend.close()
+        self._model_file.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- internals --------------------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise InvalidParameterError(
+                    f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        if not ids:
+            raise InvalidParameterError("the prompt is empty (and the model adds no BOS token)")
+        if len(ids) >= self.max_context_tokens:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens but the context holds {self.max_context_tokens} "
+                f"(prompt plus at least one generated token); shorten the prompt or raise max_context "
+                f"(--ctx; the model allows {self.config.max_context_tokens})")
+        return ids
+
+    def _run(self, output: GenerationOutput, params: SamplingParams) -> Iterator[str]:
+        prompt_ids = output.prompt_token_ids
+        room = self.max_context_tokens - len(prompt_ids)
+        max_new_tokens = min(params.max_tokens, room)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        stop_ids = frozenset() if params.ignore_eos else self.tokenizer.stop_ids
+        decoder = self.tokenizer.stream_decoder()
+        stops = StopStringFilter(params.stop)
+        pieces: list[str] = []
+        hit_stop_token = False
+        ids = self.backend.generate_ids(prompt_ids, params, seed, max_new_tokens)
+        trace = getattr(self.backend, "tracer", None)  # set only while profiling
+        try:
+            for token in ids:
+                if trace:
+                    started = time.perf_counter()
+                if token in stop_ids:
+                    hit_stop_token = True
+                    break
+                output.token_ids.append(token)
+                piece = stops.push(decoder.push(token))
+                if trace:
+                    trace.add("detokenize", time.perf_counter() - started)
+                    trace.end_token()
+                if piece:
+                    pieces.append(piece)
+                    yield piece
+                if stops.stopped:
+                    break
+        finally:
+            ids.close()  # a run-ahead backend stops here
+        if not stops.stopped:
+            tail = stops.push(decoder.flush())
+            if not stops.stopped:
+                tail += stops.flush()
+            if tail:
+                pieces.append(tail)
+                yield tail
+        output.finish_reason = "stop" if hit_stop_token or stops.stopped else "length"
+        output.text = "".join(pieces)
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(p, int) for p in prompts):
+        return [prompts]  # one prompt given as token ids
+    for p in prompts:
+        if not isinstance(p, str) and not (isinstance(p, Sequence) and all(isinstance(t, int) for t in p)):
+            raise InvalidParameterError("each prompt must be a string or a list of token ids")
+    return prompts
+
+
+def _resolve_max_context(requested: int | None, model_max: int) -> int:
+    if requested is None:
+        return min(model_max, DEFAULT_MAX_CONTEXT_TOKENS)
+    if not isinstance(requested, int) or isinstance(requested, bool) or requested < 2:
+        raise InvalidParameterError(f"max_context must be an integer >= 2, got {requested!r}")
+    if requested > model_max:
+        raise InvalidParameterError(
+            f"max_context {requested} exceeds the model's context length {model_max}")
+    return requested
+
+
+def _resolve_device(device: str) -> str:
+    usable = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+    if device == "auto":
+        return "cuda" if usable else "cpu"
+    if device == "cuda" and not usable:
+        reason = ("no CUDA device is visible to PyTorch" if not torch.cuda.is_available()
+                  else "the GPU's compute capability is below 8.0")
+        raise ReplayLLMError(f"device 'cuda' was asked for but {reason}; use --device cpu")
+    return device
