@@ -1,0 +1,237 @@
+"""Decode attention over the paged f16 KV cache: one query token per sequence, split over the sequence.
+
+"Flash decoding": the sequence is cut into splits of `split_tokens` tokens; program (b, kv_head, split) reads
+each K/V tile of its split once for all q heads of the kv head's group (GQA) and keeps an online softmax in
+f32, leaving (max, sum, unnormalised acc) per q head in the workspace; a second kernel merges the splits.
+The number of splits is fixed when the workspace is made (from the largest context), so the grid is static
+and the launches can be captured in a CUDA graph; programs whose split starts past the sequence end do nothing
+and the merge ignores them (it reads the length from `positions` on the device too).
+
+Scores are kept in log2 units (multiplied by scale * log2(e)), so the kernels exponentiate with exp2.
+
+Precision: both products run on f16 tensor cores yet keep f32 accuracy. K and V are f16 already; the f32
+operand (q, then the probabilities p) is split as x = hi + lo / 2048 with hi = f16(x) and
+lo = f16((x - hi) * 2048), and x @ K = hi @ K + (lo @ K) / 2048 with f32 accumulation: f16 x f16 products are
+exact in f32, and the split leaves an error of about 2^-22 |x|. (A plain f16 q would cost ~5e-4 relative, TF32
+~1e-3; an f32 FMA dot spills registers at head_dim 128 and runs 5-30x slower.) q must stay below 65504 in
+magnitude, the f16 range.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import InvalidParameterError
+from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
+from .kv_cache import check_paged_cache, gather_paged_cache_reference
+
+TARGET_NUM_SPLITS = 64  # enough programs to fill a GPU at batch 1; few enough to merge cheaply
+DEFAULT_MIN_SPLIT_TOKENS = 128  # measured on an H100: 64..256 within 10%, 128 best at 4096 tokens
+MIN_SPLIT_TOKENS = 16  # tl.dot needs tiles of at least 16 tokens
+MAX_TILE_TOKENS = 64
+MAX_TILE_ELEMENTS = 8192  # one K or V tile [tokens, Dh] in registers: 64 x 128, or 32 x 256
+
+
+@triton.jit
+def _paged_decode_attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, positions_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
+        q_row_stride, q_head_stride, page_table_row_stride, qk_scale_log2,
+        NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        SPLIT_TOKENS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr):
+    # q: [B, Hq, Dh] f32; k_cache, v_cache: [pages, Hkv, PAGE_SIZE, Dh] f16; page_table: [B, max_pages] int32
+    # part_max, part_sum: [B_ws, Hq, NUM_SPLITS] f32; part_acc: [B_ws, Hq, NUM_SPLITS, Dh] f32 (B_ws >= B)
+    # grid (B * Hkv, NUM_SPLITS)
+    row = tl.program_id(0) // NUM_KV_HEADS
+    kv_head = tl.program_id(0) % NUM_KV_HEADS
+    split = tl.program_id(1)
+    seq_len = tl.load(positions_ptr + row) + 1
+    start = split * SPLIT_TOKENS
+    if start < seq_len:
+        end = tl.minimum(start + SPLIT_TOKENS, seq_len)
+        group = tl.arange(0, BLOCK_G)
+        heads = kv_head * GROUP_SIZE + group  # [BLOCK_G] q heads sharing this kv head
+        group_mask = group < GROUP_SIZE
+        dims = tl.arange(0, BLOCK_D)
+        dim_mask = dims < HEAD_DIM
+        q_ptrs = q_ptr + row.to(tl.int64) * q_row_stride + heads[:, None] * q_head_stride + dims[None, :]
+        q = tl.load(q_ptrs, mask=group_mask[:, None] & dim_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+        q_hi = q.to(tl.float16)
+        q_lo = ((q - q_hi.to(tl.float32)) * 2048.0).to(tl.float16)
+        running_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        running_sum = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        page_row = page_table_ptr + row.to(tl.int64) * page_table_row_stride
+        for tile_start in range(start, end, BLOCK_N):
+            tokens = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]; the first is always < end
+            token_mask = tokens < end
+            pages = tl.load(page_row + tokens // PAGE_SIZE, mask=token_mask, other=0).to(tl.int64)
+            token_rows = ((pages * NUM_KV_HEADS + kv_head) * PAGE_SIZE + tokens % PAGE_SIZE) * HEAD_DIM
+            kv_offsets = token_rows[:, None] + dims[None, :]  # [BLOCK_N, BLOCK_D]
+            kv_mask = token_mask[:, None] & dim_mask[None, :]
+            k_t = tl.trans(tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0))  # [BLOCK_D, BLOCK_N]
+            scores = (tl.dot(q_hi, k_t) + tl.dot(q_lo, k_t) * (1.0 / 2048.0)) * qk_scale_log2  # [BLOCK_G, BLOCK_N]
+            scores = tl.where(token_mask[None, :], scores, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+            correction = tl.exp2(running_max - new_max)  # exp2(-inf) = 0 on the first tile
+            probs = tl.exp2(scores - new_max[:, None])
+            running_sum = running_sum * correction + tl.sum(probs, axis=1)
+            v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D] f16
+            p_hi = probs.to(tl.float16)
+            p_lo = ((probs - p_hi.to(tl.float32)) * 2048.0).to(tl.float16)
+            acc = acc * correction[:, None] + tl.dot(p_hi, v) + tl.dot(p_lo, v) * (1.0 / 2048.0)
+            running_max = new_max
+        part = (row.to(tl.int64) * (NUM_KV_HEADS * GROUP_SIZE) + heads) * NUM_SPLITS + split  # [BLOCK_G]
+        tl.store(part_max_ptr + part, running_max, mask=group_mask)
+        tl.store(part_sum_ptr + part, running_sum, mask=group_mask)
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc,
+                 mask=group_mask[:, None] & dim_mask[None, :])
+
+
+@triton.jit
+def _merge_splits_kernel(part_max_ptr, part_sum_ptr, part_acc_ptr, positions_ptr, out_ptr, out_row_stride,
+                         out_head_stride, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         SPLIT_TOKENS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    # part_*: as written by _paged_decode_attention_kernel; out: [B, Hq, Dh] f32; grid (B, Hq)
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(positions_ptr + row) + 1
+    num_used = tl.minimum((seq_len + SPLIT_TOKENS - 1) // SPLIT_TOKENS, NUM_SPLITS)
+    first_part = (row.to(tl.int64) * NUM_Q_HEADS + head) * NUM_SPLITS
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+    max_seen = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, num_used, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        max_seen = tl.maximum(max_seen, tl.load(part_max_ptr + first_part + splits, mask=splits < num_used,
+                                                other=float("-inf")))
+    global_max = tl.max(max_seen, axis=0)
+    total = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    for s0 in range(0, num_used, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        split_mask = splits < num_used
+        part_max = tl.load(part_max_ptr + first_part + splits, mask=split_mask, other=float("-inf"))
+        weight = tl.exp2(part_max - global_max)  # [BLOCK_S]; 0 for unused splits
+        total += weight * tl.load(part_sum_ptr + first_part + splits, mask=split_mask, other=0.0)
+        acc_ptrs = part_acc_ptr + (first_part + splits)[:, None] * HEAD_DIM + dims[None, :]
+        acc += weight[:, None] * tl.load(acc_ptrs, mask=split_mask[:, None] & dim_mask[None, :], other=0.0)
+    result = tl.sum(acc, axis=0) / tl.sum(total, axis=0)  # [BLOCK_D]
+    tl.store(out_ptr + row.to(tl.int64) * out_row_stride + head * out_head_stride + dims, result, mask=dim_mask)
+
+
+@dataclass(frozen=True)
+class DecodeAttentionWorkspace:
+    """Per-split partial results of paged_decode_attention for up to `batch` sequences of up to
+    `num_splits * split_tokens` tokens. Allocated once; reused by every launch (and every CUDA-graph replay)."""
+
+    split_tokens: int
+    part_max: torch.Tensor  # [batch, Hq, num_splits] f32: max score of the split, log2 units
+    part_sum: torch.Tensor  # [batch, Hq, num_splits] f32: sum of exp2(score - max)
+    part_acc: torch.Tensor  # [batch, Hq, num_splits, Dh] f32: sum of exp2(score - max) * v
+
+    def __post_init__(self):
+        if self.split_tokens < MIN_SPLIT_TOKENS or self.split_tokens & (self.split_tokens - 1):
+            raise InvalidParameterError(f"split_tokens must be a power of two >= {MIN_SPLIT_TOKENS}, "
+                                        f"got {self.split_tokens}")
+        check_tensor("part_max", self.part_max, torch.float32, (None, None, None))
+        check_tensor("part_sum", self.part_sum, torch.float32, tuple(self.part_max.shape))
+        check_tensor("part_acc", self.part_acc, torch.float32, (*self.part_max.shape, None))
+        check_same_device(part_max=self.part_max, part_sum=self.part_sum, part_acc=self.part_acc)
+
+    @classmethod
+    def create(cls, batch: int, num_q_heads: int, head_dim: int, max_context_tokens: int,
+               device: torch.device | str, split_tokens: int | None = None) -> DecodeAttentionWorkspace:
+        """split_tokens None: the smallest power of two >= DEFAULT_MIN_SPLIT_TOKENS that covers
+        max_context_tokens in at most TARGET_NUM_SPLITS splits."""
+        for name, value in (("batch", batch), ("num_q_heads", num_q_heads), ("head_dim", head_dim),
+                            ("max_context_tokens", max_context_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise InvalidParameterError(f"{name} must be a positive integer, got {value!r}")
+        if split_tokens is None:
+            split_tokens = max(DEFAULT_MIN_SPLIT_TOKENS, next_power_of_2(-(-max_context_tokens // TARGET_NUM_SPLITS)))
+        num_splits = -(-max_context_tokens // split_tokens)
+        f32 = dict(dtype=torch.float32, device=device)
+        return cls(split_tokens=split_tokens,
+                   part_max=torch.empty(batch, num_q_heads, num_splits, **f32),
+                   part_sum=torch.empty(batch, num_q_heads, num_splits, **f32),
+                   part_acc=torch.empty(batch, num_q_heads, num_splits, head_dim, **f32))
+
+    @property
+    def num_splits(self) -> int:
+        return self.part_max.shape[2]
+
+    @property
+    def max_context_tokens(self) -> int:
+        """Longest sequence the workspace covers."""
+        return self.num_splits * self.split_tokens
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.part_max, self.part_sum, self.part_acc))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           page_table: torch.Tensor, positions: torch.Tensor, scale: float, out: torch.Tensor,
+                           workspace: DecodeAttentionWorkspace) -> torch.Tensor:
+    """out [B, Hq, Dh] f32 = softmax(scale * q k^T) v over tokens 0..positions[b] of each sequence b.
+
+    q [B, Hq, Dh] f32 (rotated); k_cache, v_cache [pages, Hkv, page_size, Dh] f16 with Hq % Hkv == 0;
+    page_table [B, max_pages] int32; positions [B] int32. Returns `out`."""
+    check_tensor("q", q, torch.float32, (None, None, None), layout="rows")
+    batch, num_q_heads, head_dim = q.shape
+    check_tensor("out", out, torch.float32, (batch, num_q_heads, head_dim), layout="rows")
+    num_kv_heads = k_cache.shape[1] if k_cache.dim() == 4 else -1
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of the cache's kv heads "
+                         f"(k_cache shape {list(k_cache.shape)})")
+    page_size = check_paged_cache(k_cache, v_cache, page_table, positions, batch, num_kv_heads, head_dim)
+    ws = workspace
+    if ws.part_acc.shape[0] < batch or ws.part_acc.shape[1:] != (num_q_heads, ws.num_splits, head_dim):
+        raise ValueError(f"workspace shaped {list(ws.part_acc.shape)} (batch, Hq, splits, Dh) does not fit q "
+                         f"{list(q.shape)}; create it with batch >= {batch}, {num_q_heads} q heads, Dh {head_dim}")
+    if page_table.shape[1] * page_size > ws.max_context_tokens:
+        raise ValueError(f"page_table holds up to {page_table.shape[1] * page_size} tokens per sequence but the "
+                         f"workspace covers {ws.max_context_tokens}; create it with max_context_tokens >= "
+                         f"{page_table.shape[1] * page_size}")
+    if head_dim > 256:
+        raise ValueError(f"head_dim {head_dim} > 256 is not supported by the decode attention kernel")
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, positions=positions, out=out,
+                      workspace=ws.part_acc)
+    if batch == 0:
+        return out
+    group_size = num_q_heads // num_kv_heads
+    block_d = max(16, next_power_of_2(head_dim))
+    _paged_decode_attention_kernel[(batch * num_kv_heads, ws.num_splits)](
+        q, k_cache, v_cache, page_table, positions, ws.part_max, ws.part_sum, ws.part_acc,
+        q.stride(0), q.stride(1), page_table.stride(0), float(scale) * math.log2(math.e),
+        NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
+        SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits, BLOCK_G=max(16, next_power_of_2(group_size)),
+        BLOCK_D=block_d, BLOCK_N=min(MAX_TILE_TOKENS, ws.split_tokens, MAX_TILE_ELEMENTS // block_d),
+        num_warps=4)
+    _merge_splits_kernel[(batch, num_q_heads)](
+        ws.part_max, ws.part_sum, ws.part_acc, positions, out, out.stride(0), out.stride(1),
+        NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits,
+        BLOCK_S=min(16, next_power_of_2(ws.num_splits)), BLOCK_D=block_d, num_warps=1)
+    return out
+
+
+def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                     page_table: torch.Tensor, positions: torch.Tensor,
+                                     scale: float) -> torch.Tensor:
+    """Dense softmax(scale * q k^T) v per sequence over its gathered cache, in float64; returns f32 [B, Hq, Dh]."""
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    group_size = q.shape[1] // k_cache.shape[1]
+    for b, position in enumerate(positions.tolist()):
+        k = gather_paged_cache_reference(k_cache, page_table[b], position + 1).double()  # [Hkv, T, Dh]
+        v = gather_paged_cache_reference(v_cache, page_table[b], position + 1).double()
+        k, v = k.repeat_interleave(group_size, dim=0), v.repeat_interleave(group_size, dim=0)  # [Hq, T, Dh]
+        scores = torch.einsum("hd,htd->ht", q[b].double(), k) * scale
+        out[b] = torch.einsum("ht,htd->hd", scores.softmax(dim=-1), v).float()
+    return out

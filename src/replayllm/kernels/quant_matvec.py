@@ -1,0 +1,240 @@
+"""out = x @ W^T for a few activation rows against a GGUF-quantized W: the decode step's every projection.
+
+At decode batch sizes the product is bound by reading W, so each program owns BLOCK_N output rows and walks
+their whole K, and the weights cross the memory bus once per step whatever B is. Accumulation is in f32.
+
+Two paths, picked by the batch size (MatvecConfig.block_b):
+- B <= 4: CUDA cores, one activation row per program. The programs of one row block are adjacent in launch
+  order and run side by side, so the weights come from DRAM once and from L2 for the other rows. Weights
+  are dequantized to f32 in registers and multiplied into a [S, BLOCK_N, W] accumulator that is reduced
+  once at the end, so the loop body is loads, bit ops and FMAs.
+- B > 4: tensor cores, BLOCK_B activation rows per program. A step's weights are dequantized to f32 as a
+  [BLOCK_N, S, W] tile, flattened to [BLOCK_N, S*W], and meet the [S*W, BLOCK_B] activations in tl.dot.
+  f16 alone would lose accuracy (~1e-3), so both operands are split into two f16 halves
+  (v ~ hi * 64 + lo / 32) and three dots keep ~22 bits: the result matches an f32 product to ~1e-6, for
+  |x| up to 4e6.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .quant_dequant import (
+    _F16,
+    _decode_float,
+    _decode_quant,
+    _dequant,
+    plan_steps,
+    weight_args,
+)
+from .quant_weight import FLOAT_TYPES, QuantWeight
+
+
+@dataclass(frozen=True)
+class MatvecConfig:
+    """Launch shape of quant_matvec. block_b == 1 selects the CUDA-core path (one activation row per
+    program), block_b >= 16 the tensor-core path (tl.dot needs 16 rows per operand). max_groups bounds the
+    groups decoded per K step (see quant_dequant); num_stages is Triton's software-pipelining depth."""
+
+    block_n: int
+    block_b: int
+    max_groups: int = 8
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def __post_init__(self):
+        for name in ("block_n", "block_b", "max_groups", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"MatvecConfig.{name} must be a positive power of two, got {value}")
+        if self.block_b != 1 and (self.block_b < 16 or self.block_n < 16):
+            raise ValueError(f"MatvecConfig: the tensor-core path (block_b > 1) needs block_b >= 16 and "
+                             f"block_n >= 16, got block_b={self.block_b}, block_n={self.block_n}")
+        if self.num_stages < 1:
+            raise ValueError(f"MatvecConfig.num_stages must be >= 1, got {self.num_stages}")
+
+
+def default_config(w: QuantWeight, batch: int) -> MatvecConfig:
+    """A reasonable launch shape; a tuning pass may replace it per (type, shape, batch)."""
+    if batch <= 4:  # CUDA cores, one batch row per program; block shape from a small sweep on H100
+        return MatvecConfig(block_n=8, block_b=1, max_groups=16, num_warps=4)
+    return MatvecConfig(block_n=32, block_b=16 if batch <= 16 else 32, max_groups=4, num_warps=4)
+
+
+@triton.jit
+def _split_f16(v):
+    """f32 v -> (hi, lo) f16 with v ~ hi * 64 + lo / 32: hi holds the top 11 bits, lo the next 11. The
+    2^-6 prescale keeps |v| up to 4e6 in f16 range; the 2^5 rescale keeps lo out of f16's subnormals."""
+    hi = (v * 0.015625).to(tl.float16)
+    lo = ((v - hi.to(tl.float32) * 64.0) * 32.0).to(tl.float16)
+    return hi, lo
+
+
+@triton.jit
+def _dot_f32(a, b, A_IS_F16: tl.constexpr):
+    """a [M, K] f32 @ b [K, N] f32 -> f32 [M, N] on tensor cores, to ~1e-6: both sides split into f16
+    halves and the three products that matter summed (hi*hi, hi*lo, lo*hi). When a's values are already
+    f16 (F16 weights) its lo half is zero and that dot is skipped."""
+    b_hi, b_lo = _split_f16(b)
+    if A_IS_F16:
+        a16 = a.to(tl.float16)
+        return tl.dot(a16, b_hi) * 64.0 + tl.dot(a16, b_lo) * 0.03125
+    a_hi, a_lo = _split_f16(a)
+    return tl.dot(a_hi, b_hi) * 4096.0 + (tl.dot(a_hi, b_lo) + tl.dot(a_lo, b_hi)) * 2.0
+
+
+@triton.jit
+def _rows_dot_x_fma(x_ptr, r, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
+                    stride_qs, stride_qh, stride_sc, stride_d, n_cols, n_groups, n_steps,
+                    QTYPE: tl.constexpr, IS_FLOAT: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """sum_k W[r, k] * x[k] for rows r [BLOCK_N] (int64) and one activation row x: -> f32 [BLOCK_N]."""
+    r3 = r[None, :, None]  # [1, BLOCK_N, 1]
+    j = tl.arange(0, W)[None, None, :]  # [1, 1, W]
+    acc = tl.zeros([S, BLOCK_N, W], dtype=tl.float32)
+    for step in range(n_steps):
+        gg = step * S + tl.arange(0, S)[:, None, None]  # [S, 1, 1]
+        if IS_FLOAT:
+            v_lo, v_hi, k_lo, k_hi, m_lo, m_hi = _decode_float(gg, r3, j, qs_ptr, stride_qs, n_cols, W)
+            w_lo = v_lo.to(tl.float32)
+            w_hi = v_hi.to(tl.float32)
+        else:
+            q_lo, q_hi, s_lo, s_hi, mn_lo, mn_hi, k_lo, k_hi, g_ok = _decode_quant(
+                gg, r3, j, n_groups, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
+                stride_qs, stride_qh, stride_sc, stride_d, QTYPE)
+            m_lo = g_ok  # [S, 1, 1]: whole groups past the row's end
+            m_hi = g_ok
+            w_lo = _dequant(q_lo, s_lo, mn_lo, QTYPE)  # [S, BLOCK_N, W]
+            w_hi = _dequant(q_hi, s_hi, mn_hi, QTYPE)
+        x_lo = tl.load(x_ptr + k_lo + j, mask=m_lo, other=0.0).to(tl.float32)  # [S, 1, W]
+        x_hi = tl.load(x_ptr + k_hi + j, mask=m_hi, other=0.0).to(tl.float32)
+        acc += w_lo * x_lo + w_hi * x_hi
+    return tl.sum(tl.sum(acc, axis=2), axis=0)
+
+
+@triton.jit
+def _rows_dot_x_tc(x_ptr, stride_xb, batch, n_batch, r, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
+                   stride_qs, stride_qh, stride_sc, stride_d, n_cols, n_groups, n_steps,
+                   QTYPE: tl.constexpr, IS_FLOAT: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    """sum_k W[r, k] * x[b, k] for rows r [BLOCK_N] and batch rows b [BLOCK_B]: -> f32 [BLOCK_N, BLOCK_B].
+
+    A step's parts are decoded as [BLOCK_N, S, W] tiles (one scale per group) and flattened to
+    [BLOCK_N, S*W] for the dot. Those columns are not in x's order; x is gathered with the same per-column
+    indices, which leaves the dot product unchanged.
+    """
+    r3 = r[:, None, None]  # [BLOCK_N, 1, 1]
+    j = tl.arange(0, W)[None, None, :]  # [1, 1, W]
+    xrow = x_ptr + batch[:, None] * stride_xb  # [BLOCK_B, 1]
+    b_ok = (batch < n_batch)[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
+    for step in range(n_steps):
+        gg = step * S + tl.arange(0, S)[None, :, None]  # [1, S, 1]
+        if IS_FLOAT:
+            v_lo, v_hi, k_lo, k_hi, m_lo, m_hi = _decode_float(gg, r3, j, qs_ptr, stride_qs, n_cols, W)
+            w_lo = v_lo.to(tl.float32)
+            w_hi = v_hi.to(tl.float32)
+        else:
+            q_lo, q_hi, s_lo, s_hi, mn_lo, mn_hi, k_lo, k_hi, g_ok = _decode_quant(
+                gg, r3, j, n_groups, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
+                stride_qs, stride_qh, stride_sc, stride_d, QTYPE)
+            m_lo = g_ok & (j < W)  # [1, S, W], the shape of the float types' column masks
+            m_hi = m_lo
+            w_lo = _dequant(q_lo, s_lo, mn_lo, QTYPE)  # [BLOCK_N, S, W]
+            w_hi = _dequant(q_hi, s_hi, mn_hi, QTYPE)
+        acc += _part_dot(w_lo, k_lo + j, m_lo, xrow, b_ok, QTYPE == _F16, BLOCK_N, S, W)
+        acc += _part_dot(w_hi, k_hi + j, m_hi, xrow, b_ok, QTYPE == _F16, BLOCK_N, S, W)
+    return acc
+
+
+@triton.jit
+def _part_dot(w, cols, col_ok, xrow, b_ok, W_IS_F16: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
+              W: tl.constexpr):
+    """w [BLOCK_N, S, W] f32 against x at columns `cols` [1, S, W] of the rows xrow [BLOCK_B, 1]:
+    -> f32 [BLOCK_N, BLOCK_B]."""
+    cols2 = tl.reshape(cols, [1, S * W])
+    ok2 = tl.reshape(col_ok, [1, S * W])
+    x = tl.load(xrow + cols2, mask=b_ok & ok2, other=0.0).to(tl.float32)  # [BLOCK_B, S*W]
+    return _dot_f32(tl.reshape(w, [BLOCK_N, S * W]), tl.trans(x), W_IS_F16)
+
+
+@triton.jit
+def _quant_matvec_kernel(
+    x_ptr, out_ptr, bias_ptr,
+    qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, stride_qs, stride_qh, stride_sc, stride_d,
+    n_rows, n_cols, n_groups, n_batch, n_steps, stride_xb, stride_ob,
+    QTYPE: tl.constexpr, IS_FLOAT: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    # out[b, n] (+)= sum_k x[b, k] * W[n, k] (+ bias[n]) for this program's BLOCK_N rows n and BLOCK_B rows b.
+    # Batch tiles vary fastest in launch order: the programs sharing a row block run side by side, so when
+    # there are several (CUDA-core path, B > 1) all but the first find the weights in L2.
+    n_batch_tiles = tl.cdiv(n_batch, BLOCK_B)
+    row_block = tl.program_id(0) // n_batch_tiles
+    batch_tile = tl.program_id(0) % n_batch_tiles
+    rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    # The tail program re-reads the last row instead of masking every load; those results are not stored.
+    src = tl.minimum(rows, n_rows - 1).to(tl.int64)
+    batch = batch_tile * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
+    if BLOCK_B == 1:
+        acc = _rows_dot_x_fma(x_ptr + batch_tile * stride_xb, src, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr,
+                              dm_ptr, stride_qs, stride_qh, stride_sc, stride_d, n_cols, n_groups,
+                              n_steps, QTYPE, IS_FLOAT, S, W, BLOCK_N)[:, None]  # [BLOCK_N, 1]
+    else:
+        acc = _rows_dot_x_tc(x_ptr, stride_xb, batch, n_batch, src, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr,
+                             dm_ptr, stride_qs, stride_qh, stride_sc, stride_d, n_cols, n_groups,
+                             n_steps, QTYPE, IS_FLOAT, S, W, BLOCK_N, BLOCK_B)  # [BLOCK_N, BLOCK_B]
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (batch < n_batch)[None, :]
+    o = out_ptr + batch[None, :] * stride_ob + rows[:, None]  # [BLOCK_N, BLOCK_B]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    if ACCUMULATE:
+        acc += tl.load(o, mask=mask, other=0.0)
+    tl.store(o, acc, mask=mask)
+
+
+def quant_matvec(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None = None,
+                 accumulate: bool = False, config: MatvecConfig | None = None) -> torch.Tensor:
+    """out = x @ W^T (+ bias); with accumulate=True, out += x @ W^T (+ bias) (a fused residual add).
+
+    x [B, n_cols] f32/f16, out [B, n_rows] f32, bias [n_rows] f32; x and out need unit column stride but
+    may have any row stride (out can be a column slice of a wider buffer). out must not overlap x.
+    Launches one kernel: no allocation, no host sync, so it can be captured in a CUDA graph.
+    """
+    _check_args(x, w, out, bias)
+    batch = x.shape[0]
+    cfg = config or default_config(w, batch)
+    plan = plan_steps(w, cfg.max_groups)
+    grid = (triton.cdiv(w.n_rows, cfg.block_n) * triton.cdiv(batch, cfg.block_b),)
+    _quant_matvec_kernel[grid](
+        x, out, bias if bias is not None else out, *weight_args(w),
+        w.n_rows, w.n_cols, plan.n_groups, batch, plan.n_steps, x.stride(0), out.stride(0),
+        QTYPE=int(w.ggml_type), IS_FLOAT=w.ggml_type in FLOAT_TYPES, S=plan.groups, W=plan.width,
+        BLOCK_N=cfg.block_n, BLOCK_B=cfg.block_b, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def _check_args(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if not isinstance(w, QuantWeight):
+        raise ValueError(f"quant_matvec: w must be a QuantWeight, got {type(w).__name__}")
+    if x.dim() != 2 or x.shape[1] != w.n_cols or x.shape[0] < 1 or x.dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"quant_matvec: x must be f32/f16 [B >= 1, {w.n_cols}], got {x.dtype} {list(x.shape)}")
+    if out.dim() != 2 or tuple(out.shape) != (x.shape[0], w.n_rows) or out.dtype != torch.float32:
+        raise ValueError(f"quant_matvec: out must be f32 [{x.shape[0]}, {w.n_rows}], got {out.dtype} "
+                         f"{list(out.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != w.n_rows or bias.dtype != torch.float32
+                             or not bias.is_contiguous()):
+        raise ValueError(f"quant_matvec: bias must be a contiguous f32 [{w.n_rows}], got {bias.dtype} "
+                         f"{list(bias.shape)} strides {bias.stride()}")
+    for name, t in (("x", x), ("out", out)):
+        if t.stride(1) != 1:
+            raise ValueError(f"quant_matvec: {name} needs unit column stride, got strides {t.stride()}")
+    for name, t in (("x", x), ("out", out), ("bias", bias)):
+        if t is not None and t.device != w.device:
+            raise ValueError(f"quant_matvec: {name} is on {t.device} but the weight is on {w.device}")

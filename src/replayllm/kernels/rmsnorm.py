@@ -1,0 +1,88 @@
+"""RMSNorm of f32 rows: out = x / sqrt(mean(x^2) + eps) * weight, optionally after residual += x.
+
+One program normalises one row held entirely in registers, so the same kernel serves the hidden state
+([B, D], D up to a few thousand) and qwen3's per-head QK norm (q viewed as [B * H, head_dim]). Each element is
+read before the same thread writes it, so `out` may be `x` itself (in-place normalisation).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
+
+MAX_ROW_SIZE = 32768  # one row lives in registers; larger rows would spill
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, row_size, x_row_stride, residual_row_stride,
+                    out_row_stride, eps, HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
+    # x, residual, out: [R, row_size] f32, unit column stride; weight: [row_size] f32; grid (R,)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < row_size
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)  # [BLOCK_D]
+    if HAS_RESIDUAL:
+        residual_ptrs = residual_ptr + row * residual_row_stride + cols
+        x += tl.load(residual_ptrs, mask=mask, other=0.0)
+        tl.store(residual_ptrs, x, mask=mask)
+    mean_square = tl.sum(x * x, axis=0) / row_size
+    inv_rms = 1.0 / tl.sqrt(mean_square + eps)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * out_row_stride + cols, x * inv_rms * weight, mask=mask)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """out [R, D] f32 = rmsnorm(x [R, D] f32) * weight [D] f32. `out` may be `x`. Returns `out`."""
+    _launch(x, None, weight, eps, out)
+    return out
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                out: torch.Tensor) -> torch.Tensor:
+    """residual [R, D] += x [R, D] (in place), then out [R, D] = rmsnorm(residual) * weight. Returns `out`."""
+    _launch(x, residual, weight, eps, out)
+    return out
+
+
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+            out: torch.Tensor) -> None:
+    check_tensor("x", x, torch.float32, (None, None), layout="rows")
+    rows, row_size = x.shape
+    check_tensor("weight", weight, torch.float32, (row_size,))
+    check_tensor("out", out, torch.float32, (rows, row_size), layout="rows")
+    tensors = {"x": x, "weight": weight, "out": out}
+    if residual is not None:
+        check_tensor("residual", residual, torch.float32, (rows, row_size), layout="rows")
+        if residual.data_ptr() in (out.data_ptr(), x.data_ptr()):
+            raise ValueError("residual must not share memory with x or out: it receives residual + x")
+        tensors["residual"] = residual
+    check_same_device(**tensors)
+    if not 0 < row_size <= MAX_ROW_SIZE:
+        raise ValueError(f"x: row size must be in 1..{MAX_ROW_SIZE}, got {row_size}")
+    if not eps >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if rows == 0:
+        return
+    block = next_power_of_2(row_size)
+    has_residual = residual is not None
+    residual_arg = residual if has_residual else x  # never read when HAS_RESIDUAL is False
+    _rmsnorm_kernel[(rows,)](
+        x, residual_arg, weight, out, row_size, x.stride(0), residual_arg.stride(0), out.stride(0), float(eps),
+        HAS_RESIDUAL=has_residual, BLOCK_D=block, num_warps=min(16, max(1, block // 256)))
+
+
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Plain-torch RMSNorm of each row of x [R, D], computed in float64; returns f32."""
+    x64 = x.double()
+    inv_rms = torch.rsqrt(x64.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (x64 * inv_rms * weight.double()).float()
+
+
+def add_rmsnorm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rmsnorm(residual + x) * weight, residual + x), both f32; the inputs are not modified."""
+    summed = residual.double() + x.double()
+    return rmsnorm_reference(summed, weight, eps), summed.float()

@@ -1,0 +1,118 @@
+"""Rotary position embedding of q and k, fused with writing k and v into the paged f16 KV cache.
+
+Two pairings of the rotated dimensions exist, and the GGUF file decides which (see docs/architecture.md):
+- normal (GGUF llama): pairs (x[2i], x[2i+1]),
+- neox (qwen2/qwen3): pairs (x[i], x[i + rope_dim/2]),
+each pair i rotated by the angle of row `position` and column i of the cos/sin tables, which already include any
+rope scaling. With rope_dim < head_dim only the first rope_dim dimensions rotate; the rest pass through.
+
+Each program handles one head of one batch row, and each thread stores exactly the elements it loaded, so q is
+rotated in place without a race between threads.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
+from .kv_cache import check_paged_cache
+
+
+@triton.jit
+def _rope_and_cache_write_kernel(
+        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr,
+        q_row_stride, q_head_stride, k_row_stride, k_head_stride, v_row_stride, v_head_stride,
+        table_row_stride, page_table_row_stride,
+        NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_ROPE: tl.constexpr,
+        PAGE_SIZE: tl.constexpr, NEOX: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+    # q: [B, Hq, Dh] f32 (rotated in place); k, v: [B, Hkv, Dh] f32; cos, sin: [max_ctx, HALF_ROPE] f32
+    # positions: [B] int32; page_table: [B, max_pages] int32; k_cache, v_cache: [pages, Hkv, PAGE_SIZE, Dh] f16
+    # grid (B, Hq + Hkv): head < Hq rotates a q head, otherwise kv head (head - Hq) is rotated and cached.
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    position = tl.load(positions_ptr + row)
+    pairs = tl.arange(0, BLOCK_HALF)
+    pair_mask = pairs < HALF_ROPE
+    if NEOX:
+        first = pairs
+        second = pairs + HALF_ROPE
+    else:
+        first = 2 * pairs
+        second = 2 * pairs + 1
+    table_row = position.to(tl.int64) * table_row_stride
+    cos = tl.load(cos_ptr + table_row + pairs, mask=pair_mask, other=1.0)  # [BLOCK_HALF]
+    sin = tl.load(sin_ptr + table_row + pairs, mask=pair_mask, other=0.0)
+    if head < NUM_Q_HEADS:
+        q_head = q_ptr + row.to(tl.int64) * q_row_stride + head * q_head_stride
+        x1 = tl.load(q_head + first, mask=pair_mask, other=0.0)
+        x2 = tl.load(q_head + second, mask=pair_mask, other=0.0)
+        tl.store(q_head + first, x1 * cos - x2 * sin, mask=pair_mask)
+        tl.store(q_head + second, x2 * cos + x1 * sin, mask=pair_mask)
+    else:
+        kv_head = head - NUM_Q_HEADS
+        page = tl.load(page_table_ptr + row.to(tl.int64) * page_table_row_stride + position // PAGE_SIZE)
+        slot = ((page.to(tl.int64) * NUM_KV_HEADS + kv_head) * PAGE_SIZE + position % PAGE_SIZE) * HEAD_DIM
+        k_head = k_ptr + row.to(tl.int64) * k_row_stride + kv_head * k_head_stride
+        x1 = tl.load(k_head + first, mask=pair_mask, other=0.0)
+        x2 = tl.load(k_head + second, mask=pair_mask, other=0.0)
+        tl.store(k_cache_ptr + slot + first, (x1 * cos - x2 * sin).to(tl.float16), mask=pair_mask)
+        tl.store(k_cache_ptr + slot + second, (x2 * cos + x1 * sin).to(tl.float16), mask=pair_mask)
+        dims = tl.arange(0, BLOCK_D)
+        passthrough = (dims >= 2 * HALF_ROPE) & (dims < HEAD_DIM)  # disjoint from the rotated dims
+        k_rest = tl.load(k_head + dims, mask=passthrough, other=0.0)
+        tl.store(k_cache_ptr + slot + dims, k_rest.to(tl.float16), mask=passthrough)
+        dim_mask = dims < HEAD_DIM
+        v = tl.load(v_ptr + row.to(tl.int64) * v_row_stride + kv_head * v_head_stride + dims, mask=dim_mask,
+                    other=0.0)
+        tl.store(v_cache_ptr + slot + dims, v.to(tl.float16), mask=dim_mask)
+
+
+def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         page_table: torch.Tensor, *, neox: bool) -> None:
+    """Rotate q [B, Hq, Dh] in place; write rotated k [B, Hkv, Dh] and v [B, Hkv, Dh] as f16 into the cache slot
+    of positions[b] for each batch row b (k and v themselves are left unchanged). cos, sin: [max_ctx, rope_dim/2]
+    f32 with rope_dim <= Dh; the caller guarantees positions[b] < max_ctx (read on the device, never checked
+    on the host)."""
+    check_tensor("q", q, torch.float32, (None, None, None), layout="rows")
+    batch, num_q_heads, head_dim = q.shape
+    check_tensor("k", k, torch.float32, (batch, None, head_dim), layout="rows")
+    num_kv_heads = k.shape[1]
+    check_tensor("v", v, torch.float32, (batch, num_kv_heads, head_dim), layout="rows")
+    check_tensor("cos", cos, torch.float32, (None, None))
+    check_tensor("sin", sin, torch.float32, tuple(cos.shape))
+    half_rope = cos.shape[1]
+    if not 1 <= 2 * half_rope <= head_dim:
+        raise ValueError(f"cos: width {half_rope} gives rope_dim {2 * half_rope}, must be in 2..head_dim "
+                         f"({head_dim})")
+    page_size = check_paged_cache(k_cache, v_cache, page_table, positions, batch, num_kv_heads, head_dim)
+    check_same_device(q=q, k=k, v=v, cos=cos, sin=sin, positions=positions, k_cache=k_cache, v_cache=v_cache,
+                      page_table=page_table)
+    if batch == 0:
+        return
+    _rope_and_cache_write_kernel[(batch, num_q_heads + num_kv_heads)](
+        q, k, v, cos, sin, positions, k_cache, v_cache, page_table,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), page_table.stride(0),
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF_ROPE=half_rope,
+        PAGE_SIZE=page_size, NEOX=bool(neox), BLOCK_HALF=next_power_of_2(half_rope),
+        BLOCK_D=next_power_of_2(head_dim), num_warps=1)
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, *,
+                   neox: bool) -> torch.Tensor:
+    """Rotate x [B, H, Dh] (not modified) at positions [B]; returns a new f32 tensor. Math in float64."""
+    half = cos.shape[1]
+    rows = positions.long()
+    c = cos.double()[rows][:, None, :]  # [B, 1, half]
+    s = sin.double()[rows][:, None, :]
+    out = x.double().clone()
+    if neox:
+        x1, x2 = x.double()[..., :half], x.double()[..., half:2 * half]
+        out[..., :half], out[..., half:2 * half] = x1 * c - x2 * s, x2 * c + x1 * s
+    else:
+        x1, x2 = x.double()[..., 0:2 * half:2], x.double()[..., 1:2 * half:2]
+        out[..., 0:2 * half:2], out[..., 1:2 * half:2] = x1 * c - x2 * s, x2 * c + x1 * s
+    return out.float()

@@ -1,0 +1,80 @@
+"""silu_mul against the float64 reference, which is itself checked against torch.nn.functional.silu.
+
+Metric: ||kernel - reference|| / ||reference|| < 1e-5; outputs are poisoned with NaN first.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from replayllm.kernels.activation import silu_mul, silu_mul_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def test_reference_is_silu_of_gate_times_up():
+    gate_up = torch.tensor([[0.0, 1.0, -2.0, 3.0, 2.0, 0.5]])  # gate (0, 1, -2), up (3, 2, 0.5)
+    silu = [0.0, 1.0 / (1.0 + torch.e ** -1.0), -2.0 / (1.0 + torch.e ** 2.0)]
+    expected = torch.tensor([[silu[0] * 3.0, silu[1] * 2.0, silu[2] * 0.5]])
+    assert torch.allclose(silu_mul_reference(gate_up), expected, rtol=1e-6)
+    x = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(silu_mul_reference(x), torch.nn.functional.silu(x[:, :5]) * x[:, 5:], rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch, ffn_size", [(1, 7), (3, 513), (2, 1536)])
+def test_silu_mul_matches_reference(batch, ffn_size):
+    gen = torch.Generator().manual_seed(ffn_size)
+    gate_up = (torch.randn(batch, 2 * ffn_size, generator=gen) * 4).to(DEVICE)
+    out = torch.full((batch, ffn_size), float("nan"), device=DEVICE)
+    assert silu_mul(gate_up, out) is out
+    assert _relative_error(out, silu_mul_reference(gate_up)) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the interpreter's numpy
+def test_large_negative_gate_gives_zero_not_nan():
+    gate_up = torch.tensor([[-1000.0, -90.0, 1000.0, 5.0, 5.0, 5.0]], device=DEVICE)
+    out = torch.full((1, 3), float("nan"), device=DEVICE)
+    silu_mul(gate_up, out)
+    # exp(90) overflows f32: silu(-90) must come out as (-)0, not as -90 * 0 * inf = nan
+    assert torch.allclose(out.cpu(), silu_mul_reference(gate_up.cpu()), rtol=1e-6, atol=1e-30)
+
+
+def test_accepts_row_strided_output():
+    gen = torch.Generator().manual_seed(1)
+    gate_up = torch.randn(2, 40, generator=gen).to(DEVICE)
+    wide = torch.full((2, 32), float("nan"), device=DEVICE)
+    silu_mul(gate_up, wide[:, 4:24])
+    assert _relative_error(wide[:, 4:24], silu_mul_reference(gate_up)) < 1e-5
+    assert wide[:, :4].isnan().all() and wide[:, 24:].isnan().all()
+
+
+@pytest.mark.parametrize("gate_up, out, message", [
+    (torch.zeros(2, 7), torch.zeros(2, 3), "width must be even"),
+    (torch.zeros(2, 8), torch.zeros(2, 8), r"out: expected shape \[2, 4\]"),
+    (torch.zeros(2, 8, dtype=torch.float16), torch.zeros(2, 4), "gate_up: expected dtype"),
+])
+def test_rejects_bad_arguments(gate_up, out, message):
+    with pytest.raises(ValueError, match=message):
+        silu_mul(gate_up, out)
+
+
+@pytest.mark.gpu
+def test_real_shapes_in_cuda_graph():
+    gen = torch.Generator().manual_seed(2)
+    gate_up = torch.randn(8, 2 * 14336, generator=gen).cuda()
+    out = torch.empty(8, 14336, device="cuda")
+    silu_mul(gate_up, out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        silu_mul(gate_up, out)
+    gate_up.copy_(torch.randn(8, 2 * 14336, generator=gen))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert _relative_error(out, silu_mul_reference(gate_up)) < 1e-5

@@ -1,0 +1,225 @@
+"""paged_decode_attention against a dense float64 softmax(q k^T) v over the gathered cache.
+
+Metric: ||kernel - reference|| / ||reference|| < 1e-5 over the whole output (the kernel keeps f32 accuracy; a
+plain f16 or TF32 product, or a split merged twice or missed, is off by 1e-4 or more). The output and the
+workspace are poisoned with NaN before each launch, so an unwritten output element or a partial result read
+from an unused split fails.
+Small splits (16 tokens) and pages (4 tokens) make short sequences cross page and split boundaries.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from replayllm.errors import InvalidParameterError
+from replayllm.kernels.decode_attention import (
+    DecodeAttentionWorkspace,
+    paged_decode_attention,
+    paged_decode_attention_reference,
+)
+from replayllm.kernels.kv_cache import gather_paged_cache_reference
+from replayllm.kernels.rope import rope_and_cache_write, rope_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = 1e-5
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def _setup(lengths, num_q_heads, num_kv_heads, head_dim, page_size, max_context, seed, q_scale=1.0):
+    """A random cache with shuffled pages (pool twice the size needed) and q for sequences of `lengths`."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, max_pages = len(lengths), -(-max_context // page_size)
+    num_pages = 2 * batch * max_pages
+    shape = (num_pages, num_kv_heads, page_size, head_dim)
+    k_cache = torch.randn(shape, generator=gen).half().to(DEVICE)
+    v_cache = torch.randn(shape, generator=gen).half().to(DEVICE)
+    page_table = torch.randperm(num_pages, generator=gen)[: batch * max_pages].view(batch, max_pages)
+    page_table = page_table.to(torch.int32).to(DEVICE)
+    q = (torch.randn(batch, num_q_heads, head_dim, generator=gen) * q_scale).to(DEVICE)
+    positions = torch.tensor([n - 1 for n in lengths], dtype=torch.int32, device=DEVICE)
+    return q, k_cache, v_cache, page_table, positions
+
+
+def _run(q, k_cache, v_cache, page_table, positions, workspace, scale):
+    out = torch.full(q.shape, float("nan"), device=q.device)
+    for t in (workspace.part_max, workspace.part_sum, workspace.part_acc):
+        t.fill_(float("nan"))
+    assert paged_decode_attention(q, k_cache, v_cache, page_table, positions, scale, out, workspace) is out
+    return out
+
+
+def test_reference_matches_torch_sdpa():
+    q, k_cache, v_cache, page_table, positions = _setup([5, 13], 4, 2, 8, 4, 16, seed=0)
+    expected = paged_decode_attention_reference(q, k_cache, v_cache, page_table, positions, 0.3)
+    for b, n in enumerate([5, 13]):
+        k = gather_paged_cache_reference(k_cache, page_table[b], n).double()  # [Hkv, n, Dh]
+        v = gather_paged_cache_reference(v_cache, page_table[b], n).double()
+        sdpa = torch.nn.functional.scaled_dot_product_attention(
+            q[b].double()[:, None, :], k, v, scale=0.3, enable_gqa=True)[:, 0]
+        assert _relative_error(expected[b], sdpa) < 1e-7  # the reference returns f32
+
+
+@pytest.mark.parametrize("group_size", [1, 3, 4])
+def test_matches_reference_for_gqa_groups_and_mixed_lengths(group_size):
+    # lengths: one token; the last slot of a page; the first of the next; one split exactly; several splits
+    lengths = [1, 4, 5, 16, 17, 53]
+    num_kv_heads, head_dim = 2, 16
+    args = _setup(lengths, group_size * num_kv_heads, num_kv_heads, head_dim, 4, 64, seed=group_size)
+    workspace = DecodeAttentionWorkspace.create(len(lengths), group_size * num_kv_heads, head_dim, 64, DEVICE,
+                                                split_tokens=16)
+    assert workspace.num_splits == 4
+    out = _run(*args, workspace, head_dim ** -0.5)
+    expected = paged_decode_attention_reference(*args, head_dim ** -0.5)
+    assert _relative_error(out, expected) < TOLERANCE
+    for b in range(len(lengths)):  # each row on its own: a short row must not hide behind a long one
+        assert _relative_error(out[b], expected[b]) < TOLERANCE
+
+
+def test_length_one_returns_v_of_the_only_token():
+    q, k_cache, v_cache, page_table, positions = _setup([1], 2, 1, 16, 4, 16, seed=3)
+    workspace = DecodeAttentionWorkspace.create(1, 2, 16, 16, DEVICE, split_tokens=16)
+    out = _run(q, k_cache, v_cache, page_table, positions, workspace, 0.25)
+    v0 = v_cache[int(page_table[0, 0]), 0, 0].float()
+    assert torch.allclose(out[0], v0.expand(2, 16), rtol=0, atol=0)
+
+
+def test_large_scores_stay_finite():
+    # scores of several hundred: a softmax without the running max would overflow exp
+    args = _setup([40, 7], 4, 2, 32, 8, 64, seed=4, q_scale=60.0)
+    workspace = DecodeAttentionWorkspace.create(2, 4, 32, 64, DEVICE, split_tokens=16)
+    out = _run(*args, workspace, 32 ** -0.5)
+    assert out.isfinite().all()
+    assert _relative_error(out, paged_decode_attention_reference(*args, 32 ** -0.5)) < TOLERANCE
+
+
+def test_several_tiles_per_split_rescale_the_running_sums():
+    # split 128 with 64-token tiles: the online softmax must rescale earlier tiles when the max grows
+    lengths = [64, 65, 130, 200]
+    args = _setup(lengths, 2, 1, 16, 16, 256, seed=12, q_scale=8.0)
+    workspace = DecodeAttentionWorkspace.create(4, 2, 16, 256, DEVICE, split_tokens=128)
+    out = _run(*args, workspace, 0.25)
+    expected = paged_decode_attention_reference(*args, 0.25)
+    for b in range(len(lengths)):
+        assert _relative_error(out[b], expected[b]) < TOLERANCE
+
+
+def test_head_dim_not_a_power_of_two_and_page_size_one():
+    args = _setup([3, 20], 6, 2, 24, 1, 32, seed=5)
+    workspace = DecodeAttentionWorkspace.create(2, 6, 24, 32, DEVICE, split_tokens=16)
+    out = _run(*args, workspace, 0.2)
+    assert _relative_error(out, paged_decode_attention_reference(*args, 0.2)) < TOLERANCE
+
+
+def test_default_split_and_larger_workspace_batch():
+    args = _setup([150, 9], 4, 1, 16, 16, 256, seed=6)
+    workspace = DecodeAttentionWorkspace.create(4, 4, 16, 256, DEVICE)  # built for the batch-4 bucket
+    assert workspace.split_tokens == 128 and workspace.num_splits == 2
+    out = _run(*args, workspace, 0.25)
+    assert _relative_error(out, paged_decode_attention_reference(*args, 0.25)) < TOLERANCE
+
+
+def test_q_as_view_of_a_fused_qkv_row():
+    # the batch-1 decode step passes q as a view into its fused [1, (Hq + 2 Hkv) Dh] projection output
+    q, k_cache, v_cache, page_table, positions = _setup([30], 4, 2, 16, 4, 32, seed=7)
+    qkv = torch.randn(1, (4 + 2 * 2) * 16, device=DEVICE)
+    qkv[:, :64] = q.view(1, 64)
+    q_view = qkv[:, :64].view(1, 4, 16)
+    workspace = DecodeAttentionWorkspace.create(1, 4, 16, 32, DEVICE, split_tokens=16)
+    out = _run(q_view, k_cache, v_cache, page_table, positions, workspace, 0.25)
+    assert _relative_error(out, paged_decode_attention_reference(q, k_cache, v_cache, page_table, positions,
+                                                                 0.25)) < TOLERANCE
+
+
+def test_default_split_tokens_choice():
+    assert DecodeAttentionWorkspace.create(1, 1, 16, 100, "cpu").split_tokens == 128
+    assert DecodeAttentionWorkspace.create(1, 1, 16, 4096, "cpu").split_tokens == 128
+    ws = DecodeAttentionWorkspace.create(1, 1, 16, 32768, "cpu")
+    assert (ws.split_tokens, ws.num_splits, ws.max_context_tokens) == (512, 64, 32768)
+    assert DecodeAttentionWorkspace.create(1, 1, 16, 5000, "cpu").max_context_tokens >= 5000
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(split_tokens=24), "split_tokens must be a power of two >= 16"),
+    (dict(split_tokens=8), "split_tokens must be a power of two >= 16"),
+    (dict(max_context_tokens=0), "max_context_tokens must be a positive integer"),
+])
+def test_workspace_rejects_bad_parameters(kwargs, message):
+    params = dict(batch=1, num_q_heads=2, head_dim=16, max_context_tokens=64, device="cpu") | kwargs
+    with pytest.raises(InvalidParameterError, match=message):
+        DecodeAttentionWorkspace.create(**params)
+
+
+def test_rejects_page_table_longer_than_the_workspace_covers():
+    q, k_cache, v_cache, page_table, positions = _setup([3], 2, 1, 16, 4, 64, seed=8)
+    workspace = DecodeAttentionWorkspace.create(1, 2, 16, 32, "cpu", split_tokens=16)
+    with pytest.raises(ValueError, match="page_table holds up to 64 tokens .* workspace covers 32"):
+        paged_decode_attention(q, k_cache, v_cache, page_table, positions, 0.25, torch.empty_like(q), workspace)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(q=torch.zeros(1, 3, 16), out=torch.zeros(1, 3, 16), k_cache=torch.zeros(8, 2, 4, 16).half(),
+          v_cache=torch.zeros(8, 2, 4, 16).half()), "q heads \\(3\\) must be a multiple of the cache's kv heads"),
+    (dict(out=torch.zeros(1, 2, 16, dtype=torch.float16)), "out: expected dtype torch.float32"),
+    (dict(workspace=DecodeAttentionWorkspace.create(1, 4, 16, 64, "cpu")), "workspace shaped"),
+    (dict(positions=torch.zeros(1, 1, dtype=torch.int32)), r"positions: expected shape \[1\]"),
+])
+def test_rejects_bad_arguments(change, message):
+    q, k_cache, v_cache, page_table, positions = _setup([3], 2, 1, 16, 4, 64, seed=9)
+    args = dict(q=q.cpu(), k_cache=k_cache.cpu(), v_cache=v_cache.cpu(), page_table=page_table.cpu(),
+                positions=positions.cpu(), scale=0.25, out=torch.empty(1, 2, 16),
+                workspace=DecodeAttentionWorkspace.create(1, 2, 16, 64, "cpu")) | change
+    with pytest.raises(ValueError, match=message):
+        paged_decode_attention(**args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_real_shapes(group_size):
+    lengths = [1, 17, 2048, 4096]
+    args = _setup(lengths, 32, 32 // group_size, 128, 16, 4096, seed=10)
+    workspace = DecodeAttentionWorkspace.create(4, 32, 128, 4096, "cuda")
+    out = _run(*args, workspace, 128 ** -0.5)
+    expected = paged_decode_attention_reference(*args, 128 ** -0.5)
+    for b in range(len(lengths)):
+        assert _relative_error(out[b], expected[b]) < TOLERANCE
+
+
+@pytest.mark.gpu
+def test_rope_and_attention_replayed_in_a_cuda_graph_with_advancing_positions():
+    batch, hq, hkv, dh, page_size, max_context = 2, 32, 8, 128, 16, 4096
+    gen = torch.Generator().manual_seed(11)
+    _, k_cache, v_cache, page_table, _ = _setup([1] * batch, hq, hkv, dh, page_size, max_context, seed=11)
+    angles = torch.arange(max_context, dtype=torch.float64)[:, None] * 10000.0 ** (
+        -torch.arange(0, dh, 2, dtype=torch.float64) / dh)
+    cos, sin = angles.cos().float().cuda(), angles.sin().float().cuda()
+    positions = torch.tensor([15, 3000], dtype=torch.int32, device="cuda")  # page boundary next step
+    q, k, v = (torch.zeros(batch, h, dh, device="cuda") for h in (hq, hkv, hkv))
+    out = torch.zeros(batch, hq, dh, device="cuda")
+    workspace = DecodeAttentionWorkspace.create(batch, hq, dh, max_context, "cuda")
+
+    def step():
+        rope_and_cache_write(q, k, v, cos, sin, positions, k_cache, v_cache, page_table, neox=False)
+        paged_decode_attention(q, k_cache, v_cache, page_table, positions, dh ** -0.5, out, workspace)
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(3):
+        for t in (q, k, v):
+            t.copy_(torch.randn(t.shape, generator=gen))
+        q_in, k_in = q.clone(), k.clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _relative_error(q, rope_reference(q_in, cos, sin, positions, neox=False)) < TOLERANCE
+        for b in range(batch):  # the new token is in the cache at its position
+            cached = gather_paged_cache_reference(k_cache, page_table[b], int(positions[b]) + 1)[:, -1]
+            assert _relative_error(cached, rope_reference(k_in, cos, sin, positions, neox=False)[b]) < 1e-3
+        expected = paged_decode_attention_reference(q, k_cache, v_cache, page_table, positions, dh ** -0.5)
+        assert _relative_error(out, expected) < TOLERANCE
+        positions.add_(1)

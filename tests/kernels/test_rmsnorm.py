@@ -1,0 +1,133 @@
+"""rmsnorm / add_rmsnorm against the float64 torch reference (and the reference against torch's own RMSNorm).
+
+Metric: ||kernel - reference|| / ||reference|| < 1e-5 (f32 math; a wrong mean, eps or weight is off by >1e-3).
+Outputs are poisoned with NaN first so an element the kernel never writes fails the check.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from replayllm.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_reference, rmsnorm, rmsnorm_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = 1e-5
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def _poisoned(*shape) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=torch.float32, device=DEVICE)
+
+
+def test_reference_matches_torch_rms_norm():
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 40, generator=gen), torch.randn(40, generator=gen)
+    expected = torch.nn.functional.rms_norm(x.double(), (40,), w.double(), eps=1e-6)
+    assert _relative_error(rmsnorm_reference(x, w, 1e-6), expected) < 1e-7
+
+
+@pytest.mark.parametrize("rows, row_size", [(1, 64), (3, 100), (5, 1000)])
+def test_rmsnorm_matches_reference(rows, row_size):
+    gen = torch.Generator().manual_seed(rows * row_size)
+    x = (torch.randn(rows, row_size, generator=gen) * 3 + 0.5).to(DEVICE)
+    w = torch.randn(row_size, generator=gen).to(DEVICE)
+    out = _poisoned(rows, row_size)
+    assert rmsnorm(x, w, 1e-5, out) is out
+    assert _relative_error(out, rmsnorm_reference(x, w, 1e-5)) < TOLERANCE
+
+
+def test_eps_is_added_to_the_mean_square():
+    # tiny inputs: the result depends on eps as much as on x
+    x = torch.full((2, 16), 1e-3, device=DEVICE)
+    w = torch.ones(16, device=DEVICE)
+    out = _poisoned(2, 16)
+    rmsnorm(x, w, 1e-6, out)
+    expected = 1e-3 / (1e-6 + 1e-6) ** 0.5
+    assert torch.allclose(out, torch.full_like(out, expected), rtol=1e-6)
+
+
+def test_rmsnorm_in_place_on_head_view():
+    # qwen3's QK norm: q [B, H, Dh] normalised per head, out aliasing the input
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 3, 32, generator=gen).to(DEVICE)
+    w = torch.randn(32, generator=gen).to(DEVICE)
+    expected = rmsnorm_reference(q.view(-1, 32), w, 1e-6).view(2, 3, 32)
+    flat = q.view(-1, 32)
+    rmsnorm(flat, w, 1e-6, flat)
+    assert _relative_error(q, expected) < TOLERANCE
+
+
+def test_rmsnorm_accepts_row_strided_views():
+    gen = torch.Generator().manual_seed(2)
+    wide = torch.randn(4, 96, generator=gen).to(DEVICE)
+    x = wide[:, 16:80]  # row stride 96
+    w = torch.randn(64, generator=gen).to(DEVICE)
+    out_wide = _poisoned(4, 128)
+    out = out_wide[:, :64]
+    rmsnorm(x, w, 1e-6, out)
+    assert _relative_error(out, rmsnorm_reference(x, w, 1e-6)) < TOLERANCE
+    assert out_wide[:, 64:].isnan().all()  # nothing written outside the view
+
+
+@pytest.mark.parametrize("rows, row_size", [(1, 48), (4, 576)])
+def test_add_rmsnorm_updates_residual_and_normalises_the_sum(rows, row_size):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, row_size, generator=gen).to(DEVICE)
+    residual = (torch.randn(rows, row_size, generator=gen) * 4).to(DEVICE)
+    w = torch.randn(row_size, generator=gen).to(DEVICE)
+    expected_out, expected_residual = add_rmsnorm_reference(x, residual, w, 1e-5)
+    out = _poisoned(rows, row_size)
+    add_rmsnorm(x, residual, w, 1e-5, out)
+    assert _relative_error(residual, expected_residual) < 1e-7
+    assert _relative_error(out, expected_out) < TOLERANCE
+
+
+def test_add_rmsnorm_reference_is_rmsnorm_of_the_sum():
+    gen = torch.Generator().manual_seed(4)
+    x, r, w = torch.randn(2, 8, generator=gen), torch.randn(2, 8, generator=gen), torch.randn(8, generator=gen)
+    out, summed = add_rmsnorm_reference(x, r, w, 1e-6)
+    assert torch.equal(summed, x + r)
+    assert _relative_error(out, rmsnorm_reference(x + r, w, 1e-6)) < 1e-6
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda: (torch.zeros(2, 8, dtype=torch.float16), torch.ones(8), torch.zeros(2, 8)), "x: expected dtype"),
+    (lambda: (torch.zeros(2, 8), torch.ones(7), torch.zeros(2, 8)), r"weight: expected shape \[8\]"),
+    (lambda: (torch.zeros(2, 8), torch.ones(8), torch.zeros(3, 8)), r"out: expected shape \[2, 8\]"),
+    (lambda: (torch.zeros(8, 2).t(), torch.ones(8), torch.zeros(2, 8)), "x: the last dimension must have stride 1"),
+])
+def test_rmsnorm_rejects_bad_arguments(make_args, message):
+    x, w, out = make_args()
+    with pytest.raises(ValueError, match=message):
+        rmsnorm(x, w, 1e-6, out)
+
+
+def test_add_rmsnorm_rejects_residual_aliasing_out():
+    x, r = torch.zeros(2, 8), torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="residual must not share memory"):
+        add_rmsnorm(x, r, torch.ones(8), 1e-6, r)
+
+
+@pytest.mark.gpu
+def test_rmsnorm_at_model_shapes_and_in_cuda_graph():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 4096, generator=gen).cuda()
+    residual = torch.randn(8, 4096, generator=gen).cuda()
+    w = torch.randn(4096, generator=gen).cuda()
+    out = torch.empty_like(x)
+    add_rmsnorm(x, residual.clone(), w, 1e-5, out)  # compile outside the capture
+    start = residual.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        add_rmsnorm(x, residual, w, 1e-5, out)
+    residual.copy_(start)
+    for _ in range(2):  # each replay adds x again
+        expected_out, expected_residual = add_rmsnorm_reference(x, residual, w, 1e-5)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _relative_error(residual, expected_residual) < 1e-7
+        assert _relative_error(out, expected_out) < TOLERANCE

@@ -1,0 +1,175 @@
+"""rope_and_cache_write: the rotation of q (in place) and of k (into the cache) in both pairings.
+
+The torch reference is itself checked against an independent formulation, multiplication of complex numbers
+by e^(i * position * frequency), so a shared misunderstanding of the pairing cannot pass both.
+Metrics: q is f32, ||kernel - reference|| / ||reference|| < 1e-5; the cached k is f16, so each element must be
+within one f16 ulp of the float64 result rounded to f16, and v must equal v rounded to f16 exactly.
+Where the cache write lands is tested in test_kv_cache.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from replayllm.kernels.kv_cache import gather_paged_cache_reference
+from replayllm.kernels.rope import rope_and_cache_write, rope_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def _angles(max_ctx: int, rope_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """[max_ctx, rope_dim/2] float64 rotation angles position * base^(-2i/rope_dim)."""
+    freqs = base ** (-torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim)
+    return torch.arange(max_ctx, dtype=torch.float64)[:, None] * freqs[None, :]
+
+
+def _tables(max_ctx: int, rope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = _angles(max_ctx, rope_dim)
+    return angles.cos().float().to(DEVICE), angles.sin().float().to(DEVICE)
+
+
+def _rotate_as_complex(x: torch.Tensor, positions: torch.Tensor, rope_dim: int, neox: bool) -> torch.Tensor:
+    """Independent formulation: pair (a, b) is the complex number a + ib, rotated by e^(i angle)."""
+    half = rope_dim // 2
+    x64 = x.double().cpu()
+    if neox:
+        z = torch.complex(x64[..., :half], x64[..., half:rope_dim])
+    else:
+        z = torch.view_as_complex(x64[..., :rope_dim].reshape(*x.shape[:-1], half, 2).contiguous())
+    angles = _angles(int(positions.max()) + 1, rope_dim)[positions.long().cpu()]  # [B, half]
+    rotated = z * torch.polar(torch.ones_like(angles), angles)[:, None, :]
+    out = x64.clone()
+    if neox:
+        out[..., :half], out[..., half:rope_dim] = rotated.real, rotated.imag
+    else:
+        out[..., :rope_dim] = torch.view_as_real(rotated).reshape(*x.shape[:-1], rope_dim)
+    return out
+
+
+def _assert_within_one_f16_ulp(actual: torch.Tensor, exact: torch.Tensor) -> None:
+    """actual (f16) must be exact (float64) rounded to f16, give or take one f16 ulp."""
+    actual, rounded = actual.double().cpu(), exact.half().double().cpu()
+    ulp = torch.exp2(torch.floor(torch.log2(rounded.abs().clamp_min(2.0 ** -14))) - 10)
+    assert ((actual - rounded).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize("rope_dim", [16, 8])
+def test_reference_matches_complex_rotation(neox, rope_dim):
+    gen = torch.Generator().manual_seed(rope_dim)
+    x = torch.randn(3, 2, 16, generator=gen)
+    positions = torch.tensor([0, 5, 17], dtype=torch.int32)
+    cos, sin = (t.cpu() for t in _tables(32, rope_dim))
+    expected = _rotate_as_complex(x, positions, rope_dim, neox)
+    assert _relative_error(rope_reference(x, cos, sin, positions, neox=neox), expected) < 1e-6
+    assert torch.equal(rope_reference(x, cos, sin, positions, neox=neox)[..., rope_dim:], x[..., rope_dim:])
+
+
+def test_the_two_pairings_differ():
+    # guards the complex-rotation check against a layout it would accept for both modes
+    x = torch.randn(1, 1, 8, generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([3], dtype=torch.int32)
+    normal, neox = _rotate_as_complex(x, positions, 8, False), _rotate_as_complex(x, positions, 8, True)
+    assert _relative_error(normal, neox) > 0.1
+
+
+def _run(batch, num_q_heads, num_kv_heads, head_dim, rope_dim, positions, neox, seed=0, page_size=4):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, num_q_heads, head_dim, generator=gen).to(DEVICE)
+    k = torch.randn(batch, num_kv_heads, head_dim, generator=gen).to(DEVICE)
+    v = torch.randn(batch, num_kv_heads, head_dim, generator=gen).to(DEVICE)
+    max_pages = -(-(max(positions) + 1) // page_size)
+    num_pages = batch * max_pages
+    page_table = torch.randperm(num_pages, generator=gen).to(torch.int32).view(batch, max_pages).to(DEVICE)
+    k_cache = torch.zeros(num_pages, num_kv_heads, page_size, head_dim, dtype=torch.float16, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    positions = torch.tensor(positions, dtype=torch.int32, device=DEVICE)
+    cos, sin = _tables(int(positions.max()) + 1, rope_dim)
+    q_in, k_in, v_in = q.clone(), k.clone(), v.clone()
+    rope_and_cache_write(q, k, v, cos, sin, positions, k_cache, v_cache, page_table, neox=neox)
+    cached_k = torch.stack([gather_paged_cache_reference(k_cache, page_table[b], int(positions[b]) + 1)[:, -1]
+                            for b in range(batch)])  # [B, Hkv, Dh]: the slot of each row's position
+    cached_v = torch.stack([gather_paged_cache_reference(v_cache, page_table[b], int(positions[b]) + 1)[:, -1]
+                            for b in range(batch)])
+    return dict(q_in=q_in, k_in=k_in, v_in=v_in, q=q, k=k, v=v, cos=cos, sin=sin, positions=positions,
+                cached_k=cached_k, cached_v=cached_v)
+
+
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize("rope_dim", [32, 16])
+def test_rotates_q_in_place_and_caches_rotated_k_and_v(neox, rope_dim):
+    r = _run(batch=3, num_q_heads=4, num_kv_heads=2, head_dim=32, rope_dim=rope_dim, positions=[0, 9, 22],
+             neox=neox)
+    expected_q = rope_reference(r["q_in"], r["cos"], r["sin"], r["positions"], neox=neox)
+    assert _relative_error(r["q"], expected_q) < 1e-5
+    assert _relative_error(r["q"], _rotate_as_complex(r["q_in"], r["positions"], rope_dim, neox)) < 1e-5
+    expected_k = _rotate_as_complex(r["k_in"], r["positions"], rope_dim, neox)
+    _assert_within_one_f16_ulp(r["cached_k"], expected_k)
+    assert torch.equal(r["cached_v"], r["v_in"].half().float())
+    assert torch.equal(r["k"], r["k_in"]) and torch.equal(r["v"], r["v_in"])  # inputs k, v untouched
+
+
+def test_position_zero_is_the_identity():
+    r = _run(batch=2, num_q_heads=2, num_kv_heads=1, head_dim=16, rope_dim=16, positions=[0, 0], neox=False)
+    assert torch.equal(r["q"], r["q_in"])
+    assert torch.equal(r["cached_k"], r["k_in"].half().float())
+
+
+def test_odd_head_dim_and_rope_dim_not_a_power_of_two():
+    # head_dim 80 with rope_dim 48: blocks are padded to 64/32 and masked
+    r = _run(batch=2, num_q_heads=3, num_kv_heads=1, head_dim=80, rope_dim=48, positions=[7, 30], neox=True)
+    assert _relative_error(r["q"], _rotate_as_complex(r["q_in"], r["positions"], 48, True)) < 1e-5
+    _assert_within_one_f16_ulp(r["cached_k"], _rotate_as_complex(r["k_in"], r["positions"], 48, True))
+    assert torch.equal(r["cached_v"], r["v_in"].half().float())
+
+
+def test_rotation_preserves_relative_position():
+    # q_m . k_n depends only on m - n: the property RoPE exists for
+    gen = torch.Generator().manual_seed(9)
+    q, k = torch.randn(1, 1, 32, generator=gen), torch.randn(1, 1, 32, generator=gen)
+    cos, sin = (t.cpu() for t in _tables(64, 32))
+
+    def score(m, n):
+        qm = rope_reference(q, cos, sin, torch.tensor([m], dtype=torch.int32), neox=False)
+        kn = rope_reference(k, cos, sin, torch.tensor([n], dtype=torch.int32), neox=False)
+        return (qm * kn).sum().item()
+
+    assert score(10, 4) == pytest.approx(score(40, 34), rel=1e-5)
+    assert score(10, 4) != pytest.approx(score(10, 5), rel=1e-3)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(q=torch.zeros(2, 4, 16, dtype=torch.float64)), "q: expected dtype torch.float32"),
+    (dict(k=torch.zeros(2, 3, 16)), r"v: expected shape \[2, 3, 16\]"),
+    (dict(cos=torch.zeros(8, 12), sin=torch.zeros(8, 12)), "rope_dim 24, must be in 2..head_dim"),
+    (dict(positions=torch.zeros(2, dtype=torch.int64)), "positions: expected dtype torch.int32"),
+    (dict(page_table=torch.zeros(3, 2, dtype=torch.int32)), r"page_table: expected shape \[2, \*\]"),
+    (dict(k_cache=torch.zeros(4, 2, 3, 16, dtype=torch.float16),
+          v_cache=torch.zeros(4, 2, 3, 16, dtype=torch.float16)), "page size .* must be a power of two"),
+    (dict(v_cache=torch.zeros(4, 2, 4, 16, dtype=torch.float32)), "v_cache: expected dtype torch.float16"),
+])
+def test_rejects_bad_arguments(bad, message):
+    args = dict(q=torch.zeros(2, 4, 16), k=torch.zeros(2, 2, 16), v=torch.zeros(2, 2, 16),
+                cos=torch.zeros(8, 8), sin=torch.zeros(8, 8), positions=torch.zeros(2, dtype=torch.int32),
+                k_cache=torch.zeros(4, 2, 4, 16, dtype=torch.float16),
+                v_cache=torch.zeros(4, 2, 4, 16, dtype=torch.float16),
+                page_table=torch.zeros(2, 2, dtype=torch.int32))
+    args.update(bad)
+    with pytest.raises(ValueError, match=message):
+        rope_and_cache_write(**args, neox=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("neox", [False, True])
+def test_real_shapes(neox):
+    r = _run(batch=4, num_q_heads=32, num_kv_heads=8, head_dim=128, rope_dim=128, positions=[0, 15, 1000, 4095],
+             neox=neox, page_size=16)
+    assert _relative_error(r["q"], _rotate_as_complex(r["q_in"], r["positions"], 128, neox)) < 1e-5
+    _assert_within_one_f16_ulp(r["cached_k"], _rotate_as_complex(r["k_in"], r["positions"], 128, neox))
+    assert torch.equal(r["cached_v"], r["v_in"].half().float())
