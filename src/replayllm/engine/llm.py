@@ -50,9 +50,9 @@ class LLM:
 
     def _make_backend(self, mode: str, progress: bool) -> Backend:
         if self.device == "cpu":
-            from .cpu_backend import CPUBackend
+            from .reference_backend import ReferenceBackend
 
-            return CPUBackend(self._model_file, self.max_context_tokens, progress=progress)
+            return ReferenceBackend(self._model_file, self.max_context_tokens, progress=progress)
         from .gpu_backend import GPUBackend
 
         return GPUBackend(self._model_file, self.max_context_tokens, mode=mode, progress=progress)

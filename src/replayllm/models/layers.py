@@ -38,9 +38,11 @@ class KVCache:
     v: torch.Tensor  # [L, Hkv, max_tokens, Dh] f32
 
     @classmethod
-    def allocate(cls, num_layers: int, num_kv_heads: int, max_tokens: int, head_dim: int) -> KVCache:
+    def allocate(cls, num_layers: int, num_kv_heads: int, max_tokens: int, head_dim: int,
+                 device: torch.device | str = "cpu") -> KVCache:
         shape = (num_layers, num_kv_heads, max_tokens, head_dim)
-        return cls(torch.zeros(shape, dtype=torch.float32), torch.zeros(shape, dtype=torch.float32))
+        return cls(torch.zeros(shape, dtype=torch.float32, device=device),
+                   torch.zeros(shape, dtype=torch.float32, device=device))
 
     @property
     def max_tokens(self) -> int:

@@ -99,10 +99,13 @@ class ReferenceModel(nn.Module):
         """An empty cache for one sequence of up to `max_tokens` tokens (prompt and generated together)."""
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
             raise InvalidParameterError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        if self._cos.shape[0] < max_tokens:
-            self._cos, self._sin = self.config.rope_tables(max_tokens, self.freq_factors)
+        device = self.output_norm.device  # the reference also runs on a GPU, to check large models quickly
+        if self._cos.shape[0] < max_tokens or self._cos.device != device:
+            factors = None if self.freq_factors is None else self.freq_factors.cpu()
+            cos, sin = self.config.rope_tables(max(max_tokens, self._cos.shape[0]), factors)
+            self._cos, self._sin = cos.to(device), sin.to(device)
         cfg = self.config
-        return KVCache.allocate(cfg.num_layers, cfg.num_kv_heads, max_tokens, cfg.head_dim)
+        return KVCache.allocate(cfg.num_layers, cfg.num_kv_heads, max_tokens, cfg.head_dim, device)
 
     def forward(self, tokens: torch.Tensor, start_pos: int, cache: KVCache) -> torch.Tensor:
         """tokens [T] int64 at positions start_pos..start_pos+T-1, after start_pos tokens already cached."""

@@ -1,0 +1,129 @@
+"""One decode step of a llama-family model (llama, qwen2, qwen3) as a fixed sequence of kernel launches.
+
+Every tensor the step touches lives in `StepBuffers`, allocated once per batch size; the step reads its inputs
+(`tokens`, `positions`, `page_table`) from device memory, so the same launches, captured once in a CUDA graph,
+serve every token. The residual stream is f32; projections accumulate into it in place (`accumulate=True`), so
+no separate residual-add kernel runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels import (
+    DecodeAttentionWorkspace,
+    gather_rows,
+    paged_decode_attention,
+    quant_matvec,
+    rmsnorm,
+    rope_and_cache_write,
+    silu_mul,
+)
+from ..models import ModelConfig
+from .kv_cache import PagedKVCache
+from .weights import DeviceWeights, LayerWeights
+
+
+@dataclass
+class StepBuffers:
+    """Static inputs, activations and outputs of a decode step for a batch of `batch_size` sequences."""
+
+    batch_size: int
+    tokens: torch.Tensor  # [B] int64: the token each sequence feeds in this step
+    positions: torch.Tensor  # [B] int32: its position (= tokens already in the cache)
+    page_table: torch.Tensor  # [B, max_pages_per_seq] int32
+    x: torch.Tensor  # [B, D] f32 residual stream
+    h: torch.Tensor  # [B, D] f32 normalised input of the next projection
+    qkv: torch.Tensor  # [B, (Hq + 2 Hkv) Dh] f32
+    q: torch.Tensor  # [B, Hq, Dh] f32 (a view of qkv when B == 1)
+    k: torch.Tensor  # [B, Hkv, Dh]
+    v: torch.Tensor  # [B, Hkv, Dh]
+    attn: torch.Tensor  # [B, Hq, Dh] f32
+    gate_up: torch.Tensor  # [B, 2F] f32
+    act: torch.Tensor  # [B, F] f32
+    logits: torch.Tensor  # [B, vocab] f32
+    attention_workspace: DecodeAttentionWorkspace
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, batch_size: int, max_pages_per_seq: int, max_context_tokens: int,
+                 device: torch.device) -> StepBuffers:
+        B, Dh, Hq, Hkv = batch_size, config.head_dim, config.num_heads, config.num_kv_heads
+
+        def f32(*shape):
+            return torch.zeros(shape, dtype=torch.float32, device=device)
+
+        qkv = f32(B, (Hq + 2 * Hkv) * Dh)
+        if B == 1:  # views: no copies on the batch-1 path
+            q, k, v = (t.view(1, -1, Dh) for t in qkv.split([Hq * Dh, Hkv * Dh, Hkv * Dh], dim=1))
+        else:
+            q, k, v = f32(B, Hq, Dh), f32(B, Hkv, Dh), f32(B, Hkv, Dh)
+        return cls(
+            batch_size=B,
+            tokens=torch.zeros(B, dtype=torch.int64, device=device),
+            positions=torch.zeros(B, dtype=torch.int32, device=device),
+            page_table=torch.zeros(B, max_pages_per_seq, dtype=torch.int32, device=device),
+            x=f32(B, config.hidden_size), h=f32(B, config.hidden_size), qkv=qkv, q=q, k=k, v=v,
+            attn=f32(B, Hq, Dh), gate_up=f32(B, 2 * config.intermediate_size),
+            act=f32(B, config.intermediate_size), logits=f32(B, config.vocab_size),
+            attention_workspace=DecodeAttentionWorkspace.create(B, Hq, Dh, max_context_tokens, device),
+        )
+
+
+@dataclass
+class RopeTables:
+    cos: torch.Tensor  # [max_context, rope_dim / 2] f32, rope scaling included
+    sin: torch.Tensor
+
+
+def decode_step(config: ModelConfig, weights: DeviceWeights, cache: PagedKVCache, rope: RopeTables,
+                bufs: StepBuffers) -> torch.Tensor:
+    """Run all layers for `bufs.tokens` at `bufs.positions`; returns `bufs.logits` [B, vocab]."""
+    gather_rows(weights.token_embd, bufs.tokens, bufs.x)
+    for i, layer in enumerate(weights.layers):
+        _attention_block(config, layer, cache.k[i], cache.v[i], rope, bufs)
+        _mlp_block(config, layer, bufs)
+    rmsnorm(bufs.x, weights.output_norm, config.rms_norm_eps, bufs.h)
+    quant_matvec(bufs.h, weights.output, bufs.logits)
+    return bufs.logits
+
+
+def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     rope: RopeTables, bufs: StepBuffers) -> None:
+    rmsnorm(bufs.x, layer.attn_norm, config.rms_norm_eps, bufs.h)
+    _project(bufs.h, layer.qkv, bufs.qkv, layer.qkv_bias)
+    if bufs.batch_size > 1:
+        B, Dh = bufs.batch_size, config.head_dim
+        q, k, v = bufs.qkv.split([t.shape[1] * Dh for t in (bufs.q, bufs.k, bufs.v)], dim=1)
+        bufs.q.copy_(q.view(B, -1, Dh))
+        bufs.k.copy_(k.view(B, -1, Dh))
+        bufs.v.copy_(v.view(B, -1, Dh))
+    if layer.q_norm is not None:  # qwen3: RMSNorm of each head before RoPE, in place
+        for t, w in ((bufs.q, layer.q_norm), (bufs.k, layer.k_norm)):
+            flat = t.view(-1, config.head_dim)
+            rmsnorm(flat, w, config.rms_norm_eps, flat)
+    rope_and_cache_write(bufs.q, bufs.k, bufs.v, rope.cos, rope.sin, bufs.positions, k_cache, v_cache,
+                         bufs.page_table, neox=config.rope_neox)
+    paged_decode_attention(bufs.q, k_cache, v_cache, bufs.page_table, bufs.positions,
+                           config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace)
+    quant_matvec(bufs.attn.view(bufs.batch_size, -1), layer.attn_output, bufs.x, accumulate=True)
+
+
+def _mlp_block(config: ModelConfig, layer: LayerWeights, bufs: StepBuffers) -> None:
+    rmsnorm(bufs.x, layer.ffn_norm, config.rms_norm_eps, bufs.h)
+    _project(bufs.h, layer.gate_up, bufs.gate_up, None)
+    silu_mul(bufs.gate_up, bufs.act)
+    quant_matvec(bufs.act, layer.ffn_down, bufs.x, accumulate=True)
+
+
+def _project(x: torch.Tensor, matrices, out: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """out = x @ [W0|W1|...]^T + bias: one launch per run of same-typed matrices (Q4_K_M keeps some V in Q6_K).
+
+    Each part writes a column slice of `out` (row stride > width when B > 1; the launcher takes row strides).
+    """
+    start = 0
+    for w in matrices:
+        end = start + w.n_rows
+        quant_matvec(x, w, out[:, start:end], bias=None if bias is None else bias[start:end])
+        start = end

@@ -1,0 +1,69 @@
+"""Capture and replay of the decode step as a CUDA graph.
+
+A `DecodeGraph` owns one batch bucket's captured work: `steps_per_graph` consecutive decode steps over the
+same `StepBuffers`. With `sample_on_device`, each captured step runs all layers, samples on the GPU, writes the
+sampled token into the step's own input buffer and into `out_tokens`, and advances `positions`; per token the
+host only calls `replay()`: no allocation, no synchronisation, no Python work per layer. Without it (kept to
+measure what sampling on the host costs), the graph stops at the logits and advances `positions`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..sampling import SamplerState, sample
+from .decode_step import StepBuffers
+
+
+class DecodeGraph:
+    def __init__(self, step: Callable[[StepBuffers], torch.Tensor], bufs: StepBuffers,
+                 sampler: SamplerState | None, steps_per_graph: int = 1):
+        if steps_per_graph < 1:
+            raise ValueError(f"steps_per_graph must be >= 1, got {steps_per_graph}")
+        if sampler is None and steps_per_graph != 1:
+            raise ValueError("several steps per graph need sampling on the device")
+        self.step, self.bufs, self.sampler = step, bufs, sampler
+        self.steps_per_graph = steps_per_graph
+        # out_tokens[s] is the token sampled by the s-th step of one replay.
+        self.out_tokens = torch.zeros(steps_per_graph, bufs.batch_size, dtype=torch.int64,
+                                      device=bufs.tokens.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    @property
+    def samples_on_device(self) -> bool:
+        return self.sampler is not None
+
+    def run_steps(self) -> None:
+        """The body that is captured."""
+        for s in range(self.steps_per_graph):
+            logits = self.step(self.bufs)
+            if self.sampler is not None:
+                tokens = sample(logits, self.sampler)
+                self.sampler.record(tokens)
+                self.bufs.tokens.copy_(tokens)
+                self.out_tokens[s].copy_(tokens)
+            self.bufs.positions.add_(1)
+
+    def capture(self) -> None:
+        """Compile every kernel outside the capture, then record the body once.
+
+        The warm-up really runs the body, so it writes the KV cache at the buffers' current positions: call this
+        only while no sequence owns cache pages, and reset positions and the sampler rows afterwards (every
+        request does at its start).
+        """
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.run_steps()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.run_steps()
+        torch.cuda.synchronize()
+        self.graph = graph
+
+    def replay(self) -> None:
+        self.graph.replay()

@@ -1,0 +1,62 @@
+"""The paged KV cache: f16 pages allocated once, handed to sequences through per-sequence page tables.
+
+Layout per layer: k, v [num_pages, num_kv_heads, page_size, head_dim] f16, so one page of one head is a
+contiguous [page_size, head_dim] tile that the attention kernel reads with wide loads. A sequence's pages are
+reserved on the host when its request starts (for prompt + max new tokens), so the per-token path never asks
+for memory: the decode step only follows `page_table` on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ReplayLLMError
+from ..models import ModelConfig
+
+DEFAULT_PAGE_SIZE = 16
+
+
+@dataclass
+class PagedKVCache:
+    k: torch.Tensor  # [L, num_pages, Hkv, page_size, Dh] f16
+    v: torch.Tensor  # [L, num_pages, Hkv, page_size, Dh] f16
+    page_size: int
+    max_pages_per_seq: int
+    _free: list[int]
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, max_context_tokens: int, max_sequences: int, device: torch.device,
+                 page_size: int = DEFAULT_PAGE_SIZE) -> PagedKVCache:
+        max_pages_per_seq = -(-max_context_tokens // page_size)
+        num_pages = max_pages_per_seq * max_sequences
+        shape = (config.num_layers, num_pages, config.num_kv_heads, page_size, config.head_dim)
+        try:
+            k = torch.zeros(shape, dtype=torch.float16, device=device)
+            v = torch.zeros(shape, dtype=torch.float16, device=device)
+        except torch.OutOfMemoryError:
+            need = 2 * torch.Size(shape).numel() * 2
+            raise ReplayLLMError(f"the KV cache for {max_context_tokens} tokens x {max_sequences} sequences needs "
+                                 f"{need / 2**30:.2f} GiB of GPU memory, which is not free; lower --ctx") from None
+        return cls(k, v, page_size, max_pages_per_seq, list(range(num_pages - 1, -1, -1)))
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def reserve(self, num_tokens: int) -> list[int]:
+        """Pages for a sequence of up to `num_tokens` tokens; give them back with `release`."""
+        count = -(-num_tokens // self.page_size)
+        if count > self.max_pages_per_seq or count > len(self._free):
+            raise ReplayLLMError(f"no room in the KV cache for {num_tokens} tokens")
+        return [self._free.pop() for _ in range(count)]
+
+    def release(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+
+    def fill_page_table_row(self, page_table: torch.Tensor, row: int, pages: list[int]) -> None:
+        """Host-side, at request start: write a sequence's pages into row `row` of a device page table."""
+        table = torch.zeros(page_table.shape[1], dtype=torch.int32)
+        table[: len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        page_table[row].copy_(table, non_blocking=False)
