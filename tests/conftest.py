@@ -28,8 +28,16 @@ def pytest_collection_modifyitems(config, items):
 def default_model_path():
     """The real default model (SmolLM2-135M-Instruct Q4_1), fetched into the cache on first use."""
     from replayllm.default_model import default_model_path as fetch
+    from replayllm.errors import ModelDownloadError
 
-    return fetch(progress=False)
+    try:
+        return fetch(progress=False)
+    except ModelDownloadError:
+        # The GPU machine has no network; its suite stages the file when it can. Everywhere else (CI) a
+        # failed fetch is a failure.
+        if os.environ.get("REPLAYLLM_GPU_SUITE"):
+            pytest.skip("the default model is not staged on this offline GPU machine")
+        raise
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,17 @@ def test_dequantize_into_is_the_reference_rounded_to_f16(ggml_type, gguf_rows, d
     assert torch.equal(out, dequantize_reference(w).half())
 
 
+@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q6_K, T.Q8_0, T.F16], ids=lambda t: t.name)
+def test_dequantize_into_a_slice_of_rows(ggml_type, gguf_rows, device):
+    n_rows, n_cols = 21, n_cols_for(ggml_type)
+    w = pack_weight(ggml_type, gguf_rows(ggml_type, n_rows, n_cols, seed=4), n_cols).to(device)
+    out = torch.full((9, n_cols), float("nan"), dtype=torch.float16, device=device)
+    dequantize_into(w, out, row_start=11)
+    assert torch.equal(out, dequantize_reference(w)[11:20].half())
+    with pytest.raises(ValueError, match="outside the weight"):
+        dequantize_into(w, out, row_start=13)
+
+
 @pytest.mark.parametrize("ggml_type", ALL_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
 def test_gather_rows_equals_reference_rows(ggml_type, id_dtype, gguf_rows, device, gguf_dequantize):

@@ -75,7 +75,9 @@ def model_facts(gguf_file, config) -> ModelFacts:
     except ValueError:
         quant = "?"
     kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
-    return ModelFacts(str(gguf_file.metadata.get("general.name", config.architecture)), quant, size,
+    meta = gguf_file.metadata
+    name = meta.get("general.basename") or meta.get("general.name") or config.architecture
+    return ModelFacts(str(name), quant, size,
                       sum(t.n_elements for t in tensors.values()), decode_bytes, kv)
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from ..errors import InvalidParameterError
 
+MAX_STEPS_PER_GRAPH = 64
+
 
 @dataclass(frozen=True)
 class DecodeMode:
@@ -24,7 +26,7 @@ class DecodeMode:
         if name == "graph-host-sampling":
             return cls(name, use_graph=True, sample_on_device=False)
         match = re.fullmatch(r"graph-(\d+)step", name)
-        if match and 1 <= int(match.group(1)) <= 64:
+        if match and 1 <= int(match.group(1)) <= MAX_STEPS_PER_GRAPH:
             return cls(name, use_graph=True, sample_on_device=True, steps_per_graph=int(match.group(1)))
         raise InvalidParameterError(f"unknown decode mode {name!r}; modes: eager, graph, graph-host-sampling, "
-                                    "graph-Nstep (N in 1..64)")
+                                    f"graph-Nstep (N in 1..{MAX_STEPS_PER_GRAPH})")

@@ -28,7 +28,7 @@ from ..runner.prefill import Prefiller
 from ..runner.weights import load_device_weights
 from ..sampling import SamplerState, SamplingParams, sample
 from .backend import Backend
-from .decode_mode import DecodeMode
+from .decode_mode import MAX_STEPS_PER_GRAPH, DecodeMode
 from .model_file import ModelFile
 from .tracer import TokenTracer
 
@@ -63,14 +63,19 @@ class GPUBackend(Backend):
         base = _allocated(self.device)
         self.weights = load_device_weights(model_file.gguf, config, self.device, progress)
         weights_bytes = _allocated(self.device) - base if self.is_cuda else self.weights.nbytes
-        self.cache = PagedKVCache.allocate(config, max_context_tokens, 1, self.device)
+        # A multi-step graph runs whole replays, so its last one may step up to N - 1 positions past the
+        # request's end: the cache, rope tables and attention workspace keep that much slack, so those
+        # discarded steps stay inside allocated memory and never touch another sequence's pages.
+        capacity = max_context_tokens + MAX_STEPS_PER_GRAPH
+        self.cache = PagedKVCache.allocate(config, capacity, 1, self.device)
         freq_factors = None
         if config.has_rope_freqs:  # Llama 3.x: per-frequency divisors stored as a tensor
             info = model_file.gguf.tensors["rope_freqs.weight"]
             freq_factors = torch.from_numpy(dequantize(info, model_file.gguf.tensor_data(info.name)))
-        cos, sin = config.rope_tables(max_context_tokens, freq_factors)
+        cos, sin = config.rope_tables(capacity, freq_factors)
         self.rope = RopeTables(cos.to(self.device), sin.to(self.device))
-        self.bufs = StepBuffers.allocate(config, 1, self.cache.max_pages_per_seq, max_context_tokens, self.device)
+        self.bufs = StepBuffers.allocate(config, 1, self.cache.max_pages_per_seq,
+                                         self.cache.max_pages_per_seq * self.cache.page_size, self.device)
         self.prefiller = Prefiller(config, self.weights, self.cache, self.rope)
         self.device_sampler = SamplerState.create(1, config.vocab_size, self.device)
         self.host_sampler = SamplerState.create(1, config.vocab_size, torch.device("cpu"))
@@ -142,7 +147,7 @@ class GPUBackend(Backend):
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: list[int], params: SamplingParams, seed: int,
                      max_new_tokens: int) -> Iterator[int]:
-        pages = self.cache.reserve(len(prompt_ids) + max_new_tokens)
+        pages = self.cache.reserve(len(prompt_ids) + max_new_tokens + self.mode.steps_per_graph)
         try:
             self.cache.fill_page_table_row(self.bufs.page_table, 0, pages)
             ids = torch.tensor(prompt_ids, dtype=torch.int64, device=self.device)

@@ -183,18 +183,18 @@ def _dequant(q, scale, minv, QTYPE: tl.constexpr):
 def _dequantize_rows_kernel(
     out_ptr, row_ids_ptr,
     qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, stride_qs, stride_qh, stride_sc, stride_d,
-    n_rows, n_cols, n_groups, n_out, stride_out,
+    n_rows, n_cols, n_groups, n_out, stride_out, row_start,
     QTYPE: tl.constexpr, IS_FLOAT: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
     BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
 ):
-    # out[i, step's columns] = W[row_ids[i] if GATHER else i, same columns] for BLOCK_N output rows i.
+    # out[i, step's columns] = W[row_ids[i] if GATHER else row_start + i, same columns] for BLOCK_N output rows i.
     out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     row_ok = out_rows < n_out
     if GATHER:  # ids are not checked on the host (no sync): clamp so a bad id cannot read out of bounds
         src = tl.load(row_ids_ptr + tl.minimum(out_rows, n_out - 1)).to(tl.int64)
         src = tl.minimum(tl.maximum(src, 0), n_rows - 1)
     else:
-        src = tl.minimum(out_rows, n_rows - 1).to(tl.int64)
+        src = tl.minimum(row_start + out_rows, n_rows - 1).to(tl.int64)
     gg = tl.program_id(1) * S + tl.arange(0, S)[:, None, None]  # [S, 1, 1]
     r = src[None, :, None]  # [1, BLOCK_N, 1]
     j = tl.arange(0, W)[None, None, :]  # [1, 1, W]
@@ -227,23 +227,28 @@ def _check_out(w: QuantWeight, out: torch.Tensor, dtype: torch.dtype, shape: tup
 
 
 def _launch_dequantize(w: QuantWeight, out: torch.Tensor, row_ids: torch.Tensor | None, n_out: int,
-                       block_n: int, max_groups: int, num_warps: int) -> None:
+                       block_n: int, max_groups: int, num_warps: int, row_start: int = 0) -> None:
     plan = plan_steps(w, max_groups)
     grid = (triton.cdiv(n_out, block_n), plan.n_steps)
     _dequantize_rows_kernel[grid](
         out, row_ids if row_ids is not None else out, *weight_args(w),
-        w.n_rows, w.n_cols, plan.n_groups, n_out, out.stride(0),
+        w.n_rows, w.n_cols, plan.n_groups, n_out, out.stride(0), row_start,
         QTYPE=int(w.ggml_type), IS_FLOAT=w.ggml_type in FLOAT_TYPES, S=plan.groups, W=plan.width,
         BLOCK_N=block_n, GATHER=row_ids is not None, num_warps=num_warps)
 
 
-def dequantize_into(w: QuantWeight, out: torch.Tensor, *, block_n: int = 16, max_groups: int = 4,
-                    num_warps: int = 4) -> torch.Tensor:
-    """out [n_rows, n_cols] f16 = the weight, dequantized (rounded once from f32). For prefill: dequantize one
-    layer's weight into a reused scratch buffer, then a vendor GEMM. Returns out."""
+def dequantize_into(w: QuantWeight, out: torch.Tensor, *, row_start: int = 0, block_n: int = 16,
+                    max_groups: int = 4, num_warps: int = 4) -> torch.Tensor:
+    """out [n, n_cols] f16 = rows row_start..row_start+n-1 of the weight, dequantized (rounded once from f32).
+    For prefill: dequantize a weight, a slice of rows at a time, into a reused scratch buffer, then a vendor
+    GEMM. Returns out."""
     _check_weight(w, "dequantize_into")
-    _check_out(w, out, torch.float16, (w.n_rows, w.n_cols), "dequantize_into")
-    _launch_dequantize(w, out, None, w.n_rows, block_n, max_groups, num_warps)
+    n = out.shape[0] if out.dim() == 2 else -1
+    if not isinstance(row_start, int) or row_start < 0 or n < 1 or row_start + n > w.n_rows:
+        raise ValueError(f"dequantize_into: rows {row_start}..{row_start + n - 1} are outside the weight's "
+                         f"{w.n_rows} rows (out shape {list(out.shape)})")
+    _check_out(w, out, torch.float16, (n, w.n_cols), "dequantize_into")
+    _launch_dequantize(w, out, None, n, block_n, max_groups, num_warps, row_start)
     return out
 
 

@@ -64,7 +64,7 @@ def attend_with_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     keys = k_cache[:, :end].repeat_interleave(group, dim=0)  # [Hq, end, Dh]
     values = v_cache[:, :end].repeat_interleave(group, dim=0)  # [Hq, end, Dh]
     scores = torch.einsum("thd,hsd->hts", q, keys) * head_dim**-0.5  # [Hq, T, end]
-    query_pos = torch.arange(start_pos, end)[:, None]  # [T, 1]
-    visible = torch.arange(end)[None, :] <= query_pos  # [T, end]: a query sees itself and the past
+    query_pos = torch.arange(start_pos, end, device=q.device)[:, None]  # [T, 1]
+    visible = torch.arange(end, device=q.device)[None, :] <= query_pos  # [T, end]: a query sees itself and the past
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
     return torch.einsum("hts,hsd->thd", probs, values).reshape(T, num_heads * head_dim)

@@ -17,12 +17,18 @@ from .kv_cache import PagedKVCache
 from .weights import DeviceWeights
 
 
+SCRATCH_BYTES = 64 * 2**20  # the f16 dequantization scratch: rows of a weight at a time, never the whole LM head
+
+
 class Prefiller:
     def __init__(self, config: ModelConfig, weights: DeviceWeights, cache: PagedKVCache, rope: RopeTables):
         self.config, self.weights, self.cache, self.rope = config, weights, cache, rope
         largest = max(w.n_rows * w.n_cols for w in _matrices(weights))
+        widest = max(w.n_cols for w in _matrices(weights))
         device = weights.output_norm.device
-        self.scratch = torch.empty(largest, dtype=torch.float16, device=device)  # one layer's weight at a time
+        # At least one row of the widest matrix; a small model's largest matrix fits whole.
+        self.scratch = torch.empty(max(min(largest, SCRATCH_BYTES // 2), widest), dtype=torch.float16,
+                                   device=device)
 
     @property
     def nbytes(self) -> int:
@@ -85,13 +91,17 @@ class Prefiller:
 
     def _linear(self, x: torch.Tensor, matrices, bias: torch.Tensor | None) -> torch.Tensor:
         """x [T, K] f32 @ [W0|W1|...]^T (+ bias) -> [T, N] f32, each W dequantized into the f16 scratch."""
-        parts = []
         x16 = x.to(torch.float16)
+        out = torch.empty(x.shape[0], sum(w.n_rows for w in matrices), dtype=torch.float32, device=x.device)
+        col = 0
         for w in matrices:
-            weight = self.scratch[: w.n_rows * w.n_cols].view(w.n_rows, w.n_cols)
-            dequantize_into(w, weight)
-            parts.append((x16 @ weight.t()).float())
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            rows_per_chunk = min(w.n_rows, self.scratch.numel() // w.n_cols)
+            for row in range(0, w.n_rows, rows_per_chunk):
+                n = min(rows_per_chunk, w.n_rows - row)
+                weight = self.scratch[: n * w.n_cols].view(n, w.n_cols)
+                dequantize_into(w, weight, row_start=row)
+                out[:, col + row: col + row + n] = x16 @ weight.t()
+            col += w.n_rows
         return out if bias is None else out + bias
 
 

@@ -144,6 +144,7 @@ def _move_into_place(partial: Path, out: Path, overwrite: bool) -> None:
 def _add_metadata(writer: GGUFWriter, shape: ModelShape, mix: QuantMix, seed: int) -> None:
     writer.add_type("model")
     writer.add_name(f"synthetic {shape.name} {mix.name}")
+    writer.add_basename(shape.name)  # what benchmark tables and result files call the model
     writer.add_description(f"random weights (normal, std {WEIGHT_STD}, seed {seed}) with the shapes of {shape.name}")
     writer.add_file_type(int(mix.file_type))
     writer.add_quantization_version(QUANTIZATION_VERSION)
