@@ -167,6 +167,16 @@ def profile(run: Run, llm: LLM, modes: tuple[str, ...], n_tokens: int) -> None:
     llm.backend.set_mode("graph")
 
 
+def kernels(run: Run, llm: LLM) -> None:
+    from replayllm.bench.kernel_bench import kernel_rows, kernel_table
+
+    rows = kernel_rows(llm.backend, 512) + kernel_rows(llm.backend, DEEP)[-1:]
+    step = [r.gpu_ms for r in run.profile_rows if r.mode == "graph"]
+    step_us = 1e3 * step[0] if step else None
+    run.results["kernels_7b"] = {"step_gpu_us": step_us, "rows": [r.to_json() for r in rows]}
+    run.summary.append(kernel_table(rows, step_us, run.results["copy_gbps"]))
+
+
 def draw_profile(run: Run) -> None:
     from replayllm.bench.chart import draw
 
@@ -194,6 +204,7 @@ def main() -> None:
             run.stage("bench llama2-7b Q4_K_M", bench, run, llm,
                       [BenchTest("tg", 128), BenchTest("pp", 512)], ["graph"], 3)
             run.stage("profile llama2-7b Q4_K_M", profile, run, llm, DEFAULT_MODES, 64)
+            run.stage("kernels llama2-7b Q4_K_M", kernels, run, llm)
             run.stage("correctness llama2-7b Q4_K_M vs fp32 reference", correctness, run, llm, q7)
             run.stage("bench llama2-7b Q4_K_M deep + multi-step", bench, run, llm,
                       [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)

@@ -1,0 +1,105 @@
+"""Per-kernel achieved bandwidth at a loaded model's real shapes, and each kernel's share of the decode step.
+
+Each kernel kind (the QKV projection, the attention output projection, gate|up, down, the LM head, decode
+attention) is captured in a CUDA graph exactly as the step runs it: once per layer, over every layer's own
+weights, so nothing is served from L2 that a real step would read from DRAM. The graph is replayed and timed
+with CUDA events; bytes are what the kernels must read (weights; for attention the K and V cache of the
+context), so GB/s compares directly with the copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..kernels import paged_decode_attention, quant_matvec
+
+
+@dataclass
+class KernelRow:
+    kernel: str
+    launches_per_step: int
+    us_per_step: float
+    bytes_per_step: int
+    gbps: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _time_graph(body, replays: int = 20) -> float:
+    """Median milliseconds of one replay of `body` captured as a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def kernel_rows(backend, context_tokens: int) -> list[KernelRow]:
+    """Rows for a GPUBackend's loaded model; attention is timed with `context_tokens` in the cache."""
+    weights, bufs = backend.weights, backend.bufs
+    kinds = {
+        "qkv": ([w for layer in weights.layers for w in layer.qkv], bufs.h, bufs.qkv),
+        "attn_output": ([layer.attn_output for layer in weights.layers], bufs.attn.view(1, -1), bufs.x),
+        "gate_up": ([w for layer in weights.layers for w in layer.gate_up], bufs.h, bufs.gate_up),
+        "ffn_down": ([layer.ffn_down for layer in weights.layers], bufs.act, bufs.x),
+        "lm_head": ([weights.output], bufs.h, bufs.logits),
+    }
+    rows = []
+    for name, (matrices, x, out) in kinds.items():
+        def body(matrices=matrices, x=x, out=out):
+            for w in matrices:
+                quant_matvec(x, w, out[:, : w.n_rows])
+        ms = _time_graph(body)
+        nbytes = sum(w.nbytes for w in matrices)
+        rows.append(KernelRow(name, len(matrices), 1e3 * ms, nbytes, nbytes / (ms * 1e-3) / 1e9))
+    rows.append(_attention_row(backend, context_tokens))
+    return rows
+
+
+def _attention_row(backend, context_tokens: int) -> KernelRow:
+    cache, bufs, config = backend.cache, backend.bufs, backend.config
+    pages = cache.reserve(context_tokens + 1)
+    try:
+        cache.fill_page_table_row(bufs.page_table, 0, pages)
+        bufs.positions.fill_(context_tokens)
+        bufs.q.normal_()
+
+        def body():
+            for i in range(config.num_layers):
+                paged_decode_attention(bufs.q, cache.k[i], cache.v[i], bufs.page_table, bufs.positions,
+                                       config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace)
+        ms = _time_graph(body)
+    finally:
+        bufs.positions.zero_()
+        cache.release(pages)
+    kv_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2 * (context_tokens + 1)
+    return KernelRow(f"attention@{context_tokens}", config.num_layers, 1e3 * ms, kv_bytes,
+                     kv_bytes / (ms * 1e-3) / 1e9)
+
+
+def kernel_table(rows: list[KernelRow], step_us: float | None, copy_gbps: float | None) -> str:
+    lines = ["| kernel | launches/step | us/step | MB/step | GB/s | % of copy BW | % of step |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        bw = f"{100 * r.gbps / copy_gbps:.0f}" if copy_gbps else "-"
+        share = f"{100 * r.us_per_step / step_us:.0f}" if step_us else "-"
+        lines.append(f"| {r.kernel} | {r.launches_per_step} | {r.us_per_step:.1f} | {r.bytes_per_step / 1e6:.1f} | "
+                     f"{r.gbps:.0f} | {bw} | {share} |")
+    return "\n".join(lines)
