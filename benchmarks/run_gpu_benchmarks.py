@@ -9,7 +9,8 @@ after the deadline is skipped (and says so), so a short lease still brings back 
    memory report), correctness against the fp32 torch reference run on the GPU, bench (pp512, tg128, tg128 deep
    in the context, 4-step graphs), profile of every decode mode.
 2. llama2-13b Q4_K_M: bench and profile.
-3. llama2-7b Q4_K_M loaded again: start-up with Triton's kernel cache warm.
+3. llama2-7b Q4_K_M loaded again: start-up with Triton's kernel cache warm, then a sweep of matvec launch
+   shapes at its real shapes (the data for tuning).
 """
 
 from __future__ import annotations
@@ -177,6 +178,29 @@ def kernels(run: Run, llm: LLM) -> None:
     run.summary.append(kernel_table(rows, step_us, run.results["copy_gbps"]))
 
 
+SWEEP = [(8, 4, 16), (4, 4, 16), (16, 4, 16), (8, 8, 16), (16, 8, 16), (8, 4, 8), (32, 8, 8), (4, 2, 16)]
+
+
+def sweep(run: Run, llm: LLM) -> None:
+    """Matvec launch shapes (block_n, num_warps, max_groups) at the 7B shapes: the data for tuning."""
+    from replayllm.bench.kernel_bench import kernel_rows
+    from replayllm.kernels import MatvecConfig
+
+    results = run.results.setdefault("matvec_sweep_7b", [])
+    for block_n, warps, groups in SWEEP:
+        if time.perf_counter() > run.deadline + 30:
+            break
+        cfg = MatvecConfig(block_n=block_n, block_b=1, max_groups=groups, num_warps=warps)
+        rows = kernel_rows(llm.backend, 0, config=cfg, attention=False)
+        results.append({"block_n": block_n, "num_warps": warps, "max_groups": groups,
+                        "gbps": {r.kernel: r.gbps for r in rows}})
+        run.flush()
+    best = {k: max(results, key=lambda r: r["gbps"][k]) for k in results[0]["gbps"]}
+    run.summary.append("    matvec sweep, best per kernel: " + "; ".join(
+        f"{k} {b['gbps'][k]:.0f} GB/s at (block_n {b['block_n']}, warps {b['num_warps']}, groups {b['max_groups']})"
+        f" vs default {results[0]['gbps'][k]:.0f}" for k, b in best.items()))
+
+
 def draw_profile(run: Run) -> None:
     from replayllm.bench.chart import draw
 
@@ -225,6 +249,7 @@ def main() -> None:
     if q7:
         llm = run.stage("load llama2-7b Q4_K_M again (warm kernel cache)", load, run, "startup_7b_warm", q7)
         if llm:
+            run.stage("matvec launch-shape sweep llama2-7b", sweep, run, llm)
             llm.close()
     if run.profile_rows:
         run.stage("profile chart", draw_profile, run)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..kernels import paged_decode_attention, quant_matvec
+from ..kernels import MatvecConfig, paged_decode_attention, quant_matvec
 
 
 @dataclass
@@ -51,8 +51,10 @@ def _time_graph(body, replays: int = 20) -> float:
     return statistics.median(times)
 
 
-def kernel_rows(backend, context_tokens: int) -> list[KernelRow]:
-    """Rows for a GPUBackend's loaded model; attention is timed with `context_tokens` in the cache."""
+def kernel_rows(backend, context_tokens: int, config: MatvecConfig | None = None,
+                attention: bool = True) -> list[KernelRow]:
+    """Rows for a GPUBackend's loaded model; attention is timed with `context_tokens` in the cache. `config`
+    replaces the matvec launch shape (None: the engine's default), for tuning sweeps."""
     weights, bufs = backend.weights, backend.bufs
     kinds = {
         "qkv": ([w for layer in weights.layers for w in layer.qkv], bufs.h, bufs.qkv),
@@ -65,11 +67,12 @@ def kernel_rows(backend, context_tokens: int) -> list[KernelRow]:
     for name, (matrices, x, out) in kinds.items():
         def body(matrices=matrices, x=x, out=out):
             for w in matrices:
-                quant_matvec(x, w, out[:, : w.n_rows])
+                quant_matvec(x, w, out[:, : w.n_rows], config=config)
         ms = _time_graph(body)
         nbytes = sum(w.nbytes for w in matrices)
         rows.append(KernelRow(name, len(matrices), 1e3 * ms, nbytes, nbytes / (ms * 1e-3) / 1e9))
-    rows.append(_attention_row(backend, context_tokens))
+    if attention:
+        rows.append(_attention_row(backend, context_tokens))
     return rows
 
 
