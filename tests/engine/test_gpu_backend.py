@@ -77,6 +77,13 @@ def test_graph_and_eager_decode_agree_bit_for_bit(models):
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
 
 
+def test_greedy_with_penalties_agrees_between_graph_and_eager(models):
+    _, _, graph, eager = models
+    params = SamplingParams(max_tokens=24, temperature=0.0, repetition_penalty=1.3, presence_penalty=0.4,
+                            ignore_eos=True)
+    assert graph.generate([PROMPTS[2]], params)[0].token_ids == eager.generate([PROMPTS[2]], params)[0].token_ids
+
+
 def test_seeded_sampling_is_reproducible_on_the_gpu(models):
     _, _, graph, _ = models
     params = SamplingParams(max_tokens=24, temperature=0.9, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)

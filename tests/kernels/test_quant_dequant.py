@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 from gguf import GGMLQuantizationType
 
-from replayllm.kernels.quant_dequant import dequantize_into, gather_rows, plan_steps
+from replayllm.kernels.quant_dequant import _small_int_to_f32, dequantize_into, gather_rows, plan_steps
 from replayllm.kernels.quant_weight import MATVEC_TYPES, dequantize_reference, pack_weight
 
 T = GGMLQuantizationType
@@ -113,3 +115,17 @@ def test_real_shapes_on_gpu(ggml_type, gguf_rows):
     rows = torch.empty(3, n_cols, device="cuda")
     gather_rows(w, ids, rows)
     assert torch.equal(rows, ref[ids])
+
+
+@triton.jit
+def _to_f32_kernel(q_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, _small_int_to_f32(tl.load(q_ptr + i, mask=i < n)), mask=i < n)
+
+
+def test_small_int_to_f32_is_exact_over_its_range(device):
+    edges = [-(2**22) + 1, -(2**22) + 2, -1000003, -1, 0, 1, 65535, 2**21 + 7, 2**22 - 1]
+    q = torch.tensor(list(range(-300, 300)) + edges, dtype=torch.int32, device=device)
+    out = torch.full(q.shape, float("nan"), device=device)
+    _to_f32_kernel[(triton.cdiv(q.numel(), 256),)](q, out, q.numel(), BLOCK=256)
+    assert torch.equal(out, q.float())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import subprocess
 from pathlib import Path
 
@@ -35,6 +36,9 @@ def environment(device: torch.device) -> dict:
 
 
 def git_commit() -> str:
+    """The checkout's commit; REPLAYLLM_COMMIT where the tree has no git history (a copy on a GPU machine)."""
+    if os.environ.get("REPLAYLLM_COMMIT"):
+        return os.environ["REPLAYLLM_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                              timeout=5, cwd=Path(__file__).parent)

@@ -125,7 +125,8 @@ def _time_tg(backend, test: BenchTest, ids: list[int]) -> float:
     params = SamplingParams(max_tokens=test.n_tokens + 1, temperature=0.0, ignore_eos=True)
     tokens = backend.generate_ids(ids, params, seed=0, max_new_tokens=test.n_tokens + 1)
     try:
-        next(tokens)  # the prompt's token: prompt processing ends here
+        if next(tokens, None) is None:  # the prompt's token: prompt processing ends here
+            raise RuntimeError(f"{test.name}: the backend generated no token")
         start = time.perf_counter()
         count = sum(1 for _ in tokens)
         elapsed = time.perf_counter() - start

@@ -60,6 +60,8 @@ def summarize(tracer: TokenTracer, gpu_ms: float, warmup: int, model: str, quant
     parts = {"gpu": min(gpu_ms, token_ms)}
     for p in HOST_PARTS:
         parts[p] = critical_ms * own[p] / host_total if host_total > 0 else 0.0
+    if host_total <= 0:  # the host only waited, yet the GPU idled: nothing measured explains it
+        parts["other"] = critical_ms
     return ProfileRow(model, quant, mode, len(periods_ms), token_ms, gpu_ms, own, parts,
                       critical_ms / token_ms, 1.0 - parts["gpu"] / token_ms, _gap_fraction(tracer, warmup))
 
@@ -95,7 +97,8 @@ def profile_modes(llm, modes, n_tokens: int, warmup: int = 8,
         finally:
             backend.tracer = None
         torch.cuda.synchronize()
-        gpu_ms = backend.measure_step_gpu_ms(mode, positions=len(prompt_ids) + warmup + n_tokens // 2)
+        gpu_ms = backend.measure_step_gpu_ms(mode, positions=len(prompt_ids) + warmup + n_tokens // 2,
+                                             greedy=params.is_greedy)
         rows.append(summarize(tracer, gpu_ms, warmup, facts.name, facts.quant, mode))
     return rows
 

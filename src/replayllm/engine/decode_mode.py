@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import InvalidParameterError
 
-MAX_STEPS_PER_GRAPH = 64
+MAX_STEPS_PER_GRAPH = 16
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ class GPUBackend(Backend):
         self.prefiller = Prefiller(config, self.weights, self.cache, self.rope)
         self.device_sampler = SamplerState.create(1, config.vocab_size, self.device)
         self.host_sampler = SamplerState.create(1, config.vocab_size, torch.device("cpu"))
-        self._graphs: dict[tuple[int, bool], DecodeGraph] = {}
+        self._graphs: dict[tuple[int, bool, bool], DecodeGraph] = {}
         self.load_seconds = time.perf_counter() - started
         self.set_mode(mode)
         self.startup_seconds = time.perf_counter() - started
@@ -102,13 +102,18 @@ class GPUBackend(Backend):
             if not self.is_cuda:
                 raise InvalidParameterError(f"decode mode {mode!r} needs a CUDA device; use mode 'eager'")
             self.graph_for(decode_mode)
+            if decode_mode.sample_on_device:
+                self.graph_for(decode_mode, greedy=True)
         self.mode = decode_mode
 
-    def graph_for(self, mode: DecodeMode) -> DecodeGraph:
-        key = (mode.steps_per_graph, mode.sample_on_device)
+    def graph_for(self, mode: DecodeMode, greedy: bool = False) -> DecodeGraph:
+        """The mode's graph, captured on first use; `greedy` picks its variant for all-greedy requests, which
+        skips the sampler's sort (only for modes that sample on the device)."""
+        greedy = greedy and mode.sample_on_device
+        key = (mode.steps_per_graph, mode.sample_on_device, greedy)
         if key not in self._graphs:
             sampler = self.device_sampler if mode.sample_on_device else None
-            graph = DecodeGraph(self._step, self.bufs, sampler, mode.steps_per_graph)
+            graph = DecodeGraph(self._step, self.bufs, sampler, mode.steps_per_graph, greedy_only=greedy)
             graph.capture()
             self.bufs.positions.zero_()
             self._graphs[key] = graph
@@ -205,7 +210,8 @@ class GPUBackend(Backend):
         """Graph modes with sampling on the device. Chunk 0 is the token sampled from the prompt's logits;
         chunk j >= 1 holds the n tokens of replay j. At iteration k the host queues replay k+1, then waits for
         chunk k, so the GPU always has a step queued while the host handles the previous token."""
-        graph, sampler, trace = self.graph_for(self.mode), self.device_sampler, self.tracer
+        graph = self.graph_for(self.mode, greedy=params.is_greedy)
+        sampler, trace = self.device_sampler, self.tracer
         n = graph.steps_per_graph
         sampler.set_row(0, params, seed, prompt_ids)
         first = sample(logits, sampler)  # [1]: the prompt's next token, sampled on the device
@@ -243,11 +249,12 @@ class GPUBackend(Backend):
                 if remaining == 0:
                     return
 
-    def measure_step_gpu_ms(self, mode: str, positions: int, replays: int = 50) -> float:
+    def measure_step_gpu_ms(self, mode: str, positions: int, replays: int = 50, greedy: bool = False) -> float:
         """GPU time of one decode step of `mode`'s kernels, replayed back to back with no host work between
-        (so it is the GPU's own cost, the floor of the token time), at context length `positions`."""
+        (so it is the GPU's own cost, the floor of the token time), at context length `positions`; `greedy`
+        times the variant that all-greedy requests replay."""
         graph = self.graph_for(DecodeMode.parse("graph-host-sampling" if mode in ("eager", "graph-host-sampling")
-                                                else mode))
+                                                else mode), greedy=greedy)
         pages = self.cache.reserve(positions + replays * graph.steps_per_graph + 1)
         try:
             self.cache.fill_page_table_row(self.bufs.page_table, 0, pages)

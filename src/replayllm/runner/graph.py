@@ -13,19 +13,21 @@ from collections.abc import Callable
 
 import torch
 
-from ..sampling import SamplerState, sample
+from ..sampling import SamplerState, sample, sample_greedy
 from .decode_step import StepBuffers
 
 
 class DecodeGraph:
     def __init__(self, step: Callable[[StepBuffers], torch.Tensor], bufs: StepBuffers,
-                 sampler: SamplerState | None, steps_per_graph: int = 1):
+                 sampler: SamplerState | None, steps_per_graph: int = 1, greedy_only: bool = False):
         if steps_per_graph < 1:
             raise ValueError(f"steps_per_graph must be >= 1, got {steps_per_graph}")
         if sampler is None and steps_per_graph != 1:
             raise ValueError("several steps per graph need sampling on the device")
         self.step, self.bufs, self.sampler = step, bufs, sampler
         self.steps_per_graph = steps_per_graph
+        # A greedy-only graph draws with `sample_greedy`; replay it only while every row's temperature is 0.
+        self.greedy_only = greedy_only
         # out_tokens[s] is the token sampled by the s-th step of one replay.
         self.out_tokens = torch.zeros(steps_per_graph, bufs.batch_size, dtype=torch.int64,
                                       device=bufs.tokens.device)
@@ -40,7 +42,7 @@ class DecodeGraph:
         for s in range(self.steps_per_graph):
             logits = self.step(self.bufs)
             if self.sampler is not None:
-                tokens = sample(logits, self.sampler)
+                tokens = (sample_greedy if self.greedy_only else sample)(logits, self.sampler)
                 self.sampler.record(tokens)
                 self.bufs.tokens.copy_(tokens)
                 self.out_tokens[s].copy_(tokens)

@@ -192,6 +192,14 @@ def sample(logits: torch.Tensor, state: SamplerState) -> torch.Tensor:
     return sorted_ids.gather(1, position).squeeze(1)  # [B]
 
 
+def sample_greedy(logits: torch.Tensor, state: SamplerState) -> torch.Tensor:
+    """`sample` for batches whose rows are all greedy (temperature 0): the argmax of the penalised logits,
+    lowest id on ties, exactly what `sample` returns for such rows, without the sort and the scans (about 0.2 ms
+    a token on a 32k vocabulary). The caller guarantees every row is greedy; logits [B, V] -> tokens [B]."""
+    _check_tensor("logits", logits, (state.batch_size, state.vocab_size), torch.float32, state.device)
+    return apply_penalties(logits, state).argmax(dim=-1)  # torch returns the first maximal index
+
+
 def apply_penalties(logits: torch.Tensor, state: SamplerState) -> torch.Tensor:
     """Repetition, frequency and presence penalties (llama.cpp semantics, see the module docstring).
     logits [B, V] f32 -> [B, V] f32, a new tensor."""
