@@ -88,6 +88,28 @@ def _dot_f32(a, b, A_IS_F16: tl.constexpr):
 
 
 @triton.jit
+def _weight_parts(gg, r3, j, n_cols, n_groups, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
+                  stride_qs, stride_qh, stride_sc, stride_d, QTYPE: tl.constexpr, IS_FLOAT: tl.constexpr,
+                  W: tl.constexpr):
+    """The f32 weights of groups gg of rows r3 (broadcastable index tensors, as in _decode_quant): both parts
+    w_lo, w_hi, their first columns k_lo, k_hi, and masks m_lo, m_hi of the columns that exist (per column for
+    the float types, whose tail need not fill a group; per group for the quantized ones)."""
+    if IS_FLOAT:
+        v_lo, v_hi, k_lo, k_hi, m_lo, m_hi = _decode_float(gg, r3, j, qs_ptr, stride_qs, n_cols, W)
+        w_lo = v_lo.to(tl.float32)
+        w_hi = v_hi.to(tl.float32)
+    else:
+        q_lo, q_hi, s_lo, s_hi, mn_lo, mn_hi, k_lo, k_hi, g_ok = _decode_quant(
+            gg, r3, j, n_groups, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
+            stride_qs, stride_qh, stride_sc, stride_d, QTYPE)
+        m_lo = g_ok
+        m_hi = g_ok
+        w_lo = _dequant(q_lo, s_lo, mn_lo, QTYPE)
+        w_hi = _dequant(q_hi, s_hi, mn_hi, QTYPE)
+    return w_lo, w_hi, k_lo, k_hi, m_lo, m_hi
+
+
+@triton.jit
 def _rows_dot_x_fma(x_ptr, r, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
                     stride_qs, stride_qh, stride_sc, stride_d, n_cols, n_groups, n_steps,
                     QTYPE: tl.constexpr, IS_FLOAT: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
@@ -98,18 +120,9 @@ def _rows_dot_x_fma(x_ptr, r, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
     acc = tl.zeros([S, BLOCK_N, W], dtype=tl.float32)
     for step in range(n_steps):
         gg = step * S + tl.arange(0, S)[:, None, None]  # [S, 1, 1]
-        if IS_FLOAT:
-            v_lo, v_hi, k_lo, k_hi, m_lo, m_hi = _decode_float(gg, r3, j, qs_ptr, stride_qs, n_cols, W)
-            w_lo = v_lo.to(tl.float32)
-            w_hi = v_hi.to(tl.float32)
-        else:
-            q_lo, q_hi, s_lo, s_hi, mn_lo, mn_hi, k_lo, k_hi, g_ok = _decode_quant(
-                gg, r3, j, n_groups, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
-                stride_qs, stride_qh, stride_sc, stride_d, QTYPE)
-            m_lo = g_ok  # [S, 1, 1]: whole groups past the row's end
-            m_hi = g_ok
-            w_lo = _dequant(q_lo, s_lo, mn_lo, QTYPE)  # [S, BLOCK_N, W]
-            w_hi = _dequant(q_hi, s_hi, mn_hi, QTYPE)
+        w_lo, w_hi, k_lo, k_hi, m_lo, m_hi = _weight_parts(  # w: [S, BLOCK_N, W]; m: [S, 1, 1] or [S, 1, W]
+            gg, r3, j, n_cols, n_groups, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
+            stride_qs, stride_qh, stride_sc, stride_d, QTYPE, IS_FLOAT, W)
         x_lo = tl.load(x_ptr + k_lo + j, mask=m_lo, other=0.0).to(tl.float32)  # [S, 1, W]
         x_hi = tl.load(x_ptr + k_hi + j, mask=m_hi, other=0.0).to(tl.float32)
         acc += w_lo * x_lo + w_hi * x_hi
@@ -134,18 +147,11 @@ def _rows_dot_x_tc(x_ptr, stride_xb, batch, n_batch, r, qs_ptr, qh_ptr, sc_ptr, 
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
     for step in range(n_steps):
         gg = step * S + tl.arange(0, S)[None, :, None]  # [1, S, 1]
-        if IS_FLOAT:
-            v_lo, v_hi, k_lo, k_hi, m_lo, m_hi = _decode_float(gg, r3, j, qs_ptr, stride_qs, n_cols, W)
-            w_lo = v_lo.to(tl.float32)
-            w_hi = v_hi.to(tl.float32)
-        else:
-            q_lo, q_hi, s_lo, s_hi, mn_lo, mn_hi, k_lo, k_hi, g_ok = _decode_quant(
-                gg, r3, j, n_groups, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
-                stride_qs, stride_qh, stride_sc, stride_d, QTYPE)
-            m_lo = g_ok & (j < W)  # [1, S, W], the shape of the float types' column masks
-            m_hi = m_lo
-            w_lo = _dequant(q_lo, s_lo, mn_lo, QTYPE)  # [BLOCK_N, S, W]
-            w_hi = _dequant(q_hi, s_hi, mn_hi, QTYPE)
+        w_lo, w_hi, k_lo, k_hi, m_lo, m_hi = _weight_parts(  # w: [BLOCK_N, S, W]
+            gg, r3, j, n_cols, n_groups, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
+            stride_qs, stride_qh, stride_sc, stride_d, QTYPE, IS_FLOAT, W)
+        m_lo = m_lo & (j < W)  # [1, S, W]: the dot flattens the masks with the tile
+        m_hi = m_hi & (j < W)
         acc += _part_dot(w_lo, k_lo + j, m_lo, xrow, b_ok, QTYPE == _F16, BLOCK_N, S, W)
         acc += _part_dot(w_hi, k_hi + j, m_hi, xrow, b_ok, QTYPE == _F16, BLOCK_N, S, W)
     return acc
