@@ -33,6 +33,7 @@ from .model_file import ModelFile
 from .tracer import TokenTracer
 
 PINNED_SLOTS = 4  # host slots for sampled tokens in flight; the host lags the GPU by one replay
+PREFILL_CHUNK_TOKENS = 2048  # prompt tokens per prefill pass: bounds prefill's activation and attention memory
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class GPUBackend(Backend):
         self.device = device or torch.device("cuda")
         self.is_cuda = self.device.type == "cuda"
         self.tracer: TokenTracer | None = None
+        self.prefill_chunk_tokens = PREFILL_CHUNK_TOKENS
         base = _allocated(self.device)
         self.weights = load_device_weights(model_file.gguf, config, self.device, progress)
         weights_bytes = _allocated(self.device) - base if self.is_cuda else self.weights.nbytes
@@ -124,13 +126,25 @@ class GPUBackend(Backend):
 
     # ---- prompt processing ------------------------------------------------------------------------------
 
+    def _prefill_chunks(self, ids: torch.Tensor, chunk_tokens: int, all_logits: bool = False) -> torch.Tensor:
+        """Prefill ids [T] (device) into the pages of page-table row 0, chunk by chunk, so that activations and
+        attention scratch stay bounded by the chunk whatever the prompt's length. Returns the last position's
+        logits [1, vocab] on the device, or with `all_logits` every position's [T, vocab] on the host."""
+        rows, logits = [], None
+        for start in range(0, ids.shape[0], chunk_tokens):
+            logits = self.prefiller.run(ids[start:start + chunk_tokens], self.bufs.page_table[0], start=start,
+                                        all_logits=all_logits)
+            if all_logits:
+                rows.append(logits.cpu())
+        return torch.cat(rows) if all_logits else logits
+
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         pages = self.cache.reserve(len(token_ids))
         try:
             self.cache.fill_page_table_row(self.bufs.page_table, 0, pages)
             ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
-            return self.prefiller.run(ids, self.bufs.page_table[0], all_logits=True).cpu()
+            return self._prefill_chunks(ids, self.prefill_chunk_tokens, all_logits=True)
         finally:
             self.cache.release(pages)
 
@@ -140,8 +154,7 @@ class GPUBackend(Backend):
         try:
             self.cache.fill_page_table_row(self.bufs.page_table, 0, pages)
             ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
-            for start in range(0, len(token_ids), chunk_tokens):
-                self.prefiller.run(ids[start:start + chunk_tokens], self.bufs.page_table[0], start=start)
+            self._prefill_chunks(ids, chunk_tokens)
             if self.is_cuda:
                 torch.cuda.synchronize(self.device)
         finally:
@@ -156,7 +169,7 @@ class GPUBackend(Backend):
         try:
             self.cache.fill_page_table_row(self.bufs.page_table, 0, pages)
             ids = torch.tensor(prompt_ids, dtype=torch.int64, device=self.device)
-            logits = self.prefiller.run(ids, self.bufs.page_table[0])
+            logits = self._prefill_chunks(ids, self.prefill_chunk_tokens)
             self.bufs.positions.fill_(len(prompt_ids))
             if self.mode.sample_on_device:
                 yield from self._decode_run_ahead(logits, params, seed, prompt_ids, max_new_tokens)
