@@ -2,8 +2,10 @@
 # The one script the GPU machine runs: install what is missing (wheels carried in .whl/), write the synthetic
 # models in the background, run the gpu-marked tests, run the benchmarks, write JSON under $OUT (or
 # benchmarks/results/latest/ without $OUT), and print a short summary last.
-#   usage: bash benchmarks/gpu_suite.sh [stage|tests|full] [BENCH_DEADLINE_S]
+#   usage: bash benchmarks/gpu_suite.sh [stage|probe|tests|full] [BENCH_DEADLINE_S]
 #     stage  keep the first half of the default model (.carry/a/smol.part00) in /tmp for the next call
+#     probe  the decode GEMV's evidence: benchmarks/gemv_probe.py (GB/s, registers, spills, PTX), its SASS
+#            (cuobjdump) and Nsight Compute's view of it (throughput, occupancy, warp stalls), under $OUT
 #     tests  the gpu-marked tests only
 #     full   the tests, then benchmarks/run_gpu_benchmarks.py, which starts no stage past BENCH_DEADLINE_S
 #            seconds (default 330) so that a short lease still brings results back
@@ -42,6 +44,21 @@ print(f"device: {p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30
       f"torch {torch.__version__}, triton {triton.__version__}, cuda {torch.version.cuda}")
 PY
 [ -f "$model" ] && sha256sum "$model" | tee -a "$LOG"
+if [ "$MODE" = probe ]; then
+  python3 benchmarks/gemv_probe.py --out "$OUT" 2>&1 | tee -a "$LOG"
+  for cubin in "$OUT"/*.cubin; do
+    cuobjdump --dump-sass "$cubin" > "${cubin%.cubin}.sass" 2>&1 && rm "$cubin"
+  done
+  # Clocks left as they are (--clock-control none); launches 5-6 are Q4_K, 7-10 Q6_K (6 of each are run).
+  ncu --clock-control none --kernel-name regex:_quant_matvec_kernel --launch-skip 4 --launch-count 6 \
+    --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+    --section LaunchStats python3 benchmarks/gemv_probe.py --out /tmp/probe-ncu --launches 6 \
+    > "$OUT/ncu.txt" 2>&1
+  echo "==== summary ===="; head -n 1 "$LOG"; grep -E '^Q[0-9]' "$LOG"
+  grep -E 'Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Theoretical Occupancy|Duration' \
+    "$OUT/ncu.txt" | head -n 24
+  exit 0
+fi
 if [ "$MODE" = full ]; then
   # 12 of 16 cores, so the tests keep cores of their own; the 13B model is written later, by the benchmarks.
   (python3 -m replayllm.cli.main synth --shape llama2-7b --quant q4_k_m --workers 12 --quiet \

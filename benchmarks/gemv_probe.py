@@ -1,0 +1,114 @@
+"""Why is the decode GEMV at a quarter of the copy bandwidth? The evidence for the next change, in one call.
+
+Runs `quant_matvec` on random packed weights of llama2-7b's gate|up shape (22016 x 4096) in Q4_K and of the
+down shape (4096 x 11008) in Q6_K, 24 copies of each so that nothing is served from L2, and writes under --out:
+- probe.json: per type, achieved GB/s (CUDA events over graph replays), registers and spills per thread, and
+  shared memory of the compiled kernel;
+- `<type>-<i>.ptx` and `<type>-<i>.cubin` of the compiled kernel (disassemble with `cuobjdump --dump-sass`; the GPU
+  suite's `probe` mode does it there and also runs this script under Nsight Compute).
+Usage: python benchmarks/gemv_probe.py --out DIR [--launches N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from replayllm.kernels import pack_weight, quant_matvec
+
+T = GGMLQuantizationType
+SHAPES = {T.Q4_K: (22016, 4096), T.Q6_K: (4096, 11008)}
+F16_FIELDS = {T.Q4_K: (0, 2), T.Q6_K: (208,)}  # byte offsets of the f16 super-block scales
+COPIES = 24
+
+
+def random_weight(ggml_type: GGMLQuantizationType, n_rows: int, n_cols: int, seed: int, device: str = "cuda"):
+    """Random blocks with small finite f16 scales: every bit pattern of the quants, no inf or NaN."""
+    rng = np.random.default_rng(seed)
+    block, type_size = GGML_QUANT_SIZES[ggml_type]
+    blocks = rng.integers(0, 256, size=(n_rows, n_cols // block, type_size), dtype=np.uint8)
+    for offset in F16_FIELDS[ggml_type]:
+        scale = rng.uniform(-0.02, 0.02, size=blocks.shape[:2]).astype(np.float16)
+        blocks[:, :, offset:offset + 2] = scale.view(np.uint8).reshape(*blocks.shape[:2], 2)
+    return pack_weight(ggml_type, blocks.reshape(n_rows, -1), n_cols).to(device)
+
+
+def time_replays(body, replays: int = 20) -> float:
+    """Median ms of one replay of `body` captured as a CUDA graph."""
+    body()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def compiled_facts(kernel, out: Path, name: str) -> list[dict]:
+    """Registers, spills and shared memory of every compiled variant of `kernel` (its caches are cleared before
+    each type, so these are that type's); each variant's PTX and cubin to files. Triton's caches are internal
+    and change between versions: any failure is recorded, never raised."""
+    facts = []
+    try:
+        caches = [entry[0] if isinstance(entry, tuple) else entry for entry in kernel.device_caches.values()]
+        for i, compiled in enumerate(c for cache in caches for c in cache.values()):
+            compiled._init_handles()
+            facts.append({"n_regs": compiled.n_regs, "n_spills": compiled.n_spills,
+                          "shared_bytes": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps})
+            (out / f"{name}-{i}.ptx").write_text(compiled.asm["ptx"])
+            (out / f"{name}-{i}.cubin").write_bytes(compiled.asm["cubin"])
+    except Exception as exc:  # introspection only: the timings stand without it
+        facts.append({"introspection_error": repr(exc)})
+    return facts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--launches", type=int, default=0, help="just run N launches of each (for ncu)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from replayllm.kernels.quant_matvec import _quant_matvec_kernel
+
+    results = {}
+    for ggml_type, (n_rows, n_cols) in SHAPES.items():
+        weights = [random_weight(ggml_type, n_rows, n_cols, seed) for seed in range(COPIES)]
+        x = torch.randn(1, n_cols, device="cuda")
+        y = torch.empty(1, n_rows, device="cuda")
+        if args.launches:
+            for i in range(args.launches):
+                quant_matvec(x, weights[i % COPIES], y)
+            torch.cuda.synchronize()
+            continue
+        if hasattr(_quant_matvec_kernel, "device_caches"):
+            _quant_matvec_kernel.device_caches.clear()
+
+        def body(weights=weights, x=x, y=y):
+            for w in weights:
+                quant_matvec(x, w, y)
+        ms = time_replays(body)
+        nbytes = sum(w.nbytes for w in weights)
+        results[ggml_type.name] = {"shape": [n_rows, n_cols], "us_per_launch": 1e3 * ms / COPIES,
+                                   "gbps": nbytes / (ms * 1e-3) / 1e9,
+                                   "compiled": compiled_facts(_quant_matvec_kernel, out, ggml_type.name)}
+        print(ggml_type.name, results[ggml_type.name], flush=True)
+        del weights
+    if results:
+        (out / "probe.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
