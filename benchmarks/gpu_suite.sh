@@ -5,7 +5,8 @@
 #   usage: bash benchmarks/gpu_suite.sh [stage|probe|tests|full] [BENCH_DEADLINE_S]
 #     stage  keep the first half of the default model (.carry/a/smol.part00) in /tmp for the next call
 #     probe  the decode GEMV's evidence: benchmarks/gemv_probe.py (GB/s, registers, spills, PTX), its SASS
-#            (cuobjdump) and Nsight Compute's view of it (throughput, occupancy, warp stalls), under $OUT
+#            (cuobjdump) and Nsight Compute's view of it (throughput, occupancy, warp stalls); and where a 7B
+#            pp512 spends its time (benchmarks/prefill_probe.py, the torch profiler's kernel table)
 #     tests  the gpu-marked tests only
 #     full   the tests, then benchmarks/run_gpu_benchmarks.py, which starts no stage past BENCH_DEADLINE_S
 #            seconds (default 330) so that a short lease still brings results back
@@ -45,6 +46,10 @@ print(f"device: {p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30
 PY
 [ -f "$model" ] && sha256sum "$model" | tee -a "$LOG"
 if [ "$MODE" = probe ]; then
+  q7=$REPLAYLLM_SYNTH_DIR/llama2-7b-q4_k_m.gguf
+  [ -f "$q7" ] || python3 -m replayllm.cli.main synth --shape llama2-7b --quant q4_k_m --workers 12 --quiet "$q7" \
+    >> "$LOG" 2>&1 &
+  synth_pid=$!
   python3 benchmarks/gemv_probe.py --out "$OUT" 2>&1 | tee -a "$LOG"
   for cubin in "$OUT"/*.cubin; do
     cuobjdump --dump-sass "$cubin" > "${cubin%.cubin}.sass" 2>&1 && rm "$cubin"
@@ -54,7 +59,9 @@ if [ "$MODE" = probe ]; then
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
     --section LaunchStats python3 benchmarks/gemv_probe.py --out /tmp/probe-ncu --launches 6 \
     > "$OUT/ncu.txt" 2>&1
-  echo "==== summary ===="; head -n 1 "$LOG"; grep -E '^Q[0-9]' "$LOG"
+  wait "$synth_pid"
+  python3 benchmarks/prefill_probe.py "$q7" --out "$OUT" 2>&1 | tee -a "$LOG"
+  echo "==== summary ===="; head -n 1 "$LOG"; grep -E '^Q[0-9]|-token prefill' "$LOG"
   grep -E 'Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Theoretical Occupancy|Duration' \
     "$OUT/ncu.txt" | head -n 24
   exit 0
