@@ -3,8 +3,9 @@
 Runs `quant_matvec` on random packed weights of llama2-7b's gate|up shape (22016 x 4096) in Q4_K and of the
 down shape (4096 x 11008) in Q6_K, 24 copies of each so that nothing is served from L2, and writes under --out:
 - probe.json: per type, achieved GB/s (CUDA events over graph replays), registers and spills per thread, and
-  shared memory of the compiled kernel;
-- `<type>-<i>.ptx` and `<type>-<i>.cubin` of the compiled kernel (disassemble with `cuobjdump --dump-sass`; the GPU
+  shared memory of the compiled kernel; the same for the experimental int8-activation Q4_K kernel
+  (kernels/quant_matvec_q8.py), with its difference from the default kernel's result;
+- `<type>-<i>.cubin` of the compiled kernel (disassemble with `cuobjdump --dump-sass`; the GPU
   suite's `probe` mode does it there and also runs this script under Nsight Compute).
 Usage: python benchmarks/gemv_probe.py --out DIR [--launches N]
 """
@@ -58,7 +59,8 @@ def time_replays(body, replays: int = 20) -> float:
 
 def compiled_facts(kernel, out: Path, name: str) -> list[dict]:
     """Registers, spills and shared memory of every compiled variant of `kernel` (its caches are cleared before
-    each type, so these are that type's); each variant's PTX and cubin to files. Triton's caches are internal
+    each type, so these are that type's); each variant's cubin to a file (the suite turns it into SASS; at most
+    8 files come back from a call, so no PTX). Triton's caches are internal
     and change between versions: any failure is recorded, never raised."""
     facts = []
     try:
@@ -67,11 +69,40 @@ def compiled_facts(kernel, out: Path, name: str) -> list[dict]:
             compiled._init_handles()
             facts.append({"n_regs": compiled.n_regs, "n_spills": compiled.n_spills,
                           "shared_bytes": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps})
-            (out / f"{name}-{i}.ptx").write_text(compiled.asm["ptx"])
             (out / f"{name}-{i}.cubin").write_bytes(compiled.asm["cubin"])
     except Exception as exc:  # introspection only: the timings stand without it
         facts.append({"introspection_error": repr(exc)})
     return facts
+
+
+def probe_q8(weights, x, y, out: Path) -> dict:
+    """The experimental int8-activation Q4_K kernel on the same weights: its GB/s (quantizing the activations
+    once per launch included, as the decode step would), and its agreement with the default kernel."""
+    from replayllm.kernels.quant_matvec_q8 import (
+        ActivationQ8,
+        _q4k_matvec_q8_kernel,
+        quant_matvec_q8,
+        quantize_activations,
+    )
+
+    xq = ActivationQ8.allocate(1, x.shape[1], "cuda")
+    reference = torch.empty_like(y)
+    quant_matvec(x, weights[0], reference)
+    quantize_activations(x, xq)
+    quant_matvec_q8(xq, weights[0], y)
+    agreement = ((y - reference).norm() / reference.norm()).item()
+
+    def body():
+        for w in weights:
+            quantize_activations(x, xq)
+            quant_matvec_q8(xq, w, y)
+    if hasattr(_q4k_matvec_q8_kernel, "device_caches"):
+        _q4k_matvec_q8_kernel.device_caches.clear()
+    ms = time_replays(body)
+    nbytes = sum(w.nbytes for w in weights)
+    return {"us_per_launch": 1e3 * ms / len(weights), "gbps": nbytes / (ms * 1e-3) / 1e9,
+            "relative_difference_to_default_kernel": agreement,
+            "compiled": compiled_facts(_q4k_matvec_q8_kernel, out, "Q4_K-q8")}
 
 
 def main() -> None:
@@ -105,6 +136,9 @@ def main() -> None:
                                    "gbps": nbytes / (ms * 1e-3) / 1e9,
                                    "compiled": compiled_facts(_quant_matvec_kernel, out, ggml_type.name)}
         print(ggml_type.name, results[ggml_type.name], flush=True)
+        if ggml_type == T.Q4_K:
+            results["Q4_K-int8-activations"] = probe_q8(weights, x, y, out)
+            print("Q4_K-int8-activations", results["Q4_K-int8-activations"], flush=True)
         del weights
     if results:
         (out / "probe.json").write_text(json.dumps(results, indent=1))

@@ -60,6 +60,24 @@ def compile_gemv(ggml_type: GGMLQuantizationType, n_cols: int, block_n: int, gro
                           options={"num_warps": warps, "num_stages": stages}), plan
 
 
+def compile_q8_gemv(n_cols: int, block_n: int, chunks: int, warps: int, stages: int):
+    """The experimental int8-activation Q4_K kernel (kernels/quant_matvec_q8.py), with dp4a."""
+    from replayllm.kernels.quant_matvec_q8 import _q4k_matvec_q8_kernel
+
+    names = _q4k_matvec_q8_kernel.arg_names
+    pointers = {"xq_ptr": "*i32", "xs_ptr": "*fp32", "xsum_ptr": "*fp32", "out_ptr": "*fp32", "bias_ptr": "*fp32",
+                "qs_ptr": "*i32", "sc_ptr": "*u8", "mn_ptr": "*u8", "d_ptr": "*fp16", "dm_ptr": "*fp16"}
+    constants = dict(C=chunks, BLOCK_N=block_n, HAS_BIAS=False, ACCUMULATE=False, USE_DP4A=True)
+    signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in names}
+    aligned = [n for n in names if n in pointers or n.startswith("stride")]
+    source = ASTSource(_q4k_matvec_q8_kernel, signature,
+                       constexprs={(names.index(k),): v for k, v in constants.items()},
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": warps, "num_stages": stages})
+    return kernel, block_n * chunks * 64
+
+
 def loop_histogram(sass: str) -> collections.Counter:
     """Opcode counts of the first backward-branching loop in the SASS listing."""
     lines = sass.splitlines()
@@ -89,13 +107,20 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=16)
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=1)
+    parser.add_argument("--q8", action="store_true", help="the int8-activation Q4_K kernel (--groups: chunks)")
     parser.add_argument("--out", default="/tmp/gemv-sass")
     args = parser.parse_args()
     ggml_type = T[args.type]
-    kernel, plan = compile_gemv(ggml_type, args.n_cols, args.block_n, args.groups, args.warps, args.stages)
+    if args.q8:
+        kernel, weights_per_step = compile_q8_gemv(args.n_cols, args.block_n, args.groups, args.warps, args.stages)
+        plan = None
+    else:
+        kernel, plan = compile_gemv(ggml_type, args.n_cols, args.block_n, args.groups, args.warps, args.stages)
+        weights_per_step = args.block_n * plan.groups * 2 * plan.width
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{args.type}-k{args.n_cols}-n{args.block_n}-g{args.groups}-w{args.warps}-s{args.stages}"
+    stem = out / (f"{args.type}-k{args.n_cols}-n{args.block_n}-g{args.groups}-w{args.warps}-s{args.stages}"
+                  + ("-q8" if args.q8 else ""))
     stem.with_suffix(".ptx").write_text(kernel.asm["ptx"])
     stem.with_suffix(".cubin").write_bytes(kernel.asm["cubin"])
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -104,11 +129,12 @@ def main() -> None:
     stem.with_suffix(".sass").write_text(sass)
     usage = subprocess.run([str(tools / "cuobjdump"), "--dump-resource-usage", str(stem.with_suffix(".cubin"))],
                            capture_output=True, text=True, check=True).stdout
-    print(f"{args.type}, {args.n_cols} columns: {plan.n_steps} steps of {plan.groups} groups x 2 x {plan.width} "
-          f"weights; block_n {args.block_n}, {args.warps} warps, {args.stages} stages (Triton {triton.__version__})")
+    steps = (f"{plan.n_steps} steps of {plan.groups} groups x 2 x {plan.width} weights" if plan else
+             f"int8 activations, {args.groups} chunks of 64 weights a step")
+    print(f"{args.type}, {args.n_cols} columns: {steps}; block_n {args.block_n}, {args.warps} warps, "
+          f"{args.stages} stages (Triton {triton.__version__})")
     print(" ".join(line.strip() for line in usage.splitlines() if "REG:" in line))
     ops = loop_histogram(sass)
-    weights_per_step = args.block_n * plan.groups * 2 * plan.width
     threads = 32 * args.warps
     print(f"K loop: {sum(ops.values())} instructions per thread per step, "
           f"{weights_per_step / threads:.0f} weights per thread per step")

@@ -4,9 +4,10 @@
 # benchmarks/results/latest/ without $OUT), and print a short summary last.
 #   usage: bash benchmarks/gpu_suite.sh [stage|probe|tests|full] [BENCH_DEADLINE_S]
 #     stage  keep the first half of the default model (.carry/a/smol.part00) in /tmp for the next call
-#     probe  the decode GEMV's evidence: benchmarks/gemv_probe.py (GB/s, registers, spills, PTX), its SASS
-#            (cuobjdump) and Nsight Compute's view of it (throughput, occupancy, warp stalls); and where a 7B
-#            pp512 spends its time (benchmarks/prefill_probe.py, the torch profiler's kernel table)
+#     probe  the decode GEMV's evidence: benchmarks/gemv_probe.py (GB/s, registers, spills; the experimental
+#            int8-activation Q4_K kernel beside the default), their SASS (cuobjdump), Nsight Compute's view
+#            (throughput, occupancy, warp stalls); and where a 7B pp512 spends its time
+#            (benchmarks/prefill_probe.py, the torch profiler's kernel table)
 #     tests  the gpu-marked tests only
 #     full   the tests, then benchmarks/run_gpu_benchmarks.py, which starts no stage past BENCH_DEADLINE_S
 #            seconds (default 330) so that a short lease still brings results back
