@@ -75,7 +75,7 @@ fi
 python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_quant_dequant.py::test_small_int_to_f32_is_exact_over_its_range 2>&1 | tee "$OUT/gpu_tests.log"
 status=${PIPESTATUS[0]}
-python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/cli tests/kernels/test_quant_dequant.py \
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/cli tests/runner tests/kernels/test_quant_dequant.py \
   tests/kernels/test_quant_matvec.py 2>&1 | tee -a "$OUT/gpu_tests.log"
 status=$(( status | PIPESTATUS[0] ))
 if [ "$MODE" = full ]; then
