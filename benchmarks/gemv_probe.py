@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from replayllm.bench.kernel_bench import time_graph_replay
 from replayllm.kernels import pack_weight, quant_matvec
 
 T = GGMLQuantizationType
@@ -37,24 +38,6 @@ def random_weight(ggml_type: GGMLQuantizationType, n_rows: int, n_cols: int, see
         scale = rng.uniform(-0.02, 0.02, size=blocks.shape[:2]).astype(np.float16)
         blocks[:, :, offset:offset + 2] = scale.view(np.uint8).reshape(*blocks.shape[:2], 2)
     return pack_weight(ggml_type, blocks.reshape(n_rows, -1), n_cols).to(device)
-
-
-def time_replays(body, replays: int = 20) -> float:
-    """Median ms of one replay of `body` captured as a CUDA graph."""
-    body()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(np.median(times))
 
 
 def compiled_facts(kernel, out: Path, name: str) -> list[dict]:
@@ -98,7 +81,7 @@ def probe_q8(weights, x, y, out: Path) -> dict:
             quant_matvec_q8(xq, w, y)
     if hasattr(_q4k_matvec_q8_kernel, "device_caches"):
         _q4k_matvec_q8_kernel.device_caches.clear()
-    ms = time_replays(body)
+    ms = time_graph_replay(body)
     nbytes = sum(w.nbytes for w in weights)
     return {"us_per_launch": 1e3 * ms / len(weights), "gbps": nbytes / (ms * 1e-3) / 1e9,
             "relative_difference_to_default_kernel": agreement,
@@ -130,7 +113,7 @@ def main() -> None:
         def body(weights=weights, x=x, y=y):
             for w in weights:
                 quant_matvec(x, w, y)
-        ms = time_replays(body)
+        ms = time_graph_replay(body)
         nbytes = sum(w.nbytes for w in weights)
         results[ggml_type.name] = {"shape": [n_rows, n_cols], "us_per_launch": 1e3 * ms / COPIES,
                                    "gbps": nbytes / (ms * 1e-3) / 1e9,

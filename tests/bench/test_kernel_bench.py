@@ -17,7 +17,7 @@ def test_rows_cover_every_kernel_kind_with_the_bytes_it_reads(tiny_model_path, m
         calls.append(1)
         return 0.5  # ms
 
-    monkeypatch.setattr(kernel_bench, "_time_graph", fake_time)
+    monkeypatch.setattr(kernel_bench, "time_graph_replay", fake_time)
     llm = LLM(tiny_model_path, device="cpu", progress=False, max_context=64)
     backend = GPUBackend(llm.model_file, 64, mode="eager", progress=False, device=torch.device("cpu"))
     try:

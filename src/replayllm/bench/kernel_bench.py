@@ -29,7 +29,7 @@ class KernelRow:
         return asdict(self)
 
 
-def _time_graph(body, replays: int = 20) -> float:
+def time_graph_replay(body, replays: int = 20) -> float:
     """Median milliseconds of one replay of `body` captured as a CUDA graph."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -68,7 +68,7 @@ def kernel_rows(backend, context_tokens: int, config: MatvecConfig | None = None
         def body(matrices=matrices, x=x, out=out):
             for w in matrices:
                 quant_matvec(x, w, out[:, : w.n_rows], config=config)
-        ms = _time_graph(body)
+        ms = time_graph_replay(body)
         nbytes = sum(w.nbytes for w in matrices)
         rows.append(KernelRow(name, len(matrices), 1e3 * ms, nbytes, nbytes / (ms * 1e-3) / 1e9))
     if attention:
@@ -88,7 +88,7 @@ def _attention_row(backend, context_tokens: int) -> KernelRow:
             for i in range(config.num_layers):
                 paged_decode_attention(bufs.q, cache.k[i], cache.v[i], bufs.page_table, bufs.positions,
                                        config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace)
-        ms = _time_graph(body)
+        ms = time_graph_replay(body)
     finally:
         bufs.positions.zero_()
         cache.release(pages)
