@@ -7,7 +7,7 @@ round trips (STS/LDS/LDSM: Triton converting a tensor between layouts) are what 
 
     python benchmarks/gemv_sass.py Q4_K --n-cols 4096 [--block-n 8 --groups 16 --warps 4 --stages 1] [--out DIR]
 
-The machine code comes from this machine's Triton, which may be newer than the GPU machine's.
+The machine code comes from the local Triton, whose version may differ from the one on the GPU host.
 """
 
 from __future__ import annotations

@@ -3,16 +3,16 @@
 # models in the background, run the gpu-marked tests, run the benchmarks, write JSON under $OUT (or
 # benchmarks/results/latest/ without $OUT), and print a short summary last.
 #   usage: bash benchmarks/gpu_suite.sh [stage|probe|tests|full] [BENCH_DEADLINE_S]
-#     stage  keep the first half of the default model (.carry/a/smol.part00) in /tmp for the next call
+#     stage  keep the first half of the default model (.carry/a/smol.part00) in /tmp for a second run on the same host
 #     probe  the decode GEMV's evidence: benchmarks/gemv_probe.py (GB/s, registers, spills; the experimental
 #            int8-activation Q4_K kernel beside the default), their SASS (cuobjdump), Nsight Compute's view
 #            (throughput, occupancy, warp stalls); and where a 7B pp512 spends its time
 #            (benchmarks/prefill_probe.py, the torch profiler's kernel table)
 #     tests  the gpu-marked tests only
 #     full   the tests, then benchmarks/run_gpu_benchmarks.py, which starts no stage past BENCH_DEADLINE_S
-#            seconds (default 330) so that a short lease still brings results back
-# The default model (98 MB) is larger than one call may carry and the machine has no network: it travels in two
-# halves over two calls on the same machine (`stage`, then a call carrying .carry/b/smol.part01). Without both,
+#            seconds (default 330) so that a run under a wall-clock limit still brings results back
+# The default model (98 MB) is larger than one transfer to the GPU host may be, and that host has no network: it
+# travels in two halves over two runs on the same host (`stage`, then a run with .carry/b/smol.part01). Without both,
 # its tests are skipped with that reason. Write .commit (git rev-parse --short=12 HEAD) first: the machine's
 # copy of the tree has no git history, and result files name the commit they measured.
 set -uo pipefail

@@ -4,7 +4,7 @@ Writes under --out: results.json (correctness, start-up, memory), bench.json and
 format), profile.json and profile.png (`replayllm profile` format), and summary.txt, the short summary.
 
 Stages, most important first; each records its own failure and the run goes on, and a stage that would start
-after the deadline is skipped (and says so), so a short lease still brings back the first results:
+after the deadline is skipped (and says so), so a run under a wall-clock limit still brings back the first results:
 1. llama2-7b Q4_K_M (synthetic, `replayllm synth`): load once with a 4096-token context (start-up time and the
    memory report), correctness against the fp32 torch reference run on the GPU, bench (pp512, tg128, tg128 deep
    in the context, 4-step graphs), profile of every decode mode.
