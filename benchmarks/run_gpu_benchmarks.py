@@ -125,12 +125,16 @@ def correctness(run: Run, llm: LLM, path: Path) -> None:
         llm.backend.set_mode(mode)
         tokens[mode] = [llm.generate([p], params)[0].token_ids for p in prompts]
     llm.backend.set_mode("graph")
+    llm.backend.set_int8_activations(True)  # experimental: Q4_K matrices on int8 activations
+    tokens["graph-int8"] = [llm.generate([p], params)[0].token_ids for p in prompts]
+    llm.backend.set_int8_activations(False)
     gpu_logits = llm.logits(prompts[0])
     reference = ReferenceBackend(llm.model_file, 256, progress=False, device="cuda")
     try:
         ref_logits = reference.logits(prompts[0])
         ref_tokens = [list(reference.generate_ids(p, params, 0, 32)) for p in prompts]
         agreements = [greedy_agreement(reference.logits(p + t), len(p), t) for p, t in zip(prompts, tokens["graph"])]
+        int8 = [greedy_agreement(reference.logits(p + t), len(p), t) for p, t in zip(prompts, tokens["graph-int8"])]
     finally:
         del reference
         torch.cuda.empty_cache()
@@ -143,6 +147,8 @@ def correctness(run: Run, llm: LLM, path: Path) -> None:
         "greedy_32_max_relative_shortfall": [a.max_relative_shortfall for a in agreements],
         "greedy_32_first_divergence": [a.first_divergence for a in agreements],
         "graph_equals_eager": tokens["graph"] == tokens["eager"],
+        "int8_greedy_32_identical_to_reference": [t == r for t, r in zip(tokens["graph-int8"], ref_tokens)],
+        "int8_greedy_32_max_relative_shortfall": [a.max_relative_shortfall for a in int8],
         "tokens_graph": tokens["graph"], "tokens_reference": ref_tokens,
     }
     run.results["correctness_7b"] = result
@@ -150,7 +156,9 @@ def correctness(run: Run, llm: LLM, path: Path) -> None:
         f"    7B correctness: max rel logit err {rel:.2e} (tol {LOGIT_TOLERANCE}), argmax equal "
         f"{result['argmax_equal_every_position']}, greedy32 identical {result['greedy_32_identical_to_reference']}, "
         f"max rel shortfall {max(result['greedy_32_max_relative_shortfall']):.1e}, graph==eager "
-        f"{result['graph_equals_eager']}")
+        f"{result['graph_equals_eager']}; int8 activations: greedy32 identical "
+        f"{result['int8_greedy_32_identical_to_reference']}, max rel shortfall "
+        f"{max(result['int8_greedy_32_max_relative_shortfall']):.1e}")
 
 
 def bench(run: Run, llm: LLM, tests: list[BenchTest], modes: list[str], reps: int) -> None:
@@ -163,6 +171,15 @@ def bench(run: Run, llm: LLM, tests: list[BenchTest], modes: list[str], reps: in
             print(markdown_table([row]).splitlines()[-1], flush=True)
             run.flush()
     llm.backend.set_mode("graph")
+
+
+def bench_int8(run: Run, llm: LLM) -> None:
+    """tg128 with the experimental int8-activation Q4_K kernel in the graph, beside the default."""
+    llm.backend.set_int8_activations(True)
+    try:
+        bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
+    finally:
+        llm.backend.set_int8_activations(False)
 
 
 def profile(run: Run, llm: LLM, modes: tuple[str, ...], n_tokens: int) -> None:
@@ -244,6 +261,7 @@ def main() -> None:
             run.stage("bench llama2-7b Q4_K_M deep + multi-step", bench, run, llm,
                       [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
             run.stage("bench llama2-7b Q4_K_M 4-step", bench, run, llm, [BenchTest("tg", 128)], ["graph-4step"], 2)
+            run.stage("bench llama2-7b Q4_K_M int8 activations (experimental)", bench_int8, run, llm)
             llm.close()
             del llm
             torch.cuda.empty_cache()

@@ -113,3 +113,25 @@ def test_stop_conditions_one_step_behind_do_not_leak_tokens(models):
     assert len(out.token_ids) == 5 and out.finish_reason == "length"
     assert out.token_ids == graph.generate([PROMPTS[0]], SamplingParams(max_tokens=9, temperature=0.0,
                                                                         ignore_eos=True))[0].token_ids[:5]
+
+
+def test_int8_activations_stay_on_the_reference_and_graph_equals_eager(models):
+    """Experimental int8-activation Q4_K kernel (the default model has no Q4_K matrix: there it must change
+    nothing). Tokens must be the reference's argmax or within the logit tolerance of it."""
+    name, reference, graph, eager = models
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    plain = graph.generate([PROMPTS[1]], params)[0]
+    for llm in (graph, eager):
+        llm.backend.set_int8_activations(True)
+    try:
+        out = graph.generate([PROMPTS[1]], params)[0]
+        assert eager.generate([PROMPTS[1]], params)[0].token_ids == out.token_ids
+    finally:
+        for llm in (graph, eager):
+            llm.backend.set_int8_activations(False)
+    has_q4_k = any(info.type_name == "Q4_K" for info in reference.model_file.gguf.tensors.values())
+    if not has_q4_k:
+        assert out.token_ids == plain.token_ids
+    ref_logits = reference.logits(out.prompt_token_ids + out.token_ids)
+    agreement = greedy_agreement(ref_logits, len(out.prompt_token_ids), out.token_ids)
+    assert agreement.is_within(LOGIT_TOLERANCE), agreement

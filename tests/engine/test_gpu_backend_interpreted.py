@@ -102,3 +102,27 @@ def test_chunked_prefill_gives_the_same_logits_and_tokens(pair):
     assert error < 5e-3
     assert torch.equal(chunked_logits.argmax(-1), whole_logits.argmax(-1))
     assert chunked_tokens == whole_tokens == [int(reference.logits(ids)[-1].argmax())]
+
+
+def test_int8_activations_keep_greedy_decode_on_the_reference(pair, monkeypatch):
+    """Experimental int8 activations for the Q4_K matrices: each greedy token is the reference's argmax or
+    within 2e-2 of the logit scale of it (the int8 rounding of the activations, ~1e-3 of each product)."""
+    from replayllm.bench.agreement import greedy_agreement
+    from replayllm.runner import decode_step
+
+    calls = []
+    real = decode_step.quant_matvec_q8
+    monkeypatch.setattr(decode_step, "quant_matvec_q8", lambda *a, **k: calls.append(1) or real(*a, **k))
+    reference, backend = pair
+    ids = [1, 17, 230, 5]
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    backend.set_int8_activations(True)
+    try:
+        assert backend.name.endswith("-int8")
+        tokens = list(backend.generate_ids(ids, params, 0, 3))
+    finally:
+        backend.set_int8_activations(False)
+    assert not backend.name.endswith("-int8")
+    assert len(calls) >= 2 * 2  # decode steps x layers with Q4_K projections took the int8 kernel
+    agreement = greedy_agreement(reference.logits(ids + tokens), len(ids), tokens)
+    assert agreement.is_within(2e-2), agreement

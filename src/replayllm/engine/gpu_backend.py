@@ -54,7 +54,7 @@ class MemoryReport:
 
 class GPUBackend(Backend):
     def __init__(self, model_file: ModelFile, max_context_tokens: int, mode: str = "graph",
-                 progress: bool = True, device: torch.device | None = None):
+                 progress: bool = True, device: torch.device | None = None, int8_activations: bool = False):
         started = time.perf_counter()
         self.config = config = model_file.config
         self.max_context_tokens = max_context_tokens
@@ -83,6 +83,8 @@ class GPUBackend(Backend):
         self.host_sampler = SamplerState.create(1, config.vocab_size, torch.device("cpu"))
         self._graphs: dict[tuple[int, bool, bool], DecodeGraph] = {}
         self.load_seconds = time.perf_counter() - started
+        if int8_activations:
+            self._enable_int8(True)
         self.set_mode(mode)
         self.startup_seconds = time.perf_counter() - started
         workspace = _allocated(self.device) - base - weights_bytes - self.cache.nbytes if self.is_cuda else 0
@@ -95,7 +97,20 @@ class GPUBackend(Backend):
 
     @property
     def name(self) -> str:
-        return f"cuda-{self.mode.name}"
+        return f"cuda-{self.mode.name}" + ("-int8" if self.bufs.int8_activations else "")
+
+    def set_int8_activations(self, enabled: bool) -> None:
+        """Experimental: Q4_K matrices multiply int8-quantized activations (kernels/quant_matvec_q8.py).
+        Recaptures the current mode's graphs, which bake the choice in."""
+        self._enable_int8(enabled)
+        self._graphs.clear()
+        self.set_mode(self.mode.name)
+
+    def _enable_int8(self, enabled: bool) -> None:
+        if enabled and not self.bufs.can_use_int8_activations:
+            raise InvalidParameterError("int8 activations need every projection's input width to be a multiple "
+                                        "of 32")
+        self.bufs.int8_activations = bool(enabled)
 
     def set_mode(self, mode: str) -> None:
         """Switch decode mode; a graph is captured the first time its mode is used and kept."""

@@ -32,10 +32,12 @@ class LLM:
     `mode`: GPU decode mode, "graph" (replayed CUDA graph, sampling on the GPU) or "eager" (every kernel
     launched each token, logits sampled on the host: the baseline the graph mode is measured against);
     also "graph-host-sampling" and "graph-Nstep" (N steps per graph), see engine/decode_mode.py.
+    `int8_activations` (GPU, experimental): Q4_K matrices multiply int8-quantized activations at decode.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", *,
-                 max_context: int | None = None, mode: str = "graph", progress: bool = True):
+                 max_context: int | None = None, mode: str = "graph", progress: bool = True,
+                 int8_activations: bool = False):
         if device not in DEVICES:
             raise InvalidParameterError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         DecodeMode.parse(mode)  # an unknown mode fails before anything loads
@@ -45,17 +47,20 @@ class LLM:
         self.tokenizer = self._model_file.tokenizer
         self.max_context_tokens = _resolve_max_context(max_context, self.config.max_context_tokens)
         self.device = _resolve_device(device)
-        self.backend = self._make_backend(mode, progress)
+        if int8_activations and self.device != "cuda":
+            raise InvalidParameterError("int8_activations is a GPU decode option; use device='cuda'")
+        self.backend = self._make_backend(mode, progress, int8_activations)
         self.last_output: GenerationOutput | None = None
 
-    def _make_backend(self, mode: str, progress: bool) -> Backend:
+    def _make_backend(self, mode: str, progress: bool, int8_activations: bool) -> Backend:
         if self.device == "cpu":
             from .reference_backend import ReferenceBackend
 
             return ReferenceBackend(self._model_file, self.max_context_tokens, progress=progress)
         from .gpu_backend import GPUBackend
 
-        return GPUBackend(self._model_file, self.max_context_tokens, mode=mode, progress=progress)
+        return GPUBackend(self._model_file, self.max_context_tokens, mode=mode, progress=progress,
+                          int8_activations=int8_activations)
 
     @property
     def model_file(self) -> ModelFile:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from gguf import GGMLQuantizationType
 
 from ..kernels import (
     DecodeAttentionWorkspace,
@@ -21,6 +22,8 @@ from ..kernels import (
     rope_and_cache_write,
     silu_mul,
 )
+from ..kernels.quant_matvec_q8 import ACTIVATION_BLOCK, ActivationQ8, quant_matvec_q8, quantize_activations
+from ..kernels.quant_weight import QuantWeight
 from ..models import ModelConfig
 from .kv_cache import PagedKVCache
 from .weights import DeviceWeights, LayerWeights
@@ -45,6 +48,13 @@ class StepBuffers:
     act: torch.Tensor  # [B, F] f32
     logits: torch.Tensor  # [B, vocab] f32
     attention_workspace: DecodeAttentionWorkspace
+    # Experimental (kernels/quant_matvec_q8.py): int8 copies of the projection inputs, used by Q4_K matrices
+    # while `int8_activations` is set (read when the step is captured). None where a width is not a multiple
+    # of the activation block.
+    h_q8: ActivationQ8 | None = None
+    attn_q8: ActivationQ8 | None = None
+    act_q8: ActivationQ8 | None = None
+    int8_activations: bool = False
 
     @classmethod
     def allocate(cls, config: ModelConfig, batch_size: int, max_pages_per_seq: int, max_context_tokens: int,
@@ -68,7 +78,17 @@ class StepBuffers:
             attn=f32(B, Hq, Dh), gate_up=f32(B, 2 * config.intermediate_size),
             act=f32(B, config.intermediate_size), logits=f32(B, config.vocab_size),
             attention_workspace=DecodeAttentionWorkspace.create(B, Hq, Dh, max_context_tokens, device),
+            h_q8=_q8(B, config.hidden_size, device), attn_q8=_q8(B, Hq * Dh, device),
+            act_q8=_q8(B, config.intermediate_size, device),
         )
+
+    @property
+    def can_use_int8_activations(self) -> bool:
+        return None not in (self.h_q8, self.attn_q8, self.act_q8)
+
+
+def _q8(batch: int, width: int, device: torch.device) -> ActivationQ8 | None:
+    return ActivationQ8.allocate(batch, width, device) if width % ACTIVATION_BLOCK == 0 else None
 
 
 @dataclass
@@ -92,7 +112,7 @@ def decode_step(config: ModelConfig, weights: DeviceWeights, cache: PagedKVCache
 def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      rope: RopeTables, bufs: StepBuffers) -> None:
     rmsnorm(bufs.x, layer.attn_norm, config.rms_norm_eps, bufs.h)
-    _project(bufs.h, layer.qkv, bufs.qkv, layer.qkv_bias)
+    _project(bufs.h, layer.qkv, bufs.qkv, layer.qkv_bias, _int8_copy(bufs, bufs.h, bufs.h_q8))
     if bufs.batch_size > 1:
         B, Dh = bufs.batch_size, config.head_dim
         q, k, v = bufs.qkv.split([t.shape[1] * Dh for t in (bufs.q, bufs.k, bufs.v)], dim=1)
@@ -107,23 +127,38 @@ def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Te
                          bufs.page_table, neox=config.rope_neox)
     paged_decode_attention(bufs.q, k_cache, v_cache, bufs.page_table, bufs.positions,
                            config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace)
-    quant_matvec(bufs.attn.view(bufs.batch_size, -1), layer.attn_output, bufs.x, accumulate=True)
+    attn = bufs.attn.view(bufs.batch_size, -1)
+    _project(attn, [layer.attn_output], bufs.x, None, _int8_copy(bufs, attn, bufs.attn_q8), accumulate=True)
 
 
 def _mlp_block(config: ModelConfig, layer: LayerWeights, bufs: StepBuffers) -> None:
     rmsnorm(bufs.x, layer.ffn_norm, config.rms_norm_eps, bufs.h)
-    _project(bufs.h, layer.gate_up, bufs.gate_up, None)
+    _project(bufs.h, layer.gate_up, bufs.gate_up, None, _int8_copy(bufs, bufs.h, bufs.h_q8))
     silu_mul(bufs.gate_up, bufs.act)
-    quant_matvec(bufs.act, layer.ffn_down, bufs.x, accumulate=True)
+    _project(bufs.act, [layer.ffn_down], bufs.x, None, _int8_copy(bufs, bufs.act, bufs.act_q8), accumulate=True)
 
 
-def _project(x: torch.Tensor, matrices, out: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """out = x @ [W0|W1|...]^T + bias: one launch per run of same-typed matrices (Q4_K_M keeps some V in Q6_K).
+def _int8_copy(bufs: StepBuffers, x: torch.Tensor, xq: ActivationQ8 | None) -> ActivationQ8 | None:
+    """x quantized into xq when the step runs with int8 activations, else None."""
+    if not bufs.int8_activations:
+        return None
+    return quantize_activations(x, xq)
+
+
+def _project(x: torch.Tensor, matrices: list[QuantWeight], out: torch.Tensor, bias: torch.Tensor | None,
+             xq: ActivationQ8 | None = None, accumulate: bool = False) -> None:
+    """out (+)= x @ [W0|W1|...]^T + bias: one launch per run of same-typed matrices (Q4_K_M keeps some V in
+    Q6_K); with `accumulate` the product is added to out (the residual add, fused). Q4_K matrices take the int8
+    activations `xq` when given.
 
     Each part writes a column slice of `out` (row stride > width when B > 1; the launcher takes row strides).
     """
     start = 0
     for w in matrices:
         end = start + w.n_rows
-        quant_matvec(x, w, out[:, start:end], bias=None if bias is None else bias[start:end])
+        part_bias = None if bias is None else bias[start:end]
+        if xq is not None and w.ggml_type == GGMLQuantizationType.Q4_K:
+            quant_matvec_q8(xq, w, out[:, start:end], bias=part_bias, accumulate=accumulate)
+        else:
+            quant_matvec(x, w, out[:, start:end], bias=part_bias, accumulate=accumulate)
         start = end
