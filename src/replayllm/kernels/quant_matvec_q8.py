@@ -130,10 +130,11 @@ def _q4k_matvec_q8_kernel(
         c3 = c[None, :, None]
         ok3 = c_ok[None, :, None]
         w = tl.load(qs_ptr + src[:, :, None] * stride_qw + c3 * 8 + t, mask=ok3, other=0)  # [BLOCK_N, C, 8]
-        x_lo = tl.load(xq_ptr + xrow + c3 * 16 + t, mask=ok3, other=0)  # [1, C, 8]
-        x_hi = tl.load(xq_ptr + xrow + c3 * 16 + 8 + t, mask=ok3, other=0)
-        dot_lo = _dot4(w & 0x0F0F0F0F, tl.broadcast_to(x_lo, w.shape), USE_DP4A)  # [BLOCK_N, C, 8] int32
-        dot_hi = _dot4((w >> 4) & 0x0F0F0F0F, tl.broadcast_to(x_hi, w.shape), USE_DP4A)
+        # Loaded at the tile's full shape (each row's copy from L1), so they share the quant words' layout.
+        x_lo = tl.load(xq_ptr + xrow + c3 * 16 + t + 0 * src[:, :, None], mask=ok3, other=0)  # [BLOCK_N, C, 8]
+        x_hi = tl.load(xq_ptr + xrow + c3 * 16 + 8 + t + 0 * src[:, :, None], mask=ok3, other=0)
+        dot_lo = _dot4(w & 0x0F0F0F0F, x_lo, USE_DP4A)  # [BLOCK_N, C, 8] int32
+        dot_hi = _dot4((w >> 4) & 0x0F0F0F0F, x_hi, USE_DP4A)
         # Scales loaded straight in the tile's rank ([BLOCK_N, C, 1]), so they meet the products without a
         # layout change; the min term stays 2-D.
         src3 = src[:, :, None]
