@@ -16,8 +16,10 @@ after the deadline is skipped (and says so), so a run under a wall-clock limit s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -182,6 +184,51 @@ def bench_int8(run: Run, llm: LLM) -> None:
         llm.backend.set_int8_activations(False)
 
 
+def time_to_first_token(backend, prompt_ids: list[int]) -> float:
+    """Seconds from the request to its first token on the host (prefill, first sample, copy back)."""
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    tokens = backend.generate_ids(prompt_ids, params, 0, 1)
+    try:
+        next(tokens)
+        return time.perf_counter() - started
+    finally:
+        tokens.close()
+
+
+def ttft_7b(run: Run, llm: LLM) -> None:
+    """Time to first token for a prompt filling the context (4095 tokens + 1 generated), median of 3."""
+    ids = [random.Random(1).randrange(3, llm.config.vocab_size) for _ in range(CONTEXT - 1)]
+    times = sorted(time_to_first_token(llm.backend, ids) for _ in range(4))[:3]  # the first run warms up
+    run.results["ttft_7b_4095_tokens_s"] = times[1]
+    run.summary.append(f"    7B time to first token, 4095-token prompt: {1e3 * times[1]:.0f} ms")
+
+
+def long_prompt(run: Run) -> None:
+    """A 16,000-token prompt on a (tiny) model with a 16k context: it works, and what prefill's memory peaks at."""
+    from replayllm.synth import write_model
+    from replayllm.synth.shapes import get_shape
+
+    path = SYNTH_DIR / "tiny-16k-q8_0.gguf"
+    if not path.exists():
+        write_model(dataclasses.replace(get_shape("tiny"), context_length=16384), "q8_0", path, progress=False)
+    with LLM(path, device="cuda", max_context=16384, progress=False) as llm:
+        ids = [random.Random(2).randrange(3, llm.config.vocab_size) for _ in range(16000)]
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        seconds = time_to_first_token(llm.backend, ids)
+        out = llm.generate([ids], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+        peak = torch.cuda.max_memory_allocated() - before
+    run.results["long_prompt_16k"] = {"prompt_tokens": 16000, "generated": len(out.token_ids),
+                                      "ttft_s": seconds, "prefill_peak_extra_gib": peak / 2**30,
+                                      "chunk_tokens": 2048}
+    run.summary.append(f"    16k-context tiny model, 16,000-token prompt: first token in {seconds:.2f} s, "
+                       f"{len(out.token_ids)} tokens generated, prefill peak +{peak / 2**30:.2f} GiB over the "
+                       f"loaded model (chunks of 2048)")
+
+
 def profile(run: Run, llm: LLM, modes: tuple[str, ...], n_tokens: int) -> None:
     from replayllm.bench.profiler import profile_modes
 
@@ -262,6 +309,7 @@ def main() -> None:
                       [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
             run.stage("bench llama2-7b Q4_K_M 4-step", bench, run, llm, [BenchTest("tg", 128)], ["graph-4step"], 2)
             run.stage("bench llama2-7b Q4_K_M int8 activations (experimental)", bench_int8, run, llm)
+            run.stage("time to first token llama2-7b Q4_K_M, 4095-token prompt", ttft_7b, run, llm)
             llm.close()
             del llm
             torch.cuda.empty_cache()
@@ -280,6 +328,7 @@ def main() -> None:
         if llm:
             run.stage("matvec launch-shape sweep llama2-7b", sweep, run, llm)
             llm.close()
+    run.stage("16,000-token prompt on a 16k-context model", long_prompt, run)
     if run.profile_rows:
         run.stage("profile chart", draw_profile, run)
         run.summary.append(table(run.profile_rows))
