@@ -26,7 +26,7 @@ from ..runner.graph import DecodeGraph
 from ..runner.kv_cache import PagedKVCache
 from ..runner.prefill import Prefiller
 from ..runner.weights import load_device_weights
-from ..sampling import SamplerState, SamplingParams, sample
+from ..sampling import SamplerState, SamplingParams, sample, sample_greedy
 from .backend import Backend
 from .decode_mode import MAX_STEPS_PER_GRAPH, DecodeMode
 from .model_file import ModelFile
@@ -197,6 +197,7 @@ class GPUBackend(Backend):
         """Eager and graph-host-sampling: every token the host waits for the logits and samples them."""
         sampler, trace = self.host_sampler, self.tracer
         graph = self.graph_for(self.mode) if self.mode.use_graph else None
+        draw = sample_greedy if params.is_greedy else sample  # the host gets the greedy shortcut too
         sampler.set_row(0, params, seed, prompt_ids)
         for i in range(max_new_tokens):
             if trace:
@@ -207,7 +208,7 @@ class GPUBackend(Backend):
             host_logits = logits.cpu()
             if trace:
                 t2 = time.perf_counter()
-            token = sample(host_logits, sampler)
+            token = draw(host_logits, sampler)
             sampler.record(token)
             if trace:
                 t3 = time.perf_counter()

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ..gguf import dequantize
 from ..models import get_architecture
-from ..sampling import SamplerState, SamplingParams, sample
+from ..sampling import SamplerState, SamplingParams, sample, sample_greedy
 from .backend import Backend
 from .model_file import ModelFile
 
@@ -62,10 +62,11 @@ class ReferenceBackend(Backend):
         cache = self.model.new_kv_cache(len(prompt_ids) + max_new_tokens)
         state = SamplerState.create(1, self.config.vocab_size, self.device)
         state.set_row(0, params, seed, prompt_ids)
+        draw = sample_greedy if params.is_greedy else sample  # the same tokens; greedy skips the sort
         logits = self.model(torch.tensor(prompt_ids, dtype=torch.long, device=self.device), 0, cache)[-1:]
         position = len(prompt_ids)
         for i in range(max_new_tokens):
-            token = sample(logits, state)  # [1]
+            token = draw(logits, state)  # [1]
             state.record(token)
             yield int(token[0])
             if i + 1 == max_new_tokens:
