@@ -26,7 +26,7 @@ from ..runner.graph import DecodeGraph
 from ..runner.kv_cache import PagedKVCache
 from ..runner.prefill import Prefiller
 from ..runner.weights import load_device_weights
-from ..sampling import SamplerState, SamplingParams, sample, sample_greedy
+from ..sampling import SamplerState, SamplingParams, sampler_for
 from .backend import Backend
 from .decode_mode import MAX_STEPS_PER_GRAPH, DecodeMode
 from .model_file import ModelFile
@@ -92,7 +92,7 @@ class GPUBackend(Backend):
         if progress and self.is_cuda:
             print(f"replayllm: {self.memory}; ready in {self.startup_seconds:.1f} s "
                   f"(load {self.load_seconds:.1f} s)", file=sys.stderr)
-        self._pinned = torch.zeros(PINNED_SLOTS, 64, dtype=torch.int64, pin_memory=self.is_cuda)
+        self._pinned = torch.zeros(PINNED_SLOTS, MAX_STEPS_PER_GRAPH, dtype=torch.int64, pin_memory=self.is_cuda)
         self._copied = [torch.cuda.Event() if self.is_cuda else None for _ in range(PINNED_SLOTS)]
 
     @property
@@ -197,7 +197,7 @@ class GPUBackend(Backend):
         """Eager and graph-host-sampling: every token the host waits for the logits and samples them."""
         sampler, trace = self.host_sampler, self.tracer
         graph = self.graph_for(self.mode) if self.mode.use_graph else None
-        draw = sample_greedy if params.is_greedy else sample  # the host gets the greedy shortcut too
+        draw = sampler_for(params.is_greedy)  # the host gets the greedy shortcut too
         sampler.set_row(0, params, seed, prompt_ids)
         for i in range(max_new_tokens):
             if trace:
@@ -243,10 +243,14 @@ class GPUBackend(Backend):
         sampler, trace = self.device_sampler, self.tracer
         n = graph.steps_per_graph
         sampler.set_row(0, params, seed, prompt_ids)
-        first = sample(logits, sampler)  # [1]: the prompt's next token, sampled on the device
+        first = sampler_for(params.is_greedy)(logits, sampler)  # [1]: the prompt's next token, on the device
         sampler.record(first)
+        # Views made once per request, so the per-token loop creates no tensors: slot s of pinned memory, and
+        # the replay's sampled tokens (batch row 0).
+        first_slot, slots = self._pinned[0, :1], [self._pinned[s, :n] for s in range(PINNED_SLOTS)]
+        replay_tokens = graph.out_tokens[:, 0]
         self.bufs.tokens.copy_(first)
-        self._pinned[0, :1].copy_(first, non_blocking=True)
+        first_slot.copy_(first, non_blocking=True)
         self._copied[0].record()
         produced, replays, remaining = 1, 0, max_new_tokens
         for chunk in itertools.count():
@@ -260,7 +264,7 @@ class GPUBackend(Backend):
                 if trace:
                     trace.step_end()
                     t1 = time.perf_counter()
-                self._pinned[slot, :n].copy_(graph.out_tokens[:, 0], non_blocking=True)
+                slots[slot].copy_(replay_tokens, non_blocking=True)
                 self._copied[slot].record()
                 if trace:
                     trace.add("launch", t1 - t0)
@@ -272,7 +276,7 @@ class GPUBackend(Backend):
             self._copied[slot].synchronize()  # waits for chunk k only; replay k+1 is already queued
             if trace:
                 trace.add("wait", time.perf_counter() - t0)
-            for token in self._pinned[slot, : 1 if chunk == 0 else n].tolist():
+            for token in (first_slot if chunk == 0 else slots[slot]).tolist():
                 yield token
                 remaining -= 1
                 if remaining == 0:
@@ -282,8 +286,10 @@ class GPUBackend(Backend):
         """GPU time of one decode step of `mode`'s kernels, replayed back to back with no host work between
         (so it is the GPU's own cost, the floor of the token time), at context length `positions`; `greedy`
         times the variant that all-greedy requests replay."""
-        graph = self.graph_for(DecodeMode.parse("graph-host-sampling" if mode in ("eager", "graph-host-sampling")
-                                                else mode), greedy=greedy)
+        decode_mode = DecodeMode.parse(mode)
+        if not decode_mode.use_graph:  # eager runs the kernels of the host-sampling graph, launched one by one
+            decode_mode = DecodeMode.parse("graph-host-sampling")
+        graph = self.graph_for(decode_mode, greedy=greedy)
         pages = self.cache.reserve(positions + replays * graph.steps_per_graph + 1)
         try:
             self.cache.fill_page_table_row(self.bufs.page_table, 0, pages)

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ..gguf import dequantize
 from ..models import get_architecture
-from ..sampling import SamplerState, SamplingParams, sample, sample_greedy
+from ..sampling import SamplerState, SamplingParams, sampler_for
 from .backend import Backend
 from .model_file import ModelFile
 
@@ -62,7 +62,7 @@ class ReferenceBackend(Backend):
         cache = self.model.new_kv_cache(len(prompt_ids) + max_new_tokens)
         state = SamplerState.create(1, self.config.vocab_size, self.device)
         state.set_row(0, params, seed, prompt_ids)
-        draw = sample_greedy if params.is_greedy else sample  # the same tokens; greedy skips the sort
+        draw = sampler_for(params.is_greedy)  # the same tokens; greedy skips the sort
         logits = self.model(torch.tensor(prompt_ids, dtype=torch.long, device=self.device), 0, cache)[-1:]
         position = len(prompt_ids)
         for i in range(max_new_tokens):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..sampling import SamplerState, sample, sample_greedy
+from ..sampling import SamplerState, sampler_for
 from .decode_step import StepBuffers
 
 
@@ -28,21 +28,18 @@ class DecodeGraph:
         self.steps_per_graph = steps_per_graph
         # A greedy-only graph draws with `sample_greedy`; replay it only while every row's temperature is 0.
         self.greedy_only = greedy_only
+        self._draw = sampler_for(greedy_only)
         # out_tokens[s] is the token sampled by the s-th step of one replay.
         self.out_tokens = torch.zeros(steps_per_graph, bufs.batch_size, dtype=torch.int64,
                                       device=bufs.tokens.device)
         self.graph: torch.cuda.CUDAGraph | None = None
-
-    @property
-    def samples_on_device(self) -> bool:
-        return self.sampler is not None
 
     def run_steps(self) -> None:
         """The body that is captured."""
         for s in range(self.steps_per_graph):
             logits = self.step(self.bufs)
             if self.sampler is not None:
-                tokens = (sample_greedy if self.greedy_only else sample)(logits, self.sampler)
+                tokens = self._draw(logits, self.sampler)
                 self.sampler.record(tokens)
                 self.bufs.tokens.copy_(tokens)
                 self.out_tokens[s].copy_(tokens)

@@ -200,6 +200,11 @@ def sample_greedy(logits: torch.Tensor, state: SamplerState) -> torch.Tensor:
     return apply_penalties(logits, state).argmax(dim=-1)  # torch returns the first maximal index
 
 
+def sampler_for(all_greedy: bool):
+    """`sample_greedy` for a batch the host knows to be all greedy, else `sample`: the one place that picks."""
+    return sample_greedy if all_greedy else sample
+
+
 def apply_penalties(logits: torch.Tensor, state: SamplerState) -> torch.Tensor:
     """Repetition, frequency and presence penalties (llama.cpp semantics, see the module docstring).
     logits [B, V] f32 -> [B, V] f32, a new tensor."""
