@@ -16,28 +16,21 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
 from replayllm.bench.kernel_bench import time_graph_replay
 from replayllm.kernels import pack_weight, quant_matvec
+from replayllm.synth.random_rows import random_gguf_rows
 
 T = GGMLQuantizationType
 SHAPES = {T.Q4_K: (22016, 4096), T.Q6_K: (4096, 11008)}
-F16_FIELDS = {T.Q4_K: (0, 2), T.Q6_K: (208,)}  # byte offsets of the f16 super-block scales
 COPIES = 24
 
 
 def random_weight(ggml_type: GGMLQuantizationType, n_rows: int, n_cols: int, seed: int, device: str = "cuda"):
-    """Random blocks with small finite f16 scales: every bit pattern of the quants, no inf or NaN."""
-    rng = np.random.default_rng(seed)
-    block, type_size = GGML_QUANT_SIZES[ggml_type]
-    blocks = rng.integers(0, 256, size=(n_rows, n_cols // block, type_size), dtype=np.uint8)
-    for offset in F16_FIELDS[ggml_type]:
-        scale = rng.uniform(-0.02, 0.02, size=blocks.shape[:2]).astype(np.float16)
-        blocks[:, :, offset:offset + 2] = scale.view(np.uint8).reshape(*blocks.shape[:2], 2)
-    return pack_weight(ggml_type, blocks.reshape(n_rows, -1), n_cols).to(device)
+    """Random blocks with every bit pattern of the quants and no inf or NaN, packed for the kernels."""
+    return pack_weight(ggml_type, random_gguf_rows(ggml_type, n_rows, n_cols, seed), n_cols).to(device)
 
 
 def compiled_facts(kernel, out: Path, name: str) -> list[dict]:

@@ -34,47 +34,46 @@ _TRITON_DTYPE = {"uint8": "*u8", "int8": "*i8", "float16": "*fp16", "bfloat16": 
 _ALIGNED_INTS = ("stride_qs", "stride_qh", "stride_sc", "stride_d", "n_cols", "stride_xb", "stride_ob")
 
 
+def compile_for_hopper(fn, types: dict[str, str], constants: dict, aligned: list[str], warps: int, stages: int):
+    """Compile Triton kernel `fn` for sm_90: `types` gives each runtime argument's Triton type ("*u8", "i32"),
+    `aligned` the arguments the launcher's values let Triton assume 16-byte divisible."""
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in constants else types[n] for n in names}
+    source = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constants.items()},
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
 def compile_gemv(ggml_type: GGMLQuantizationType, n_cols: int, block_n: int, groups: int, warps: int, stages: int):
     layout = _LAYOUTS[ggml_type]
     w_stub = type("W", (), {"ggml_type": ggml_type, "n_cols": n_cols})  # plan_steps reads only these two
     plan = plan_steps(w_stub, groups)
-    names = _quant_matvec_kernel.arg_names
-    signature, constants = {}, dict(QTYPE=int(ggml_type), IS_FLOAT=ggml_type in FLOAT_TYPES, S=plan.groups,
-                                    W=plan.width, BLOCK_N=block_n, BLOCK_B=1, HAS_BIAS=False, ACCUMULATE=False)
-    for name in names:
-        if name in constants:
-            signature[name] = "constexpr"
-        elif name in _POINTER:
-            signature[name] = _POINTER[name]
+    constants = dict(QTYPE=int(ggml_type), IS_FLOAT=ggml_type in FLOAT_TYPES, S=plan.groups, W=plan.width,
+                     BLOCK_N=block_n, BLOCK_B=1, HAS_BIAS=False, ACCUMULATE=False)
+    types = {}
+    for name in _quant_matvec_kernel.arg_names:
+        if name in _POINTER:
+            types[name] = _POINTER[name]
         elif name in _FIELD_OF_ARG:
             field = _FIELD_OF_ARG[name]
             dtype = layout.get(field, layout["qs"])[0]  # absent fields get a placeholder, as weight_args does
-            signature[name] = _TRITON_DTYPE[str(dtype).removeprefix("torch.")]
+            types[name] = _TRITON_DTYPE[str(dtype).removeprefix("torch.")]
         else:
-            signature[name] = "i32"
-    aligned = [n for n in names if signature[n].startswith("*") or n in _ALIGNED_INTS]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    source = ASTSource(_quant_matvec_kernel, signature,
-                       constexprs={(names.index(k),): v for k, v in constants.items()}, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps, "num_stages": stages}), plan
+            types[name] = "i32"
+    aligned = [n for n, t in types.items() if t.startswith("*") or n in _ALIGNED_INTS]
+    return compile_for_hopper(_quant_matvec_kernel, types, constants, aligned, warps, stages), plan
 
 
 def compile_q8_gemv(n_cols: int, block_n: int, chunks: int, warps: int, stages: int):
     """The experimental int8-activation Q4_K kernel (kernels/quant_matvec_q8.py), with dp4a."""
     from replayllm.kernels.quant_matvec_q8 import _q4k_matvec_q8_kernel
 
-    names = _q4k_matvec_q8_kernel.arg_names
     pointers = {"xq_ptr": "*i32", "xs_ptr": "*fp32", "xsum_ptr": "*fp32", "out_ptr": "*fp32", "bias_ptr": "*fp32",
                 "qs_ptr": "*i32", "sc_ptr": "*u8", "mn_ptr": "*u8", "d_ptr": "*fp16", "dm_ptr": "*fp16"}
     constants = dict(C=chunks, BLOCK_N=block_n, HAS_BIAS=False, ACCUMULATE=False, USE_DP4A=True)
-    signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in names}
-    aligned = [n for n in names if n in pointers or n.startswith("stride")]
-    source = ASTSource(_q4k_matvec_q8_kernel, signature,
-                       constexprs={(names.index(k),): v for k, v in constants.items()},
-                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": warps, "num_stages": stages})
+    types = {n: pointers.get(n, "i32") for n in _q4k_matvec_q8_kernel.arg_names if n not in constants}
+    aligned = [n for n in types if n in pointers or n.startswith("stride")]
+    kernel = compile_for_hopper(_q4k_matvec_q8_kernel, types, constants, aligned, warps, stages)
     return kernel, block_n * chunks * 64
 
 

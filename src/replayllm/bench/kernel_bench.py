@@ -78,9 +78,7 @@ def kernel_rows(backend, context_tokens: int, config: MatvecConfig | None = None
 
 def _attention_row(backend, context_tokens: int) -> KernelRow:
     cache, bufs, config = backend.cache, backend.bufs, backend.config
-    pages = cache.reserve(context_tokens + 1)
-    try:
-        cache.fill_page_table_row(bufs.page_table, 0, pages)
+    with backend.sequence(context_tokens + 1):
         bufs.positions.fill_(context_tokens)
         bufs.q.normal_()
 
@@ -89,9 +87,6 @@ def _attention_row(backend, context_tokens: int) -> KernelRow:
                 paged_decode_attention(bufs.q, cache.k[i], cache.v[i], bufs.page_table, bufs.positions,
                                        config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace)
         ms = time_graph_replay(body)
-    finally:
-        bufs.positions.zero_()
-        cache.release(pages)
     kv_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2 * (context_tokens + 1)
     return KernelRow(f"attention@{context_tokens}", config.num_layers, 1e3 * ms, kv_bytes,
                      kv_bytes / (ms * 1e-3) / 1e9)

@@ -100,9 +100,9 @@ def run_test(backend, test: BenchTest, facts: ModelFacts, vocab_size: int, repet
         if copy_gbps:
             roofline = copy_gbps * 1e9 / step_bytes
             roofline_fraction = mean / roofline
-    decode_batch = 1  # tg: one sequence; pp: the prompt chunk size (llama-bench's -b)
+    batch = test.batch if test.kind == "pp" else 1  # pp: the prompt chunk size (llama-bench's -b); tg: one sequence
     return BenchResult(facts.name, facts.quant, facts.size_bytes, facts.n_params, backend.name, test.name,
-                       test.depth, test.batch if test.kind == "pp" else decode_batch, test.n_tokens, {"mean": mean, "std": std, "samples": samples},
+                       test.depth, batch, test.n_tokens, {"mean": mean, "std": std, "samples": samples},
                        weight_gbps, roofline_fraction, roofline)
 
 

@@ -15,6 +15,7 @@ import itertools
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +140,18 @@ class GPUBackend(Backend):
     def _step(self, bufs: StepBuffers) -> torch.Tensor:
         return decode_step(self.config, self.weights, self.cache, self.rope, bufs)
 
+    @contextmanager
+    def sequence(self, num_tokens: int) -> Iterator[None]:
+        """Hold KV pages for one sequence of up to `num_tokens` tokens in page-table row 0 while inside; on leaving,
+        the pages go back and the row's position is reset (host side: once per request, never per token)."""
+        pages = self.cache.reserve(num_tokens)
+        try:
+            self.cache.fill_page_table_row(self.bufs.page_table, 0, pages)
+            yield
+        finally:
+            self.bufs.positions.zero_()
+            self.cache.release(pages)
+
     # ---- prompt processing ------------------------------------------------------------------------------
 
     def _prefill_chunks(self, ids: torch.Tensor, chunk_tokens: int, all_logits: bool = False) -> torch.Tensor:
@@ -155,34 +168,24 @@ class GPUBackend(Backend):
 
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
-        pages = self.cache.reserve(len(token_ids))
-        try:
-            self.cache.fill_page_table_row(self.bufs.page_table, 0, pages)
+        with self.sequence(len(token_ids)):
             ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
             return self._prefill_chunks(ids, self.prefill_chunk_tokens, all_logits=True)
-        finally:
-            self.cache.release(pages)
 
     @torch.inference_mode()
     def prefill_only(self, token_ids: list[int], chunk_tokens: int) -> None:
-        pages = self.cache.reserve(len(token_ids))
-        try:
-            self.cache.fill_page_table_row(self.bufs.page_table, 0, pages)
+        with self.sequence(len(token_ids)):
             ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
             self._prefill_chunks(ids, chunk_tokens)
             if self.is_cuda:
                 torch.cuda.synchronize(self.device)
-        finally:
-            self.cache.release(pages)
 
     # ---- decoding ---------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: list[int], params: SamplingParams, seed: int,
                      max_new_tokens: int) -> Iterator[int]:
-        pages = self.cache.reserve(len(prompt_ids) + max_new_tokens + self.mode.steps_per_graph)
-        try:
-            self.cache.fill_page_table_row(self.bufs.page_table, 0, pages)
+        with self.sequence(len(prompt_ids) + max_new_tokens + self.mode.steps_per_graph):
             ids = torch.tensor(prompt_ids, dtype=torch.int64, device=self.device)
             logits = self._prefill_chunks(ids, self.prefill_chunk_tokens)
             self.bufs.positions.fill_(len(prompt_ids))
@@ -190,8 +193,6 @@ class GPUBackend(Backend):
                 yield from self._decode_run_ahead(logits, params, seed, prompt_ids, max_new_tokens)
             else:
                 yield from self._decode_host_sampling(logits, params, seed, prompt_ids, max_new_tokens)
-        finally:
-            self.cache.release(pages)
 
     def _decode_host_sampling(self, logits, params, seed, prompt_ids, max_new_tokens) -> Iterator[int]:
         """Eager and graph-host-sampling: every token the host waits for the logits and samples them."""
@@ -290,9 +291,7 @@ class GPUBackend(Backend):
         if not decode_mode.use_graph:  # eager runs the kernels of the host-sampling graph, launched one by one
             decode_mode = DecodeMode.parse("graph-host-sampling")
         graph = self.graph_for(decode_mode, greedy=greedy)
-        pages = self.cache.reserve(positions + replays * graph.steps_per_graph + 1)
-        try:
-            self.cache.fill_page_table_row(self.bufs.page_table, 0, pages)
+        with self.sequence(positions + replays * graph.steps_per_graph + 1):
             self.bufs.positions.fill_(positions)
             graph.replay()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -302,9 +301,6 @@ class GPUBackend(Backend):
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / (replays * graph.steps_per_graph)
-        finally:
-            self.bufs.positions.zero_()
-            self.cache.release(pages)
 
     def close(self) -> None:
         self._graphs.clear()

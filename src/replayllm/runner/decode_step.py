@@ -119,16 +119,23 @@ def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Te
         bufs.q.copy_(q.view(B, -1, Dh))
         bufs.k.copy_(k.view(B, -1, Dh))
         bufs.v.copy_(v.view(B, -1, Dh))
-    if layer.q_norm is not None:  # qwen3: RMSNorm of each head before RoPE, in place
-        for t, w in ((bufs.q, layer.q_norm), (bufs.k, layer.k_norm)):
-            flat = t.view(-1, config.head_dim)
-            rmsnorm(flat, w, config.rms_norm_eps, flat)
+    head_norms(config, layer, bufs.q, bufs.k)
     rope_and_cache_write(bufs.q, bufs.k, bufs.v, rope.cos, rope.sin, bufs.positions, k_cache, v_cache,
                          bufs.page_table, neox=config.rope_neox)
     paged_decode_attention(bufs.q, k_cache, v_cache, bufs.page_table, bufs.positions,
                            config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace)
     attn = bufs.attn.view(bufs.batch_size, -1)
     _project(attn, [layer.attn_output], bufs.x, None, _int8_copy(bufs, attn, bufs.attn_q8), accumulate=True)
+
+
+def head_norms(config: ModelConfig, layer: LayerWeights, q: torch.Tensor, k: torch.Tensor) -> None:
+    """qwen3: RMSNorm of every query and key head before RoPE, in place (q [T, Hq, Dh], k [T, Hkv, Dh]);
+    nothing for architectures without per-head norms. Decode and prefill both call it."""
+    if layer.q_norm is None:
+        return
+    for t, w in ((q, layer.q_norm), (k, layer.k_norm)):
+        flat = t.view(-1, config.head_dim)
+        rmsnorm(flat, w, config.rms_norm_eps, flat)
 
 
 def _mlp_block(config: ModelConfig, layer: LayerWeights, bufs: StepBuffers) -> None:

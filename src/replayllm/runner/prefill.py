@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..kernels import dequantize_into, gather_rows, rmsnorm, rope_and_cache_write
 from ..models import ModelConfig
-from .decode_step import RopeTables
+from .decode_step import RopeTables, head_norms
 from .kv_cache import PagedKVCache
 from .weights import DeviceWeights
 
@@ -23,8 +23,8 @@ SCRATCH_BYTES = 64 * 2**20  # the f16 dequantization scratch: rows of a weight a
 class Prefiller:
     def __init__(self, config: ModelConfig, weights: DeviceWeights, cache: PagedKVCache, rope: RopeTables):
         self.config, self.weights, self.cache, self.rope = config, weights, cache, rope
-        largest = max(w.n_rows * w.n_cols for w in _matrices(weights))
-        widest = max(w.n_cols for w in _matrices(weights))
+        largest = max(w.n_rows * w.n_cols for w in weights.matrices())
+        widest = max(w.n_cols for w in weights.matrices())
         device = weights.output_norm.device
         # At least one row of the widest matrix; a small model's largest matrix fits whole.
         self.scratch = torch.empty(max(min(largest, SCRATCH_BYTES // 2), widest), dtype=torch.float16,
@@ -52,10 +52,7 @@ class Prefiller:
             q, k, v = (t.reshape(T, -1, cfg.head_dim).contiguous() for t in qkv.split(
                 [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
                  cfg.num_kv_heads * cfg.head_dim], dim=1))
-            if layer.q_norm is not None:
-                for t, w in ((q, layer.q_norm), (k, layer.k_norm)):
-                    flat = t.view(-1, cfg.head_dim)
-                    rmsnorm(flat, w, cfg.rms_norm_eps, flat)
+            head_norms(cfg, layer, q, k)
             rope_and_cache_write(q, k, v, self.rope.cos, self.rope.sin, positions, self.cache.k[i],
                                  self.cache.v[i], page_table, neox=cfg.rope_neox)
             attn = self._attention(q, i, page_table_row, start, T)
@@ -104,8 +101,3 @@ class Prefiller:
             col += w.n_rows
         return out if bias is None else out + bias
 
-
-def _matrices(weights: DeviceWeights):
-    yield weights.output
-    for layer in weights.layers:
-        yield from (*layer.qkv, layer.attn_output, *layer.gate_up, layer.ffn_down)

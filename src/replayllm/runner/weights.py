@@ -42,19 +42,23 @@ class DeviceWeights:
 
     @property
     def nbytes(self) -> int:
-        seen, total = set(), 0
-        for w in self._all_tensors():
-            if id(w) not in seen:
-                seen.add(id(w))
-                total += w.nbytes if isinstance(w, QuantWeight) else w.numel() * w.element_size()
-        return total
+        return (sum(w.nbytes for w in self.matrices())
+                + sum(t.numel() * t.element_size() for t in self.vectors()))
 
-    def _all_tensors(self):
-        yield from (self.token_embd, self.output_norm, self.output)
+    def matrices(self):
+        """Every weight matrix; the embedding once, also when it is the LM head (tied)."""
+        yield self.token_embd
+        if self.output is not self.token_embd:
+            yield self.output
         for layer in self.layers:
-            yield from (layer.attn_norm, layer.attn_output, layer.ffn_norm, layer.ffn_down, *layer.qkv,
-                        *layer.gate_up)
-            yield from (t for t in (layer.qkv_bias, layer.q_norm, layer.k_norm) if t is not None)
+            yield from (*layer.qkv, layer.attn_output, *layer.gate_up, layer.ffn_down)
+
+    def vectors(self):
+        """Every norm weight and bias."""
+        yield self.output_norm
+        for layer in self.layers:
+            yield from (t for t in (layer.attn_norm, layer.ffn_norm, layer.qkv_bias, layer.q_norm, layer.k_norm)
+                        if t is not None)
 
 
 class _Loader:
