@@ -98,6 +98,11 @@ def main() -> None:
         if args.launches:
             for i in range(args.launches):
                 quant_matvec(x, weights[i % COPIES], y)
+            if ggml_type == T.Q4_K:  # the int8-activation kernel too (its own ncu pass filters by name)
+                from replayllm.kernels.quant_matvec_q8 import ActivationQ8, quant_matvec_q8, quantize_activations
+                xq = quantize_activations(x, ActivationQ8.allocate(1, n_cols, "cuda"))
+                for i in range(args.launches):
+                    quant_matvec_q8(xq, weights[i % COPIES], y)
             torch.cuda.synchronize()
             continue
         if hasattr(_quant_matvec_kernel, "device_caches"):

@@ -6,7 +6,8 @@
 #     stage  keep the first half of the default model (.carry/a/smol.part00) in /tmp for a second run on the same host
 #     probe  the decode GEMV's evidence: benchmarks/gemv_probe.py (GB/s, registers, spills; the experimental
 #            int8-activation Q4_K kernel beside the default), their SASS (cuobjdump), Nsight Compute's view
-#            (throughput, occupancy, warp stalls); and where a 7B pp512 spends its time
+#            (throughput, occupancy, warp stalls) of both; launch-shape sweeps of the int8 GEMV and the
+#            prefill GEMM (benchmarks/kernel_sweep.py); and where a 7B pp512 spends its time
 #            (benchmarks/prefill_probe.py, the torch profiler's kernel table)
 #     tests  the gpu-marked tests only
 #     full   the tests, then benchmarks/run_gpu_benchmarks.py, which starts no stage past BENCH_DEADLINE_S
@@ -60,9 +61,13 @@ if [ "$MODE" = probe ]; then
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
     --section LaunchStats python3 benchmarks/gemv_probe.py --out /tmp/probe-ncu --launches 6 \
     > "$OUT/ncu.txt" 2>&1
+  ncu --clock-control none --kernel-name regex:_matvec_q8_kernel --launch-skip 4 --launch-count 2 \
+    --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
+    python3 benchmarks/gemv_probe.py --out /tmp/probe-ncu-q8 --launches 6 > "$OUT/ncu_q8.txt" 2>&1
+  python3 benchmarks/kernel_sweep.py --out "$OUT" 2>&1 | tee -a "$LOG"
   wait "$synth_pid"
   python3 benchmarks/prefill_probe.py "$q7" --out "$OUT" 2>&1 | tee -a "$LOG"
-  echo "==== summary ===="; head -n 1 "$LOG"; grep -E '^Q[0-9]|-token prefill' "$LOG"
+  echo "==== summary ===="; head -n 1 "$LOG"; grep -E '^Q[0-9]|-token prefill|^gemm|^gemv|^sweep' "$LOG"
   grep -E 'Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Theoretical Occupancy|Duration' \
     "$OUT/ncu.txt" | head -n 24
   exit 0
@@ -76,7 +81,8 @@ python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_quant_dequant.py::test_small_int_to_f32_is_exact_over_its_range 2>&1 | tee "$OUT/gpu_tests.log"
 status=${PIPESTATUS[0]}
 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/cli tests/runner tests/kernels/test_quant_dequant.py \
-  tests/kernels/test_quant_matvec.py 2>&1 | tee -a "$OUT/gpu_tests.log"
+  tests/kernels/test_quant_matvec.py tests/kernels/test_quant_matvec_q8.py tests/kernels/test_quant_matmul.py \
+  tests/kernels/test_prefill_attention.py 2>&1 | tee -a "$OUT/gpu_tests.log"
 status=$(( status | PIPESTATUS[0] ))
 if [ "$MODE" = full ]; then
   python3 benchmarks/run_gpu_benchmarks.py --out "$OUT" --deadline-s "$DEADLINE" 2>&1 | tee -a "$LOG"

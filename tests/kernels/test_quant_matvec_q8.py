@@ -1,4 +1,5 @@
-"""The experimental int8-activation Q4_K GEMV and its activation quantizer, against float64 references."""
+"""The experimental int8-activation GEMVs (Q4_K, Q6_K, Q8_0) and their activation quantizer, against float64
+references."""
 
 from __future__ import annotations
 
@@ -38,13 +39,27 @@ def test_quantize_activations_matches_the_reference(batch, n_cols, device):
     assert rel_err(recovered.view(batch, n_cols), x) < 1e-2
 
 
+# (type, n_cols): the default step is 1024 weights of a row (16 Q4_K chunks, 8 Q6_K, 32 Q8_0), so 768 (Q4_K) and
+# 1280 (Q6_K, Q8_0) end on a partly masked step.
+MATVEC_CASES = [(T.Q4_K, 512), (T.Q4_K, 768), (T.Q6_K, 256), (T.Q6_K, 512), (T.Q6_K, 1280),
+                (T.Q8_0, 256), (T.Q8_0, 512), (T.Q8_0, 1280)]
+
+
+@pytest.fixture
+def case(gguf_rows, device):
+    """case(type, n_rows, n_cols, batch, seed) -> (weight, x, quantized x) on the test device."""
+    def make(ggml_type, n_rows, n_cols, batch, seed):
+        w = pack_weight(ggml_type, gguf_rows(ggml_type, n_rows, n_cols, seed=seed), n_cols).to(device)
+        x = torch.randn(batch, n_cols, device=device)
+        return w, x, quantize_activations(x, ActivationQ8.allocate(batch, n_cols, device))
+    return make
+
+
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("n_cols", [512, 768])  # 768: 12 chunks, a partly masked step of 16
-def test_matvec_matches_its_reference_and_the_f32_product(batch, n_cols, gguf_rows, device):
-    n_rows = 37
-    w = pack_weight(T.Q4_K, gguf_rows(T.Q4_K, n_rows, n_cols, seed=batch), n_cols).to(device)
-    x = torch.randn(batch, n_cols, device=device)
-    xq = quantize_activations(x, ActivationQ8.allocate(batch, n_cols, device))
+@pytest.mark.parametrize("ggml_type, n_cols", MATVEC_CASES, ids=[f"{t.name}-{k}" for t, k in MATVEC_CASES])
+def test_matvec_matches_its_reference_and_the_f32_product(ggml_type, n_cols, batch, case, device):
+    n_rows = 37  # not a multiple of block_n: the last program's rows past the end are masked
+    w, x, xq = case(ggml_type, n_rows, n_cols, batch, seed=batch)
     out = torch.full((batch, n_rows), float("nan"), device=device)
     assert quant_matvec_q8(xq, w, out) is out
     assert rel_err(out, quant_matvec_q8_reference(xq, w)) < 1e-5
@@ -52,20 +67,37 @@ def test_matvec_matches_its_reference_and_the_f32_product(batch, n_cols, gguf_ro
     assert rel_err(out, exact) < 2e-2  # the activations' int8 rounding
 
 
-def test_bias_and_accumulate(gguf_rows, device):
-    w = pack_weight(T.Q4_K, gguf_rows(T.Q4_K, 19, 256, seed=5), 256).to(device)
-    x = torch.randn(1, 256, device=device)
-    xq = quantize_activations(x, ActivationQ8.allocate(1, 256, device))
+# 1792 columns are 28 Q4_K chunks, 14 Q6_K chunks, 56 Q8_0 chunks: 4 steps each, the last one partly masked.
+@pytest.mark.parametrize("ggml_type, chunks", [(T.Q4_K, 8), (T.Q6_K, 4), (T.Q8_0, 16)], ids=["Q4_K", "Q6_K", "Q8_0"])
+def test_other_launch_shapes_give_the_same_result(ggml_type, chunks, case, device):
+    w, _, xq = case(ggml_type, 37, 1792, 2, seed=7)
+    out = torch.full((2, 37), float("nan"), device=device)
+    quant_matvec_q8(xq, w, out, block_n=4, chunks=chunks, num_warps=2, num_stages=2)  # 37 rows = 9 * 4 + 1
+    assert rel_err(out, quant_matvec_q8_reference(xq, w)) < 1e-5
+
+
+@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q6_K, T.Q8_0], ids=lambda t: t.name)
+def test_bias_and_accumulate_into_a_column_slice(ggml_type, case, device):
+    w, _, xq = case(ggml_type, 19, 256, 2, seed=5)
     bias = torch.randn(19, device=device)
-    initial = torch.randn(1, 19, device=device)
-    out = initial.clone()
+    initial = torch.randn(2, 30, device=device)
+    wide = initial.clone()
+    out = wide[:, 5:24]  # row stride 30: a fused projection's slice
     quant_matvec_q8(xq, w, out, bias=bias, accumulate=True)
-    want = quant_matvec_q8_reference(xq, w) + bias.double() + initial.double()
+    want = quant_matvec_q8_reference(xq, w) + bias.double() + initial[:, 5:24].double()
     assert rel_err(out, want) < 1e-5
+    assert torch.equal(wide[:, :5], initial[:, :5]) and torch.equal(wide[:, 24:], initial[:, 24:])
 
 
 def test_other_types_are_refused(gguf_rows):
-    w = pack_weight(T.Q6_K, gguf_rows(T.Q6_K, 4, 256, seed=0), 256)
+    w = pack_weight(T.Q5_K, gguf_rows(T.Q5_K, 4, 256, seed=0), 256)
     xq = ActivationQ8.allocate(1, 256, "cpu")
-    with pytest.raises(UnsupportedError, match="Q4_K"):
+    with pytest.raises(UnsupportedError, match="supports Q4_K, Q6_K, Q8_0 weights, got Q5_K"):
         quant_matvec_q8(xq, w, torch.empty(1, 4))
+
+
+def test_launch_shapes_must_be_powers_of_two(gguf_rows):
+    w = pack_weight(T.Q8_0, gguf_rows(T.Q8_0, 4, 256, seed=0), 256)
+    xq = ActivationQ8.allocate(1, 256, "cpu")
+    with pytest.raises(ValueError, match="chunks must be a power of two, got 3"):
+        quant_matvec_q8(xq, w, torch.empty(1, 4), chunks=3)

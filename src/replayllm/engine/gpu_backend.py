@@ -80,6 +80,8 @@ class GPUBackend(Backend):
         self.bufs = StepBuffers.allocate(config, 1, self.cache.max_pages_per_seq,
                                          self.cache.max_pages_per_seq * self.cache.page_size, self.device)
         self.prefiller = Prefiller(config, self.weights, self.cache, self.rope)
+        if self.is_cuda:
+            self.prefiller.tune(self.prefill_chunk_tokens)
         self.device_sampler = SamplerState.create(1, config.vocab_size, self.device)
         self.host_sampler = SamplerState.create(1, config.vocab_size, torch.device("cpu"))
         self._graphs: dict[tuple[int, bool, bool], DecodeGraph] = {}
@@ -101,8 +103,8 @@ class GPUBackend(Backend):
         return f"cuda-{self.mode.name}" + ("-int8" if self.bufs.int8_activations else "")
 
     def set_int8_activations(self, enabled: bool) -> None:
-        """Experimental: Q4_K matrices multiply int8-quantized activations (kernels/quant_matvec_q8.py).
-        Recaptures the current mode's graphs, which bake the choice in."""
+        """Experimental: Q4_K, Q6_K and Q8_0 matrices multiply int8-quantized activations
+        (kernels/quant_matvec_q8.py). Recaptures the current mode's graphs, which bake the choice in."""
         self._enable_int8(enabled)
         self._graphs.clear()
         self.set_mode(self.mode.name)

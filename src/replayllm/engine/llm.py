@@ -32,7 +32,8 @@ class LLM:
     `mode`: GPU decode mode, "graph" (replayed CUDA graph, sampling on the GPU) or "eager" (every kernel
     launched each token, logits sampled on the host: the baseline the graph mode is measured against);
     also "graph-host-sampling" and "graph-Nstep" (N steps per graph), see engine/decode_mode.py.
-    `int8_activations` (GPU, experimental): Q4_K matrices multiply int8-quantized activations at decode.
+    `int8_activations` (GPU, experimental): Q4_K, Q6_K and Q8_0 matrices multiply int8-quantized activations at
+    decode.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", *,

@@ -1,17 +1,29 @@
-"""Experimental decode GEMV for Q4_K with int8 activations and integer dot products (not yet used by the engine).
+"""Experimental decode GEMVs for Q4_K, Q6_K and Q8_0 with int8 activations and integer dot products (used by
+the decode step when int8 activations are switched on).
 
 The default GEMV (quant_matvec) dequantizes every weight to f32 and spends ~9 instructions a weight
 (benchmarks/NOTES.md), so it is issue-bound near a quarter of the memory bandwidth. Here, as the reference C++
 engine does for quantized weights, the activation vector is first quantized to int8 in blocks of 32 with one
-f32 scale each (`quantize_activations`, once per input vector); then for each 32-bit word of Q4_K quant bits
-(8 weights: 4 low nibbles of one sub-block, 4 high nibbles of the next) one mask gives 4 unsigned bytes, and
-one `dp4a` multiplies them with 4 int8 activations and adds: about 3 instructions per 4 weights. The sub-block
-scales are applied once per 32 weights:
+f32 scale each (`quantize_activations`, once per input vector); then each 32-bit word of quant bits gives the
+bytes of 4 weights (as stored for Q8_0; a few masks and shifts for the K-quants), and one `dp4a` multiplies
+them with 4 int8 activations and adds. The weights' scales are applied once per 16 or 32 weights, to integer
+sums:
 
-    sum_i w_i x_i = sum_j [ d sc_j xs_j sum_{i in j} q_i xq_i  -  dmin m_j sum_{i in j} x_i ]
+    Q4_K  sum_j [ d sc_j xs_j sum_{i in j} q_i xq_i  -  dmin m_j sum_{i in j} x_i ]     (j: 32 weights)
+    Q6_K  sum_j   d sc_j xs_j sum_{i in j} (q_i - 32) xq_i                              (j: 16 weights)
+    Q8_0  sum_j   d_j xs_j sum_{i in j} q_i xq_i                                        (j: 32 weights)
 
-with q_i the 4-bit quants, xq_i = round(x_i / xs_j) the int8 activations, and sum x_i exact per block. The
-result differs from the f32 product by the activation rounding only (~1e-3 relative).
+with q_i the quants (4 bits, 6 bits, int8), xq_i = round(x_i / xs) the int8 activations with xs their block's
+scale, and sum x_i the exact block sum. The integer sums are exact; the result differs from the f32 product by
+the activation rounding only (~1e-3 relative).
+
+Each kernel walks a row in chunks, `chunks` of them a step (the launcher's argument): a chunk is the smallest
+run of quant words whose weights use whole activation blocks:
+
+    type   chunk          quant words per chunk (int32)                      dp4a operands
+    Q4_K   64 weights     8 qs (low nibbles: sub-block 2c, high: 2c+1)        u8 x s8
+    Q6_K   128 weights    16 ql (4 runs of 32 weights) + 8 qh (2 bits each)   (u8 - 32) x s8
+    Q8_0   32 weights     8 qs                                               s8 x s8
 
 Under Triton's interpreter (no PTX), `dp4a` is computed with shifts and multiplies instead: the same integers.
 """
@@ -29,6 +41,8 @@ from gguf import GGMLQuantizationType
 from ..errors import UnsupportedError
 from ._tensor_checks import check_same_device, check_tensor
 from .quant_weight import QuantWeight
+
+T = GGMLQuantizationType
 
 ACTIVATION_BLOCK = 32
 
@@ -94,16 +108,47 @@ def quantize_activations_reference(x: torch.Tensor) -> ActivationQ8:
     return ActivationQ8(q, amax / 127.0, blocks.sum(dim=-1))
 
 
+# How _dot4 reads the bytes of its first operand.
+_U8: tl.constexpr = tl.constexpr(0)  # unsigned (Q4_K nibbles)
+_S8: tl.constexpr = tl.constexpr(1)  # signed (Q8_0 quants)
+_U8_MINUS_32: tl.constexpr = tl.constexpr(2)  # unsigned minus 32 (Q6_K's 6-bit quants, stored with offset 32)
+
+
 @triton.jit
-def _dot4(a, b, USE_DP4A: tl.constexpr):
-    """Per element: sum over the 4 bytes k of (unsigned byte k of a) * (signed byte k of b), as int32."""
+def _dot4(a, b, USE_DP4A: tl.constexpr, A_BYTES: tl.constexpr = _U8):
+    """Per element: sum over the 4 bytes k of (byte k of a, read as A_BYTES says) * (signed byte k of b), as
+    int32. For _U8_MINUS_32 a second dp4a of b with bytes -32 (0xE0) starts the sum: two instructions, exact."""
     if USE_DP4A:
-        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, 0;", "=r,r,r", [a, b], dtype=tl.int32,
-                                         is_pure=True, pack=1)
+        if A_BYTES == _S8:
+            asm: tl.constexpr = "dp4a.s32.s32 $0, $1, $2, 0;"
+        elif A_BYTES == _U8_MINUS_32:
+            asm: tl.constexpr = "{ .reg .s32 t; dp4a.s32.s32 t, $2, 0xE0E0E0E0, 0; dp4a.u32.s32 $0, $1, $2, t; }"
+        else:
+            asm: tl.constexpr = "dp4a.u32.s32 $0, $1, $2, 0;"
+        return tl.inline_asm_elementwise(asm, "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
     total = tl.zeros_like(a)
     for k in tl.static_range(4):
-        total += ((a >> (8 * k)) & 0xFF) * ((b << (24 - 8 * k)) >> 24)
+        if A_BYTES == _S8:
+            a_k = (a << (24 - 8 * k)) >> 24
+        else:
+            a_k = (a >> (8 * k)) & 0xFF
+        if A_BYTES == _U8_MINUS_32:
+            a_k -= 32
+        total += a_k * ((b << (24 - 8 * k)) >> 24)
     return total
+
+
+@triton.jit
+def _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS: tl.constexpr,
+                ACCUMULATE: tl.constexpr):
+    """out[batch, rows] (+)= result [BLOCK_N] (+ bias[rows]), rows past n_rows masked off."""
+    row_ok = rows < n_rows
+    o = out_ptr + batch.to(tl.int64) * stride_ob + rows
+    if HAS_BIAS:
+        result += tl.load(bias_ptr + rows, mask=row_ok, other=0.0)
+    if ACCUMULATE:
+        result += tl.load(o, mask=row_ok, other=0.0)
+    tl.store(o, result, mask=row_ok)
 
 
 @triton.jit
@@ -115,88 +160,215 @@ def _q4k_matvec_q8_kernel(
 ):
     # qs and xq are read as int32 words. A row's chunk c (64 weights) is 8 words: the low nibbles of word t are
     # weights 4t..4t+3 of sub-block 2c, the high nibbles the same weights of sub-block 2c+1; the matching
-    # activations are words 16c + t and 16c + 8 + t of the quantized row.
+    # activations are words 16c + t and 16c + 8 + t of the quantized row. The tile is [BLOCK_N, 2C, 4]: half
+    # chunks h (4 words, one 16-byte load a thread) by their words u, so the integer sums over u stay inside a
+    # thread, and the [BLOCK_N, 2C] scale tiles have the sums' layout: no layout conversion, no barrier in the
+    # loop. The min term works on whole chunks, in its own [BLOCK_N, C] tile.
     batch = tl.program_id(0) % n_batch
     rows = (tl.program_id(0) // n_batch) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    src = tl.minimum(rows, n_rows - 1).to(tl.int64)[:, None]  # [BLOCK_N, 1]
-    t = tl.arange(0, 8)[None, None, :]  # [1, 1, 8]
-    xrow = batch.to(tl.int64) * stride_xw
+    src = tl.minimum(rows, n_rows - 1).to(tl.int64)
+    src2 = src[:, None]  # [BLOCK_N, 1]
+    src3 = src[:, None, None]  # [BLOCK_N, 1, 1]
+    u = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]
+    xrow = xq_ptr + batch.to(tl.int64) * stride_xw
     srow = batch.to(tl.int64) * stride_xs
-    acc = tl.zeros([BLOCK_N, C, 8], dtype=tl.float32)  # reduced over chunks and words once, after the loop
+    acc = tl.zeros([BLOCK_N, 2 * C], dtype=tl.float32)  # reduced over half chunks once, after the loop
     acc_min = tl.zeros([BLOCK_N, C], dtype=tl.float32)
     for step in range(n_steps):
+        # Half chunks past the row's end re-read the last one (no masked loads, no zero fills) and get d = 0.
+        h = step * (2 * C) + tl.arange(0, 2 * C)  # [2C]
+        h_ok = (h < 2 * n_chunks)[None, :]
+        h = tl.minimum(h, 2 * n_chunks - 1)
+        h3 = h[None, :, None]  # [1, 2C, 1]
+        w = tl.load(qs_ptr + src3 * stride_qw + 4 * h3 + u)  # [BLOCK_N, 2C, 4]
+        # Activations at the tile's full shape, so they take the quant words' layout (a thread's rows share
+        # one load).
+        x = xrow + (h3 // 2) * 16 + (h3 % 2) * 4 + u + 0 * src3  # [BLOCK_N, 2C, 4]
+        s_lo = tl.sum(_dot4(w & 0x0F0F0F0F, tl.load(x), USE_DP4A), axis=2)  # [BLOCK_N, 2C] int32
+        s_hi = tl.sum(_dot4((w >> 4) & 0x0F0F0F0F, tl.load(x + 8), USE_DP4A), axis=2)
+        c2 = (h // 2)[None, :]  # [1, 2C]: each half chunk's chunk
+        d = tl.where(h_ok, tl.load(d_ptr + src2 * stride_d + c2 // 4).to(tl.float32), 0.0)  # [BLOCK_N, 2C]
+        sub = src2 * stride_sc + 2 * c2  # sub-block 2c of each row
+        sc_lo = tl.load(sc_ptr + sub).to(tl.float32)
+        sc_hi = tl.load(sc_ptr + sub + 1).to(tl.float32)
+        xs = xs_ptr + srow + 2 * c2 + 0 * src2
+        acc += d * (sc_lo * tl.load(xs) * s_lo.to(tl.float32) + sc_hi * tl.load(xs + 1) * s_hi.to(tl.float32))
         c = step * C + tl.arange(0, C)  # [C]
-        c_ok = c < n_chunks
-        c3 = c[None, :, None]
-        ok3 = c_ok[None, :, None]
-        w = tl.load(qs_ptr + src[:, :, None] * stride_qw + c3 * 8 + t, mask=ok3, other=0)  # [BLOCK_N, C, 8]
-        # Loaded at the tile's full shape (each row's copy from L1), so they share the quant words' layout.
-        x_lo = tl.load(xq_ptr + xrow + c3 * 16 + t + 0 * src[:, :, None], mask=ok3, other=0)  # [BLOCK_N, C, 8]
-        x_hi = tl.load(xq_ptr + xrow + c3 * 16 + 8 + t + 0 * src[:, :, None], mask=ok3, other=0)
-        dot_lo = _dot4(w & 0x0F0F0F0F, x_lo, USE_DP4A)  # [BLOCK_N, C, 8] int32
-        dot_hi = _dot4((w >> 4) & 0x0F0F0F0F, x_hi, USE_DP4A)
-        # Scales loaded straight in the tile's rank ([BLOCK_N, C, 1]), so they meet the products without a
-        # layout change; the min term stays 2-D.
-        src3 = src[:, :, None]
-        sub = src3 * stride_sc + 2 * c3  # sub-block 2c of each row
-        d = tl.load(d_ptr + src3 * stride_d + c3 // 4, mask=ok3, other=0.0).to(tl.float32)
-        sc_lo = tl.load(sc_ptr + sub, mask=ok3, other=0).to(tl.float32)
-        sc_hi = tl.load(sc_ptr + sub + 1, mask=ok3, other=0).to(tl.float32)
-        xs_lo = tl.load(xs_ptr + srow + 2 * c3, mask=ok3, other=0.0)  # [1, C, 1]
-        xs_hi = tl.load(xs_ptr + srow + 2 * c3 + 1, mask=ok3, other=0.0)
-        acc += (d * sc_lo * xs_lo) * dot_lo.to(tl.float32) + (d * sc_hi * xs_hi) * dot_hi.to(tl.float32)
-        ok2 = c_ok[None, :]
-        sub2 = src * stride_sc + 2 * c[None, :]
-        dmin = tl.load(dm_ptr + src * stride_d + c[None, :] // 4, mask=ok2, other=0.0).to(tl.float32)
-        m_lo = tl.load(mn_ptr + sub2, mask=ok2, other=0).to(tl.float32)
-        m_hi = tl.load(mn_ptr + sub2 + 1, mask=ok2, other=0).to(tl.float32)
-        xsum_lo = tl.load(xsum_ptr + srow + 2 * c, mask=c_ok, other=0.0)[None, :]  # [1, C]
-        xsum_hi = tl.load(xsum_ptr + srow + 2 * c + 1, mask=c_ok, other=0.0)[None, :]
-        acc_min += dmin * (m_lo * xsum_lo + m_hi * xsum_hi)
-    result = tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(acc_min, axis=1)  # [BLOCK_N]
-    row_ok = rows < n_rows
-    o = out_ptr + batch.to(tl.int64) * stride_ob + rows
-    if HAS_BIAS:
-        result += tl.load(bias_ptr + rows, mask=row_ok, other=0.0)
-    if ACCUMULATE:
-        result += tl.load(o, mask=row_ok, other=0.0)
-    tl.store(o, result, mask=row_ok)
+        c_ok = (c < n_chunks)[None, :]
+        c = tl.minimum(c, n_chunks - 1)[None, :]  # [1, C]
+        dmin = tl.where(c_ok, tl.load(dm_ptr + src2 * stride_d + c // 4).to(tl.float32), 0.0)  # [BLOCK_N, C]
+        sub2 = src2 * stride_sc + 2 * c
+        m_lo = tl.load(mn_ptr + sub2).to(tl.float32)
+        m_hi = tl.load(mn_ptr + sub2 + 1).to(tl.float32)
+        xsum = xsum_ptr + srow + 2 * c
+        acc_min += dmin * (m_lo * tl.load(xsum) + m_hi * tl.load(xsum + 1))
+    result = tl.sum(acc, axis=1) - tl.sum(acc_min, axis=1)  # [BLOCK_N]
+    _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+
+
+@triton.jit
+def _q6k_quants(ql, qh, RUN: tl.constexpr):
+    """The 6-bit quants (0..63) of run RUN of a Q6_K chunk, 4 to an int32 word: the low (RUN < 2) or high nibbles
+    of the ql words, with bits 2 RUN and 2 RUN + 1 of the matching qh bytes on top."""
+    nibbles = (ql >> (4 * (RUN // 2))) & 0x0F0F0F0F
+    return nibbles | (((qh >> (2 * RUN)) & 0x03030303) << 4)
+
+
+@triton.jit
+def _q6k_matvec_q8_kernel(
+    xq_ptr, xs_ptr, out_ptr, bias_ptr, ql_ptr, qh_ptr, sc_ptr, d_ptr,
+    stride_ql, stride_qh, stride_sc, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
+    C: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    USE_DP4A: tl.constexpr,
+):
+    # ql, qh and xq are read as int32 words. Chunk c (half c of the row's super-blocks) is 128 weights in 4 runs
+    # r of 32, one activation block each: ql word 16c + 8p + t (t < 8) holds weights 4t..4t+3 of run p in its
+    # low nibbles and of run 2 + p in its high nibbles; qh word 8c + t holds their top 2 bits, run r at bits
+    # 2r, 2r + 1 of each byte; the activations of run r are words 32c + 8r + t. The tile [BLOCK_N, C, 2, 4]
+    # splits t = 4g + k: each g is 16 weights of one scale (8c + 2r + g), summed as integers over k first.
+    batch = tl.program_id(0) % n_batch
+    rows = (tl.program_id(0) // n_batch) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    src = tl.minimum(rows, n_rows - 1).to(tl.int64)[:, None, None, None]  # [BLOCK_N, 1, 1, 1]
+    g = tl.arange(0, 2)[None, None, :, None]  # [1, 1, 2, 1]
+    t = 4 * g + tl.arange(0, 4)[None, None, None, :]  # [1, 1, 2, 4]
+    xrow = batch.to(tl.int64) * stride_xw
+    srow = batch.to(tl.int64) * stride_xs
+    acc = tl.zeros([BLOCK_N, C, 2, 1], dtype=tl.float32)  # reduced over chunks and sub-groups after the loop
+    for step in range(n_steps):
+        c = (step * C + tl.arange(0, C))[None, :, None, None]  # [1, C, 1, 1]
+        # Chunks past the row's end read the last chunk (no masked loads, no zero fills) and get d = 0.
+        ok = c < n_chunks
+        c = tl.minimum(c, n_chunks - 1)
+        ql = ql_ptr + src * stride_ql + 16 * c + t  # [BLOCK_N, C, 2, 4]
+        ql_p0 = tl.load(ql)  # runs 0 (low nibbles) and 2 (high nibbles)
+        ql_p1 = tl.load(ql + 8)  # runs 1 and 3
+        qh = tl.load(qh_ptr + src * stride_qh + 8 * c + t)
+        d = tl.load(d_ptr + src * stride_d + c // 2, mask=ok, other=0.0).to(tl.float32)  # [BLOCK_N, C, 1, 1]
+        x_run0 = xq_ptr + xrow + 32 * c + t + 0 * src  # at the tile's full shape, as in the Q4_K kernel
+        sc_run0 = sc_ptr + src * stride_sc + 8 * c + g  # [BLOCK_N, C, 2, 1]
+        for r in tl.static_range(4):
+            if r % 2 == 0:
+                q = _q6k_quants(ql_p0, qh, r)
+            else:
+                q = _q6k_quants(ql_p1, qh, r)
+            dot = _dot4(q, tl.load(x_run0 + 8 * r), USE_DP4A, _U8_MINUS_32)  # [BLOCK_N, C, 2, 4] int32
+            # The 6-bit quant's scale multiplies the integer sum (exact: |sum * sc| < 2**23), one conversion.
+            dot = tl.sum(dot, axis=3, keep_dims=True) * tl.load(sc_run0 + 2 * r).to(tl.int32)  # [BLOCK_N, C, 2, 1]
+            xs = tl.load(xs_ptr + srow + 4 * c + r)  # [1, C, 1, 1]
+            acc += (d * xs) * dot.to(tl.float32)
+    result = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)  # [BLOCK_N]
+    _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+
+
+@triton.jit
+def _q80_matvec_q8_kernel(
+    xq_ptr, xs_ptr, out_ptr, bias_ptr, qs_ptr, d_ptr,
+    stride_qw, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
+    C: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    USE_DP4A: tl.constexpr,
+):
+    # qs and xq are read as int32 words. Chunk c is block c (32 weights, one scale d): qs words 8c + t times xq
+    # words 8c + t. The tile [BLOCK_N, C, 2, 4] splits t = 4g + k and sums over k as integers first.
+    batch = tl.program_id(0) % n_batch
+    rows = (tl.program_id(0) // n_batch) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    src = tl.minimum(rows, n_rows - 1).to(tl.int64)[:, None, None, None]  # [BLOCK_N, 1, 1, 1]
+    t = 4 * tl.arange(0, 2)[None, None, :, None] + tl.arange(0, 4)[None, None, None, :]  # [1, 1, 2, 4]
+    xrow = batch.to(tl.int64) * stride_xw
+    srow = batch.to(tl.int64) * stride_xs
+    acc = tl.zeros([BLOCK_N, C, 2, 1], dtype=tl.float32)  # reduced over chunks and halves after the loop
+    for step in range(n_steps):
+        c = (step * C + tl.arange(0, C))[None, :, None, None]  # [1, C, 1, 1]
+        # Chunks past the row's end read the last chunk (no masked loads, no zero fills) and get d = 0.
+        ok = c < n_chunks
+        c = tl.minimum(c, n_chunks - 1)
+        w = tl.load(qs_ptr + src * stride_qw + 8 * c + t)  # [BLOCK_N, C, 2, 4]
+        xq = tl.load(xq_ptr + xrow + 8 * c + t + 0 * src)  # at the tile's full shape
+        dot = tl.sum(_dot4(w, xq, USE_DP4A, _S8), axis=3, keep_dims=True)  # [BLOCK_N, C, 2, 1] int32
+        d = tl.load(d_ptr + src * stride_d + c, mask=ok, other=0.0).to(tl.float32)  # [BLOCK_N, C, 1, 1]
+        xs = tl.load(xs_ptr + srow + c)  # [1, C, 1, 1]
+        acc += (d * xs) * dot.to(tl.float32)
+    result = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)  # [BLOCK_N]
+    _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+
+
+def _launch_q4k(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
+                bias: torch.Tensor, n_chunks: int, n_steps: int, meta: dict) -> None:
+    qs_words = w.qs.view(torch.int32)  # [n_rows, K / 8]
+    _q4k_matvec_q8_kernel[grid](
+        xq_words, xq.scale, xq.block_sum, out, bias, qs_words, w.scales, w.mins, w.d, w.dmin,
+        qs_words.stride(0), w.scales.stride(0), w.d.stride(0), xq_words.stride(0), xq.scale.stride(0),
+        out.stride(0), w.n_rows, n_chunks, out.shape[0], n_steps, **meta)
+
+
+def _launch_q6k(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
+                bias: torch.Tensor, n_chunks: int, n_steps: int, meta: dict) -> None:
+    ql_words = w.qs.view(torch.int32)  # [n_rows, K / 8]
+    qh_words = w.qh.view(torch.int32)  # [n_rows, K / 16]
+    _q6k_matvec_q8_kernel[grid](
+        xq_words, xq.scale, out, bias, ql_words, qh_words, w.scales, w.d,
+        ql_words.stride(0), qh_words.stride(0), w.scales.stride(0), w.d.stride(0), xq_words.stride(0),
+        xq.scale.stride(0), out.stride(0), w.n_rows, n_chunks, out.shape[0], n_steps, **meta)
+
+
+def _launch_q80(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
+                bias: torch.Tensor, n_chunks: int, n_steps: int, meta: dict) -> None:
+    qs_words = w.qs.view(torch.int32)  # [n_rows, K / 4]
+    _q80_matvec_q8_kernel[grid](
+        xq_words, xq.scale, out, bias, qs_words, w.scales, qs_words.stride(0), w.scales.stride(0),
+        xq_words.stride(0), xq.scale.stride(0), out.stride(0), w.n_rows, n_chunks, out.shape[0], n_steps, **meta)
+
+
+# type -> (launcher, weights per chunk, default chunks per step: 1024 weights of a row a step).
+_KERNELS = {T.Q4_K: (_launch_q4k, 64, 16), T.Q6_K: (_launch_q6k, 128, 8), T.Q8_0: (_launch_q80, 32, 32)}
+SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(_KERNELS)
 
 
 def quant_matvec_q8(xq: ActivationQ8, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None = None,
-                    accumulate: bool = False, block_n: int = 8, chunks: int = 16, num_warps: int = 4) -> torch.Tensor:
-    """out (+)= x @ W^T (+ bias) for a Q4_K weight and activations quantized by `quantize_activations`.
+                    accumulate: bool = False, block_n: int = 8, chunks: int | None = None, num_warps: int = 4,
+                    num_stages: int = 1) -> torch.Tensor:
+    """out (+)= x @ W^T (+ bias) for a Q4_K, Q6_K or Q8_0 weight and activations quantized by
+    `quantize_activations`.
 
-    out [B, n_rows] f32 (unit column stride); one launch, no host sync, graph-capturable."""
-    if not isinstance(w, QuantWeight) or w.ggml_type != GGMLQuantizationType.Q4_K:
+    out [B, n_rows] f32 (unit column stride); one launch, no host sync, graph-capturable. Launch shape: `block_n`
+    rows a program, `chunks` chunks a step (a chunk is 64, 128 or 32 weights by type, see the module docstring;
+    None: 1024 weights a step), both powers of two; `num_warps`, `num_stages` as for any Triton launch."""
+    if not isinstance(w, QuantWeight) or w.ggml_type not in SUPPORTED_TYPES:
         got = w.ggml_type.name if isinstance(w, QuantWeight) else type(w).__name__
-        raise UnsupportedError(f"quant_matvec_q8 supports Q4_K weights only, got {got}")
+        supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+        raise UnsupportedError(f"quant_matvec_q8 supports {supported} weights, got {got}")
+    launch, chunk_weights, default_chunks = _KERNELS[w.ggml_type]
+    chunks = default_chunks if chunks is None else chunks
+    for name, value in (("block_n", block_n), ("chunks", chunks)):
+        if not isinstance(value, int) or value < 1 or value & (value - 1):
+            raise ValueError(f"quant_matvec_q8: {name} must be a power of two, got {value!r}")
     batch = xq.q.shape[0]
     check_tensor("xq.q", xq.q, torch.int8, (None, w.n_cols))
+    check_tensor("xq.scale", xq.scale, torch.float32, (batch, w.n_cols // ACTIVATION_BLOCK))
+    check_tensor("xq.block_sum", xq.block_sum, torch.float32, (batch, w.n_cols // ACTIVATION_BLOCK))
     check_tensor("out", out, torch.float32, (batch, w.n_rows), layout="rows")
     if bias is not None:
         check_tensor("bias", bias, torch.float32, (w.n_rows,))
-    check_same_device(xq=xq.q, out=out, weight=w.qs)
-    n_chunks = w.n_cols // 64
-    qs_words = w.qs.view(torch.int32)  # [n_rows, K / 8]
-    xq_words = xq.q.view(torch.int32)  # [B, K / 4]
-    use_dp4a = os.environ.get("TRITON_INTERPRET") != "1"
-    _q4k_matvec_q8_kernel[(triton.cdiv(w.n_rows, block_n) * batch,)](
-        xq_words, xq.scale, xq.block_sum, out, bias if bias is not None else out, qs_words, w.scales, w.mins,
-        w.d, w.dmin, qs_words.stride(0), w.scales.stride(0), w.d.stride(0), xq_words.stride(0),
-        xq.scale.stride(0), out.stride(0), w.n_rows, n_chunks, batch, triton.cdiv(n_chunks, chunks),
-        C=chunks, BLOCK_N=block_n, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, USE_DP4A=use_dp4a,
-        num_warps=num_warps)
+    check_same_device(xq=xq.q, xq_scale=xq.scale, out=out, weight=w.qs)
+    n_chunks = w.n_cols // chunk_weights
+    meta = dict(C=chunks, BLOCK_N=block_n, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
+                USE_DP4A=os.environ.get("TRITON_INTERPRET") != "1", num_warps=num_warps, num_stages=num_stages)
+    launch((triton.cdiv(w.n_rows, block_n) * batch,), xq, xq.q.view(torch.int32), w, out,
+           bias if bias is not None else out, n_chunks, triton.cdiv(n_chunks, chunks), meta)
     return out
 
 
 def quant_matvec_q8_reference(xq: ActivationQ8, w: QuantWeight) -> torch.Tensor:
-    """What quant_matvec_q8 computes, in float64: the exact weights times the quantized activations, with the
-    min term taken on the exact block sums. [B, n_rows]."""
+    """What quant_matvec_q8 computes, in float64: the GGUF dequantized weights (`dequantize_reference`: exact
+    for Q8_0, rounded once to f32 for the K-quants as GGUF does) times the quantized activations; for Q4_K the
+    min term is taken on the exact block sums. [B, n_rows]."""
     from .quant_weight import dequantize_reference
 
+    if w.ggml_type not in SUPPORTED_TYPES:
+        raise UnsupportedError(f"quant_matvec_q8_reference: no kernel for {w.ggml_type.name}")
     B, K = xq.q.shape
     x_blocks = xq.q.double().view(B, -1, ACTIVATION_BLOCK) * xq.scale.double()[..., None]  # [B, K/32, 32]
+    if w.ggml_type != T.Q4_K:
+        return x_blocks.view(B, K) @ dequantize_reference(w).double().T
     # Split each weight into its q * d * sc part and its min part, to apply the min to the exact sums.
     dmin = w.dmin.double().repeat_interleave(8, dim=1)  # [N, K/32]
     minimum = dmin * w.mins.double()  # [N, K/32]

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from gguf import GGMLQuantizationType
 
 from ..kernels import (
     DecodeAttentionWorkspace,
@@ -22,7 +21,13 @@ from ..kernels import (
     rope_and_cache_write,
     silu_mul,
 )
-from ..kernels.quant_matvec_q8 import ACTIVATION_BLOCK, ActivationQ8, quant_matvec_q8, quantize_activations
+from ..kernels.quant_matvec_q8 import (
+    ACTIVATION_BLOCK,
+    SUPPORTED_TYPES as INT8_ACTIVATION_TYPES,
+    ActivationQ8,
+    quant_matvec_q8,
+    quantize_activations,
+)
 from ..kernels.quant_weight import QuantWeight
 from ..models import ModelConfig
 from .kv_cache import PagedKVCache
@@ -48,9 +53,9 @@ class StepBuffers:
     act: torch.Tensor  # [B, F] f32
     logits: torch.Tensor  # [B, vocab] f32
     attention_workspace: DecodeAttentionWorkspace
-    # Experimental (kernels/quant_matvec_q8.py): int8 copies of the projection inputs, used by Q4_K matrices
-    # while `int8_activations` is set (read when the step is captured). None where a width is not a multiple
-    # of the activation block.
+    # Experimental (kernels/quant_matvec_q8.py): int8 copies of the projection inputs, used by Q4_K, Q6_K and
+    # Q8_0 matrices while `int8_activations` is set (read when the step is captured). None where a width is not
+    # a multiple of the activation block.
     h_q8: ActivationQ8 | None = None
     attn_q8: ActivationQ8 | None = None
     act_q8: ActivationQ8 | None = None
@@ -155,8 +160,8 @@ def _int8_copy(bufs: StepBuffers, x: torch.Tensor, xq: ActivationQ8 | None) -> A
 def _project(x: torch.Tensor, matrices: list[QuantWeight], out: torch.Tensor, bias: torch.Tensor | None,
              xq: ActivationQ8 | None = None, accumulate: bool = False) -> None:
     """out (+)= x @ [W0|W1|...]^T + bias: one launch per run of same-typed matrices (Q4_K_M keeps some V in
-    Q6_K); with `accumulate` the product is added to out (the residual add, fused). Q4_K matrices take the int8
-    activations `xq` when given.
+    Q6_K); with `accumulate` the product is added to out (the residual add, fused). Q4_K, Q6_K and Q8_0 matrices
+    take the int8 activations `xq` when given.
 
     Each part writes a column slice of `out` (row stride > width when B > 1; the launcher takes row strides).
     """
@@ -164,7 +169,7 @@ def _project(x: torch.Tensor, matrices: list[QuantWeight], out: torch.Tensor, bi
     for w in matrices:
         end = start + w.n_rows
         part_bias = None if bias is None else bias[start:end]
-        if xq is not None and w.ggml_type == GGMLQuantizationType.Q4_K:
+        if xq is not None and w.ggml_type in INT8_ACTIVATION_TYPES:
             quant_matvec_q8(xq, w, out[:, start:end], bias=part_bias, accumulate=accumulate)
         else:
             quant_matvec(x, w, out[:, start:end], bias=part_bias, accumulate=accumulate)

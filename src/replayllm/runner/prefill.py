@@ -1,21 +1,34 @@
-"""Prompt processing on the GPU: correct and simple (dequantize a layer's weight into a reusable f16 scratch
-buffer, then a vendor GEMM; torch SDPA for attention). It writes the paged KV cache that decode then reads.
+"""Prompt processing on the GPU: a chunk of prompt tokens through every layer at once, writing the paged KV
+cache that decode then reads.
 
-Attention reads K and V back from the cache, so prefill sees exactly the f16 values decode will see, and a
-chunk starting at `start` > 0 attends to everything already cached.
+Each projection is one quantized GEMM (kernels/quant_matmul: the GGUF blocks decoded in registers for the
+tensor cores), with the residual add fused into the output projections; attention is one flash kernel over
+the paged cache (kernels/prefill_attention), so a chunk starting at `start` > 0 attends to everything already
+cached and sees exactly the f16 values decode will see. The other way to multiply -- dequantize the weight
+into an f16 scratch buffer, then the vendor GEMM -- is kept, and `tune` measures both per weight shape and
+chunk size on the device and keeps the faster (prefill_tuning).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..kernels import dequantize_into, gather_rows, rmsnorm, rope_and_cache_write
+from ..kernels import (
+    dequantize_into,
+    gather_rows,
+    paged_prefill_attention,
+    quant_matmul,
+    quant_matvec,
+    rmsnorm,
+    rope_and_cache_write,
+    silu_mul,
+)
+from ..kernels.quant_weight import QuantWeight
 from ..models import ModelConfig
 from .decode_step import RopeTables, head_norms
 from .kv_cache import PagedKVCache
+from .prefill_tuning import DEQUANT_GEMM, LinearMethods
 from .weights import DeviceWeights
-
 
 SCRATCH_BYTES = 64 * 2**20  # the f16 dequantization scratch: rows of a weight at a time, never the whole LM head
 
@@ -23,16 +36,20 @@ SCRATCH_BYTES = 64 * 2**20  # the f16 dequantization scratch: rows of a weight a
 class Prefiller:
     def __init__(self, config: ModelConfig, weights: DeviceWeights, cache: PagedKVCache, rope: RopeTables):
         self.config, self.weights, self.cache, self.rope = config, weights, cache, rope
-        largest = max(w.n_rows * w.n_cols for w in weights.matrices())
-        widest = max(w.n_cols for w in weights.matrices())
-        device = weights.output_norm.device
-        # At least one row of the widest matrix; a small model's largest matrix fits whole.
-        self.scratch = torch.empty(max(min(largest, SCRATCH_BYTES // 2), widest), dtype=torch.float16,
-                                   device=device)
+        self.methods = LinearMethods()  # every shape FUSED until `tune` has measured
+        self.scratch: torch.Tensor | None = None  # made only if some shape is faster through the vendor GEMM
 
     @property
     def nbytes(self) -> int:
-        return self.scratch.numel() * self.scratch.element_size()
+        return 0 if self.scratch is None else self.scratch.numel() * self.scratch.element_size()
+
+    def tune(self, chunk_tokens: int) -> LinearMethods:
+        """Measure both ways of multiplying for every weight shape at a few chunk sizes up to chunk_tokens (on
+        the device; a second or so) and keep the faster one per (shape, size)."""
+        from .prefill_tuning import tune_methods
+
+        self.methods = tune_methods(self, chunk_tokens)
+        return self.methods
 
     @torch.inference_mode()
     def run(self, token_ids: torch.Tensor, page_table_row: torch.Tensor, start: int = 0,
@@ -41,63 +58,78 @@ class Prefiller:
         `page_table_row` [max_pages] int32. Returns f32 logits [T, vocab] if `all_logits` else [1, vocab]."""
         cfg, T = self.config, token_ids.shape[0]
         device = token_ids.device
+        Hq, Hkv, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         positions = torch.arange(start, start + T, dtype=torch.int32, device=device)
-        page_table = page_table_row.unsqueeze(0).expand(T, -1).contiguous()
-        x = torch.empty(T, cfg.hidden_size, dtype=torch.float32, device=device)
+        page_table = page_table_row.unsqueeze(0).expand(T, -1).contiguous()  # the rope kernel's [T, max_pages]
+        x = torch.empty(T, cfg.hidden_size, dtype=torch.float32, device=device)  # the residual stream
         gather_rows(self.weights.token_embd, token_ids, x)
         h = torch.empty_like(x)
+        qkv = torch.empty(T, (Hq + 2 * Hkv) * Dh, dtype=torch.float32, device=device)
+        attn = torch.empty(T, Hq, Dh, dtype=torch.float32, device=device)
+        gate_up = torch.empty(T, 2 * cfg.intermediate_size, dtype=torch.float32, device=device)
+        act = torch.empty(T, cfg.intermediate_size, dtype=torch.float32, device=device)
         for i, layer in enumerate(self.weights.layers):
             rmsnorm(x, layer.attn_norm, cfg.rms_norm_eps, h)
-            qkv = self._linear(h, layer.qkv, layer.qkv_bias)
-            q, k, v = (t.reshape(T, -1, cfg.head_dim).contiguous() for t in qkv.split(
-                [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
-                 cfg.num_kv_heads * cfg.head_dim], dim=1))
-            head_norms(cfg, layer, q, k)
+            self.linear(h, layer.qkv, qkv, layer.qkv_bias)
+            q = qkv[:, :Hq * Dh].view(T, Hq, Dh)  # views of the qkv row: the kernels take row strides
+            k = qkv[:, Hq * Dh:(Hq + Hkv) * Dh].view(T, Hkv, Dh)
+            v = qkv[:, (Hq + Hkv) * Dh:].view(T, Hkv, Dh)
+            if layer.q_norm is not None:  # per-head norms work on whole heads in place
+                q, k = q.contiguous(), k.contiguous()
+                head_norms(cfg, layer, q, k)
             rope_and_cache_write(q, k, v, self.rope.cos, self.rope.sin, positions, self.cache.k[i],
                                  self.cache.v[i], page_table, neox=cfg.rope_neox)
-            attn = self._attention(q, i, page_table_row, start, T)
-            x += self._linear(attn.reshape(T, -1), [layer.attn_output], None)
+            paged_prefill_attention(q, self.cache.k[i], self.cache.v[i], page_table_row, start, attn)
+            self.linear(attn.view(T, Hq * Dh), [layer.attn_output], x, accumulate=True)
             rmsnorm(x, layer.ffn_norm, cfg.rms_norm_eps, h)
-            gate, up = self._linear(h, layer.gate_up, None).chunk(2, dim=1)
-            x += self._linear(F.silu(gate) * up, [layer.ffn_down], None)
+            self.linear(h, layer.gate_up, gate_up)
+            silu_mul(gate_up, act)
+            self.linear(act, [layer.ffn_down], x, accumulate=True)
         last = x if all_logits else x[-1:]
-        out = torch.empty_like(last)
-        rmsnorm(last.contiguous(), self.weights.output_norm, cfg.rms_norm_eps, out)
-        return self._linear(out, [self.weights.output], None)
+        normed = torch.empty_like(last)
+        rmsnorm(last, self.weights.output_norm, cfg.rms_norm_eps, normed)
+        logits = torch.empty(last.shape[0], self.weights.output.n_rows, dtype=torch.float32, device=device)
+        if all_logits:
+            self.linear(normed, [self.weights.output], logits)
+        else:  # one row: the decode GEMV reads the LM head once, no tensor-core tile to fill
+            quant_matvec(normed, self.weights.output, logits)
+        return logits
 
-    def _attention(self, q: torch.Tensor, layer: int, page_table_row: torch.Tensor, start: int,
-                   T: int) -> torch.Tensor:
-        """q [T, Hq, Dh] (rotated) against the cached keys 0..start+T-1; returns [T, Hq, Dh] f32."""
-        total = start + T
-        n_pages = -(-total // self.cache.page_size)
-        pages = page_table_row[:n_pages].long()
-
-        def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [Hkv, total, Dh] f32
-            tiles = cache[layer][pages]  # [n_pages, Hkv, page_size, Dh]
-            return tiles.permute(1, 0, 2, 3).reshape(tiles.shape[1], -1, tiles.shape[3])[:, :total].float()
-
-        k, v = gather(self.cache.k), gather(self.cache.v)
-        mask = None
-        if start > 0:  # query t (position start+t) sees keys 0..start+t
-            key_pos = torch.arange(total, device=q.device)
-            mask = key_pos[None, :] <= (start + torch.arange(T, device=q.device))[:, None]
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
-            is_causal=mask is None, scale=self.config.head_dim ** -0.5, enable_gqa=True)
-        return out[0].transpose(0, 1)
-
-    def _linear(self, x: torch.Tensor, matrices, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [T, K] f32 @ [W0|W1|...]^T (+ bias) -> [T, N] f32, each W dequantized into the f16 scratch."""
-        x16 = x.to(torch.float16)
-        out = torch.empty(x.shape[0], sum(w.n_rows for w in matrices), dtype=torch.float32, device=x.device)
+    def linear(self, x: torch.Tensor, matrices: list[QuantWeight], out: torch.Tensor,
+               bias: torch.Tensor | None = None, accumulate: bool = False) -> None:
+        """out (+)= x [T, K] f32 @ [W0|W1|...]^T (+ bias): each matrix writes its column slice of out [T, N] f32,
+        by the method measured fastest for its shape and T."""
         col = 0
         for w in matrices:
-            rows_per_chunk = min(w.n_rows, self.scratch.numel() // w.n_cols)
-            for row in range(0, w.n_rows, rows_per_chunk):
-                n = min(rows_per_chunk, w.n_rows - row)
-                weight = self.scratch[: n * w.n_cols].view(n, w.n_cols)
-                dequantize_into(w, weight, row_start=row)
-                out[:, col + row: col + row + n] = x16 @ weight.t()
+            part = out[:, col:col + w.n_rows]
+            part_bias = None if bias is None else bias[col:col + w.n_rows]
+            if self.methods.get(w, x.shape[0]) == DEQUANT_GEMM:
+                self.dequant_gemm(x, w, part, part_bias, accumulate)
+            else:
+                quant_matmul(x, w, part, bias=part_bias, accumulate=accumulate)
             col += w.n_rows
-        return out if bias is None else out + bias
 
+    def dequant_gemm(self, x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None,
+                     accumulate: bool) -> None:
+        """out (+)= x @ W^T (+ bias) through the f16 scratch: W dequantized a slice of rows at a time, each slice
+        multiplied by the vendor GEMM."""
+        if self.scratch is None:
+            largest = max(m.n_rows * m.n_cols for m in self.weights.matrices())
+            widest = max(m.n_cols for m in self.weights.matrices())
+            # At least one row of the widest matrix; a small model's largest matrix fits whole.
+            self.scratch = torch.empty(max(min(largest, SCRATCH_BYTES // 2), widest), dtype=torch.float16,
+                                       device=x.device)
+        x16 = x.to(torch.float16)
+        rows_per_slice = min(w.n_rows, self.scratch.numel() // w.n_cols)
+        for row in range(0, w.n_rows, rows_per_slice):
+            n = min(rows_per_slice, w.n_rows - row)
+            weight = self.scratch[: n * w.n_cols].view(n, w.n_cols)
+            dequantize_into(w, weight, row_start=row)
+            product = x16 @ weight.t()  # [T, n] f16
+            target = out[:, row:row + n]
+            if accumulate:
+                target += product
+            else:
+                target.copy_(product)
+        if bias is not None:
+            out += bias

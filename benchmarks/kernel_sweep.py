@@ -1,0 +1,144 @@
+"""Launch-shape sweeps of the two kernels whose shape matters most, at llama2-7b's real shapes, in one GPU call:
+
+- prefill: quant_matmul (quantized GEMM) over a list of MatmulConfigs against dequantize-then-vendor-GEMM
+  (the prefiller's fallback), for each weight type and shape of a 7B Q4_K_M model, at 128, 512 and 2048 rows;
+- decode: the int8-activation GEMV (quant_matvec_q8) over block_n / chunks / warps / stages, for each type it
+  supports, beside the default GEMV (quant_matvec), in GB/s of weights read (24 copies: nothing from L2).
+
+Writes --out/sweep.json and prints a table per kernel with the best shape first. Figures are CUDA-event
+medians (graph replays for the GEMVs). Usage: python benchmarks/kernel_sweep.py --out DIR [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from gguf import GGMLQuantizationType
+
+from replayllm.bench.kernel_bench import time_graph_replay
+from replayllm.kernels import pack_weight, quant_matvec
+from replayllm.kernels.quant_matmul import MatmulConfig, quant_matmul
+from replayllm.runner.prefill_tuning import _time_ms
+from replayllm.synth.random_rows import random_gguf_rows
+
+T = GGMLQuantizationType
+GEMM_SHAPES = [(T.Q4_K, 12288, 4096), (T.Q4_K, 22016, 4096), (T.Q4_K, 4096, 11008), (T.Q6_K, 4096, 11008),
+               (T.Q6_K, 4096, 4096), (T.Q8_0, 4096, 4096), (T.F16, 4096, 4096)]
+GEMM_ROWS = (128, 512, 2048)
+GEMM_CONFIGS = [MatmulConfig(*c) for c in [
+    (128, 64, 2, 8, 2), (128, 128, 2, 8, 2), (128, 128, 1, 8, 3), (64, 128, 2, 4, 2), (128, 64, 1, 4, 3),
+    (64, 64, 2, 4, 2), (256, 64, 1, 8, 2), (128, 128, 4, 8, 1), (128, 64, 2, 8, 3), (64, 128, 1, 4, 3)]]
+GEMV_SHAPES = [(T.Q4_K, 22016, 4096), (T.Q4_K, 4096, 11008), (T.Q6_K, 4096, 11008), (T.Q8_0, 4096, 4096)]
+GEMV_CONFIGS = [  # block_n, chunks, num_warps, num_stages
+    (8, 16, 4, 1), (4, 16, 4, 1), (16, 16, 4, 1), (8, 32, 4, 1), (8, 8, 4, 1), (8, 16, 2, 1), (8, 16, 8, 1),
+    (16, 32, 8, 1), (4, 32, 4, 1), (8, 16, 4, 2), (8, 32, 4, 2), (16, 16, 8, 2), (4, 8, 2, 1), (2, 32, 2, 1),
+    (4, 16, 2, 2), (16, 8, 4, 1)]
+COPIES = 24
+
+
+def weight(ggml_type, n_rows, n_cols, seed):
+    return pack_weight(ggml_type, random_gguf_rows(ggml_type, n_rows, n_cols, seed), n_cols).to("cuda")
+
+
+def sweep_gemm(quick: bool) -> list[dict]:
+    from replayllm.kernels import dequantize_into
+
+    rows_out = []
+    scratch = torch.empty(64 * 2**20 // 2, dtype=torch.float16, device="cuda")  # the prefiller's size
+    for ggml_type, n_rows, n_cols in GEMM_SHAPES[:2] if quick else GEMM_SHAPES:
+        w = weight(ggml_type, n_rows, n_cols, 0)
+        for m in GEMM_ROWS:
+            x = torch.randn(m, n_cols, device="cuda")
+            out = torch.empty(m, n_rows, device="cuda")
+            flop = 2.0 * m * n_rows * n_cols
+
+            def dequant_gemm():
+                x16 = x.to(torch.float16)
+                per = min(n_rows, scratch.numel() // n_cols)
+                for r in range(0, n_rows, per):
+                    n = min(per, n_rows - r)
+                    wt = scratch[: n * n_cols].view(n, n_cols)
+                    dequantize_into(w, wt, row_start=r)
+                    out[:, r:r + n].copy_(x16 @ wt.t())
+            entry = {"type": ggml_type.name, "n_rows": n_rows, "n_cols": n_cols, "rows": m,
+                     "dequant_gemm_ms": _time_ms(dequant_gemm, reps=5), "fused": []}
+            for cfg in GEMM_CONFIGS[:3] if quick else GEMM_CONFIGS:
+                try:
+                    ms = _time_ms(lambda: quant_matmul(x, w, out, config=cfg), reps=5)
+                    entry["fused"].append({"config": cfg.__dict__, "ms": ms, "tflops": flop / ms / 1e9})
+                except Exception as exc:  # a shape that does not compile (shared memory, registers): recorded
+                    entry["fused"].append({"config": cfg.__dict__, "error": repr(exc)[:300]})
+            ok = [f for f in entry["fused"] if "ms" in f]
+            best = min(ok, key=lambda f: f["ms"]) if ok else None
+            entry["best_fused"] = best
+            print(f"gemm {ggml_type.name:5s} {n_rows:5d}x{n_cols:5d} rows {m:4d}: dequant+gemm "
+                  f"{entry['dequant_gemm_ms']:.3f} ms ({flop / entry['dequant_gemm_ms'] / 1e9:.0f} TFLOP/s); "
+                  f"best fused {best['ms'] if best else float('nan'):.3f} ms "
+                  f"({best['tflops'] if best else 0:.0f} TFLOP/s) {best['config'] if best else ''}", flush=True)
+            rows_out.append(entry)
+    return rows_out
+
+
+def sweep_gemv(quick: bool) -> list[dict]:
+    from replayllm.kernels.quant_matvec_q8 import ActivationQ8, quant_matvec_q8, quantize_activations
+
+    results = []
+    for ggml_type, n_rows, n_cols in GEMV_SHAPES:
+        weights = [weight(ggml_type, n_rows, n_cols, s) for s in range(COPIES)]
+        nbytes = sum(w.nbytes for w in weights)
+        x = torch.randn(1, n_cols, device="cuda")
+        y = torch.empty(1, n_rows, device="cuda")
+        xq = ActivationQ8.allocate(1, n_cols, "cuda")
+
+        def default_body():
+            for w in weights:
+                quant_matvec(x, w, y)
+        entry = {"type": ggml_type.name, "n_rows": n_rows, "n_cols": n_cols,
+                 "default_gbps": nbytes / (time_graph_replay(default_body) * 1e-3) / 1e9, "q8": []}
+        for block_n, chunks, warps, stages in GEMV_CONFIGS[:4] if quick else GEMV_CONFIGS:
+            def body():
+                for w in weights:
+                    quantize_activations(x, xq)
+                    quant_matvec_q8(xq, w, y, block_n=block_n, chunks=chunks, num_warps=warps, num_stages=stages)
+            shape = {"block_n": block_n, "chunks": chunks, "num_warps": warps, "num_stages": stages}
+            try:
+                entry["q8"].append({**shape, "gbps": nbytes / (time_graph_replay(body) * 1e-3) / 1e9})
+            except Exception as exc:  # an unsupported type or shape: recorded, the sweep goes on
+                entry["q8"].append({**shape, "error": repr(exc)[:300]})
+                if "supports" in repr(exc):
+                    break
+        ok = sorted((q for q in entry["q8"] if "gbps" in q), key=lambda q: -q["gbps"])
+        entry["best_q8"] = ok[0] if ok else None
+        print(f"gemv {ggml_type.name:5s} {n_rows:5d}x{n_cols:5d}: default {entry['default_gbps']:.0f} GB/s; q8 best "
+              f"{ok[0]['gbps'] if ok else float('nan'):.0f} GB/s {ok[0] if ok else entry['q8'][:1]}", flush=True)
+        for q in ok[1:4]:
+            print(f"     next {q}", flush=True)
+        results.append(entry)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--quick", action="store_true", help="a few shapes and configs only")
+    parser.add_argument("--only", choices=["gemm", "gemv"], default=None)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = {"device": torch.cuda.get_device_name(0)}
+    if args.only in (None, "gemv"):
+        result["gemv"] = sweep_gemv(args.quick)
+    if args.only in (None, "gemm"):
+        result["gemm"] = sweep_gemm(args.quick)
+    result["seconds"] = time.perf_counter() - started
+    (out / "sweep.json").write_text(json.dumps(result, indent=1))
+    print(f"sweep done in {result['seconds']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Causal (flash) attention for one prefill chunk of one sequence, reading K and V from the paged f16 KV cache.
+
+The chunk's queries are positions start .. start+T-1; the rope kernel has already written their keys and
+values, so query t attends to cached keys 0 .. start+t (a later chunk sees everything cached before it).
+Program (m_block, q_head) holds a BLOCK_M tile of queries and walks the keys in BLOCK_N tiles with an online
+softmax in f32. Keys are gathered token by token (page = page_table_row[pos // page_size], slot
+pos % page_size), so any page size works with any BLOCK_N. The walk stops at the block's last query
+(causal: tiles past it are fully masked and skipped), and only the tiles that straddle the diagonal pay for
+the causal mask; keys at or past start+T are never loaded (masked loads), so stale or unwritten slots of the
+last page cannot leak in, whatever they hold.
+
+Scores are kept in log2 units: q is multiplied by scale * log2(e) once, so the kernel exponentiates with exp2.
+
+Precision: both products run on f16 tensor cores with f32 accumulation; q (scaled) and the probabilities p
+are rounded to f16 (K and V are f16 already). That costs ~5e-4 relative per element; on random data the
+output is off by 2e-4..3e-4 of its largest magnitude (measured up to 4096 keys; the tests allow 5e-3).
+Prefill is compute-bound, so the hi/lo split that keeps decode attention at f32 accuracy would cost twice the
+tensor-core work here.
+q * scale * log2(e) must stay below 65504 in magnitude, the f16 range.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._tensor_checks import check_same_device, check_tensor
+from .kv_cache import gather_paged_cache_reference
+
+DEFAULT_BLOCK_M = 64
+DEFAULT_BLOCK_N = 64
+DEFAULT_NUM_WARPS = 4
+MIN_BLOCK = 16  # tl.dot needs tiles of at least 16 rows and columns
+MAX_BLOCK = 256
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+
+@triton.jit
+def _attend_tile(q, acc, running_max, running_sum, k_cache_ptr, v_cache_ptr, page_table_ptr, tile_start,
+                 kv_len, kv_head, query_pos, dims,
+                 NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr):
+    # q: [BLOCK_M, HEAD_DIM] f16, pre-scaled; acc: [BLOCK_M, HEAD_DIM] f32; running_*: [BLOCK_M] f32
+    # CAUSAL_MASK False: the caller guarantees every key of the tile is <= every query position (and < kv_len).
+    keys = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N] positions
+    if CAUSAL_MASK:
+        key_mask = keys < kv_len
+        pages = tl.load(page_table_ptr + keys // PAGE_SIZE, mask=key_mask, other=0).to(tl.int64)
+    else:
+        pages = tl.load(page_table_ptr + keys // PAGE_SIZE).to(tl.int64)
+    token_rows = ((pages * NUM_KV_HEADS + kv_head) * PAGE_SIZE + keys % PAGE_SIZE) * HEAD_DIM
+    kv_offsets = token_rows[:, None] + dims[None, :]  # [BLOCK_N, HEAD_DIM]
+    if CAUSAL_MASK:
+        k = tl.load(k_cache_ptr + kv_offsets, mask=key_mask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=key_mask[:, None], other=0.0)
+    else:
+        k = tl.load(k_cache_ptr + kv_offsets)
+        v = tl.load(v_cache_ptr + kv_offsets)
+    scores = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] f32, log2 units
+    if CAUSAL_MASK:
+        # keys >= kv_len are above every real query's position, so this masks them too
+        scores = tl.where(keys[None, :] <= query_pos[:, None], scores, float("-inf"))
+    # each real query sees key 0 in the first tile, so running_max is finite from then on and a fully masked
+    # row of a later tile contributes exp2(-inf) = 0
+    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    correction = tl.exp2(running_max - new_max)  # exp2(-inf) = 0 on the first tile
+    probs = tl.exp2(scores - new_max[:, None])
+    running_sum = running_sum * correction + tl.sum(probs, axis=1)
+    acc = acc * correction[:, None] + tl.dot(probs.to(tl.float16), v)
+    return acc, new_max, running_sum
+
+
+@triton.jit
+def _paged_prefill_attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, out_ptr, start, num_tokens,
+        q_row_stride, q_head_stride, out_row_stride, out_head_stride, qk_scale_log2,
+        NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # q: [T, Hq, HEAD_DIM] f32 (rotated); out: [T, Hq, HEAD_DIM] f32; page_table: [max_pages] int32
+    # k_cache, v_cache: [pages, Hkv, PAGE_SIZE, HEAD_DIM] f16; grid (cdiv(T, BLOCK_M), Hq)
+    # The last query blocks see the most keys: hand them to the first programs so that the short ones fill
+    # the tail of the launch.
+    m_block = tl.num_programs(0) - 1 - tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP_SIZE
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] query index within the chunk
+    row_mask = rows < num_tokens
+    query_pos = start + rows
+    dims = tl.arange(0, HEAD_DIM)
+    q_ptrs = q_ptr + rows.to(tl.int64)[:, None] * q_row_stride + head * q_head_stride + dims[None, :]
+    q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0)
+    q = (q * qk_scale_log2).to(tl.float16)  # [BLOCK_M, HEAD_DIM]
+    running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    kv_len = start + num_tokens
+    first_query = start + m_block * BLOCK_M
+    # tiles ending at or before the block's first query are visible to all its queries: no mask
+    unmasked_end = (first_query + 1) // BLOCK_N * BLOCK_N
+    end = tl.minimum(kv_len, first_query + BLOCK_M)  # past the block's last query every key is masked
+    for tile_start in range(0, unmasked_end, BLOCK_N):
+        acc, running_max, running_sum = _attend_tile(
+            q, acc, running_max, running_sum, k_cache_ptr, v_cache_ptr, page_table_ptr, tile_start, kv_len,
+            kv_head, query_pos, dims, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, BLOCK_N, False)
+    for tile_start in range(unmasked_end, end, BLOCK_N):
+        acc, running_max, running_sum = _attend_tile(
+            q, acc, running_max, running_sum, k_cache_ptr, v_cache_ptr, page_table_ptr, tile_start, kv_len,
+            kv_head, query_pos, dims, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, BLOCK_N, True)
+    out = acc / running_sum[:, None]
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * out_row_stride + head * out_head_stride + dims[None, :]
+    tl.store(out_ptrs, out, mask=row_mask[:, None])
+
+
+def _check_block(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < MIN_BLOCK or value > MAX_BLOCK or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two in {MIN_BLOCK}..{MAX_BLOCK}, got {value!r}")
+
+
+def _check_arguments(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table_row: torch.Tensor,
+                     start: int, out: torch.Tensor) -> None:
+    check_tensor("q", q, torch.float32, (None, None, None), layout="rows")
+    num_tokens, num_q_heads, head_dim = q.shape
+    if num_tokens < 1:
+        raise ValueError("q: needs at least one query token (dim 0), got 0")
+    if head_dim < MIN_HEAD_DIM or head_dim > MAX_HEAD_DIM or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim {head_dim} is not supported by the prefill attention kernel; "
+                         f"supported: powers of two {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
+    check_tensor("out", out, torch.float32, tuple(q.shape), layout="rows")
+    check_tensor("k_cache", k_cache, torch.float16, (None, None, None, head_dim))
+    check_tensor("v_cache", v_cache, torch.float16, tuple(k_cache.shape))
+    num_kv_heads, page_size = k_cache.shape[1], k_cache.shape[2]
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of the cache's kv heads "
+                         f"(k_cache shape {list(k_cache.shape)})")
+    if page_size < 1 or page_size & (page_size - 1):
+        raise ValueError(f"k_cache: page size (dim 2) must be a power of two, got {page_size}")
+    check_tensor("page_table_row", page_table_row, torch.int32, (None,))
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"start must be a non-negative integer, got {start!r}")
+    capacity = page_table_row.numel() * page_size
+    if start + num_tokens > capacity:
+        raise ValueError(f"start + T = {start} + {num_tokens} = {start + num_tokens} tokens exceed the "
+                         f"{capacity} tokens that page_table_row ({page_table_row.numel()} pages of {page_size}) "
+                         f"covers")
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, page_table_row=page_table_row, out=out)
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            page_table_row: torch.Tensor, start: int, out: torch.Tensor, scale: float | None = None,
+                            *, block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N,
+                            num_warps: int = DEFAULT_NUM_WARPS) -> torch.Tensor:
+    """out[t] = softmax(scale * q[t] K^T) V over cached positions 0..start+t of one sequence; returns `out`.
+
+    q [T, Hq, Dh] f32 (rotated; queries of positions start..start+T-1; last-dim stride 1);
+    k_cache, v_cache [pages, Hkv, page_size, Dh] f16 contiguous (one layer), already holding positions
+    0..start+T-1; page_table_row [max_pages] int32; out [T, Hq, Dh] f32 (last-dim stride 1).
+    q head h reads kv head h // (Hq // Hkv). scale None: Dh ** -0.5. Dh: a power of two in 16..256.
+    The page table is read on the device only: the caller guarantees the pages it names are in range."""
+    _check_arguments(q, k_cache, v_cache, page_table_row, start, out)
+    _check_block("block_m", block_m)
+    _check_block("block_n", block_n)
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {num_warps!r}")
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    if scale is None:
+        scale = head_dim ** -0.5
+    _paged_prefill_attention_kernel[(triton.cdiv(num_tokens, block_m), num_q_heads)](
+        q, k_cache, v_cache, page_table_row, out, start, num_tokens,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), float(scale) * math.log2(math.e),
+        NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=num_q_heads // num_kv_heads, HEAD_DIM=head_dim,
+        PAGE_SIZE=k_cache.shape[2], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return out
+
+
+def paged_prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                      page_table_row: torch.Tensor, start: int,
+                                      scale: float | None = None) -> torch.Tensor:
+    """Dense causal softmax(scale * q k^T) v over the gathered cache, in float64; returns f32 [T, Hq, Dh]."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    if scale is None:
+        scale = head_dim ** -0.5
+    kv_len = start + num_tokens
+    group_size = num_q_heads // k_cache.shape[1]
+    k, v = (gather_paged_cache_reference(cache, page_table_row, kv_len).double().repeat_interleave(group_size, 0)
+            for cache in (k_cache, v_cache))  # [Hq, kv_len, Dh]
+    scores = torch.einsum("thd,hkd->htk", q.double(), k) * scale  # [Hq, T, kv_len]
+    query_pos = start + torch.arange(num_tokens, device=q.device)
+    visible = torch.arange(kv_len, device=q.device)[None, :] <= query_pos[:, None]  # [T, kv_len]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("htk,hkd->thd", scores.softmax(dim=-1), v).float()

@@ -1,0 +1,143 @@
+"""out = x @ W^T for a prompt's many activation rows against a GGUF-quantized W: prefill's projections.
+
+At prefill the product is compute-bound (hundreds of rows share every weight), so the weights go through the
+tensor cores: a program owns BLOCK_N weight rows and BLOCK_M activation rows and walks K in steps of S groups
+(quant_dequant's group decoding). Each step's weights are decoded to f32 in registers, rounded once to f16 --
+the same values `dequantize_into` writes for the vendor GEMM -- and meet the activations, also rounded to f16,
+in `tl.dot` with f32 accumulation. So the weights are read in their quantized form (4.5-6.6 bits each) instead
+of being expanded to an f16 copy in memory and read back.
+
+The M tiles of one weight tile are adjacent in launch order: they run side by side, so each weight tile comes
+from DRAM about once and from L2 for the other activation tiles.
+
+Precision: both operands are rounded to f16 (relative error ~5e-4 a product), the sum is f32: the accuracy of an
+f16 GEMM with f32 accumulation, which is what prefill has used all along.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._tensor_checks import check_same_device, check_tensor
+from .quant_dequant import plan_steps, weight_args
+from .quant_matvec import _weight_parts
+from .quant_weight import FLOAT_TYPES, QuantWeight
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    """Launch shape of quant_matmul: BLOCK_N weight rows x BLOCK_M activation rows a program, K steps of
+    `max_groups` groups at most (see quant_dequant), Triton's warps and software-pipelining stages."""
+
+    block_n: int = 128
+    block_m: int = 64
+    max_groups: int = 2
+    num_warps: int = 8
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_n", "block_m", "max_groups", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"MatmulConfig.{name} must be a positive power of two, got {value}")
+        if self.block_n < 16 or self.block_m < 16:
+            raise ValueError(f"MatmulConfig: tl.dot needs block_n and block_m >= 16, got {self.block_n}, "
+                             f"{self.block_m}")
+        if self.num_stages < 1:
+            raise ValueError(f"MatmulConfig.num_stages must be >= 1, got {self.num_stages}")
+
+
+@triton.jit
+def _part_product(w, cols, col_ok, xrows, m_ok, BLOCK_N: tl.constexpr, S: tl.constexpr, W: tl.constexpr):
+    """w [BLOCK_N, S, W] f32 against x at columns `cols` [1, S, W] of rows xrows [BLOCK_M, 1]: -> f32
+    [BLOCK_N, BLOCK_M]. The tile's columns are not in x's order; x is gathered with the same indices, which
+    leaves the dot product unchanged."""
+    cols2 = tl.reshape(cols, [1, S * W])
+    ok2 = tl.reshape(col_ok, [1, S * W])
+    x = tl.load(xrows + cols2, mask=m_ok & ok2, other=0.0).to(tl.float16)  # [BLOCK_M, S*W]
+    w16 = tl.reshape(w, [BLOCK_N, S * W]).to(tl.float16)
+    return tl.dot(w16, tl.trans(x))
+
+
+@triton.jit
+def _quant_matmul_kernel(
+    x_ptr, out_ptr, bias_ptr,
+    qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, stride_qs, stride_qh, stride_sc, stride_d,
+    n_rows, n_cols, n_groups, n_m, n_steps, stride_xm, stride_om,
+    QTYPE: tl.constexpr, IS_FLOAT: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    # x [n_m, n_cols] f32/f16; out [n_m, n_rows] f32; out[m, n] (+)= sum_k x[m, k] W[n, k] (+ bias[n]).
+    n_m_tiles = tl.cdiv(n_m, BLOCK_M)
+    row_block = tl.program_id(0) // n_m_tiles
+    m_tile = tl.program_id(0) % n_m_tiles
+    rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    src = tl.minimum(rows, n_rows - 1).to(tl.int64)  # the tail re-reads the last row; never stored
+    m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    m_ok = (m < n_m)[:, None]  # [BLOCK_M, 1]
+    xrows = x_ptr + tl.minimum(m, n_m - 1).to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
+    r3 = src[:, None, None]  # [BLOCK_N, 1, 1]
+    j = tl.arange(0, W)[None, None, :]  # [1, 1, W]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for step in range(n_steps):
+        gg = step * S + tl.arange(0, S)[None, :, None]  # [1, S, 1]
+        w_lo, w_hi, k_lo, k_hi, c_lo, c_hi = _weight_parts(  # w: [BLOCK_N, S, W]
+            gg, r3, j, n_cols, n_groups, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
+            stride_qs, stride_qh, stride_sc, stride_d, QTYPE, IS_FLOAT, W)
+        c_lo = c_lo & (j < W)  # [1, S, W]: the dot flattens the masks with the tile
+        c_hi = c_hi & (j < W)
+        acc += _part_product(w_lo, k_lo + j, c_lo, xrows, m_ok, BLOCK_N, S, W)
+        acc += _part_product(w_hi, k_hi + j, c_hi, xrows, m_ok, BLOCK_N, S, W)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (m < n_m)[None, :]
+    o = out_ptr + m.to(tl.int64)[None, :] * stride_om + rows[:, None]  # [BLOCK_N, BLOCK_M]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    if ACCUMULATE:
+        acc += tl.load(o, mask=mask, other=0.0)
+    tl.store(o, acc, mask=mask)
+
+
+def quant_matmul(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None = None,
+                 accumulate: bool = False, config: MatmulConfig | None = None) -> torch.Tensor:
+    """out = x @ W^T (+ bias); with accumulate=True, out += x @ W^T (+ bias) (a fused residual add).
+
+    x [M, n_cols] f32/f16, out [M, n_rows] f32 (both with unit column stride, any row stride; out may be a
+    column slice of a wider buffer and must not overlap x), bias [n_rows] f32. One launch, no host sync.
+    Returns out.
+    """
+    if not isinstance(w, QuantWeight):
+        raise ValueError(f"quant_matmul: w must be a QuantWeight, got {type(w).__name__}")
+    if x.dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"quant_matmul: x must be f32 or f16, got {x.dtype}")
+    check_tensor("x", x, x.dtype, (None, w.n_cols), layout="rows")
+    n_m = x.shape[0]
+    check_tensor("out", out, torch.float32, (n_m, w.n_rows), layout="rows")
+    if bias is not None:
+        check_tensor("bias", bias, torch.float32, (w.n_rows,))
+    check_same_device(x=x, out=out, weight=w.qs, **({} if bias is None else {"bias": bias}))
+    if n_m == 0:
+        return out
+    cfg = config or MatmulConfig()
+    plan = plan_steps(w, cfg.max_groups)
+    grid = (triton.cdiv(w.n_rows, cfg.block_n) * triton.cdiv(n_m, cfg.block_m),)
+    _quant_matmul_kernel[grid](
+        x, out, bias if bias is not None else out, *weight_args(w),
+        w.n_rows, w.n_cols, plan.n_groups, n_m, plan.n_steps, x.stride(0), out.stride(0),
+        QTYPE=int(w.ggml_type), IS_FLOAT=w.ggml_type in FLOAT_TYPES, S=plan.groups, W=plan.width,
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def quant_matmul_reference(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """What quant_matmul computes, in float64 on the CPU: f16-rounded activations times the f16-rounded
+    dequantized weights. [M, n_rows]."""
+    from .quant_weight import dequantize_reference
+
+    weight = dequantize_reference(w.to("cpu")).to(torch.float16).double()
+    return x.cpu().to(torch.float16).double() @ weight.T

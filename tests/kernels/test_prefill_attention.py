@@ -1,0 +1,166 @@
+"""paged_prefill_attention against a dense float64 causal softmax(q k^T) v over the gathered cache.
+
+Metric: max |kernel - reference| / max |reference| < 5e-3 (the kernel rounds q and the probabilities to f16:
+2e-4..3e-4 on these data; a missing causal offset, a wrong GQA head or a wrong page is off by 1e-1 or more).
+The page table is shuffled and points into a pool with spare pages; every slot past the sequence end (the
+tail of its last page, the table's pages beyond it) and every page outside the table holds NaN, so a key read
+past start+T or through a wrong page shows as NaN. The output is poisoned with NaN before each launch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from replayllm.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_reference
+
+TOLERANCE = 5e-3
+
+
+def _max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def _setup(num_tokens, start, num_q_heads, num_kv_heads, head_dim, page_size, device, seed, spare_pages=2):
+    """q for positions start..start+T-1 and a cache holding keys 0..start+T-1 through a shuffled page table;
+    NaN everywhere else in the cache."""
+    gen = torch.Generator().manual_seed(seed)
+    kv_len = start + num_tokens
+    table_pages = -(-kv_len // page_size) + spare_pages
+    num_pages = 2 * table_pages + 1
+    shape = (num_pages, num_kv_heads, page_size, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=torch.float16)
+    v_cache = torch.full(shape, float("nan"), dtype=torch.float16)
+    page_table_row = torch.randperm(num_pages, generator=gen)[:table_pages].to(torch.int32)
+    for pos in range(kv_len):
+        page, slot = int(page_table_row[pos // page_size]), pos % page_size
+        k_cache[page, :, slot] = torch.randn(num_kv_heads, head_dim, generator=gen).half()
+        v_cache[page, :, slot] = torch.randn(num_kv_heads, head_dim, generator=gen).half()
+    q = torch.randn(num_tokens, num_q_heads, head_dim, generator=gen)
+    return q.to(device), k_cache.to(device), v_cache.to(device), page_table_row.to(device)
+
+
+def _run(q, k_cache, v_cache, page_table_row, start, scale=None, **blocks):
+    out = torch.full(q.shape, float("nan"), device=q.device)
+    assert paged_prefill_attention(q, k_cache, v_cache, page_table_row, start, out, scale, **blocks) is out
+    return out
+
+
+def test_reference_matches_torch_sdpa():
+    q, k_cache, v_cache, page_table_row = _setup(9, 11, 4, 2, 16, 4, "cpu", seed=0)
+    expected = paged_prefill_attention_reference(q, k_cache, v_cache, page_table_row, 11, scale=0.3)
+    k, v = (c[page_table_row[:5].long()].permute(1, 0, 2, 3).reshape(2, 20, 16).double()
+            for c in (k_cache, v_cache))
+    visible = torch.arange(20)[None, :] <= 11 + torch.arange(9)[:, None]  # [T, keys]
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.double().transpose(0, 1), k, v, attn_mask=visible, scale=0.3, enable_gqa=True).transpose(0, 1)
+    assert _max_relative_error(expected, sdpa) < 1e-6  # the reference returns f32
+
+
+@pytest.mark.parametrize("head_dim", [32, 64])
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+@pytest.mark.parametrize("num_tokens, start", [(1, 0), (1, 20), (7, 0), (7, 20), (37, 0), (37, 20)])
+def test_matches_reference(num_tokens, start, num_kv_heads, head_dim, device):
+    args = _setup(num_tokens, start, 4, num_kv_heads, head_dim, 16, device, seed=num_tokens + start + head_dim)
+    out = _run(*args, start)
+    assert out.isfinite().all()
+    assert _max_relative_error(out, paged_prefill_attention_reference(*args, start)) < TOLERANCE
+
+
+@pytest.mark.parametrize("start", [17, 21])
+@pytest.mark.parametrize("page_size, block_m, block_n", [(16, 16, 16), (4, 16, 32), (32, 32, 16), (16, 64, 16)])
+def test_many_query_blocks_and_key_tiles(page_size, block_m, block_n, start, device):
+    # 37 queries: several query blocks, unmasked tiles before the diagonal and diagonal tiles not aligned to
+    # the blocks; key tiles larger and smaller than a page. From position 17 a block's last query is the first
+    # key of a tile, which the diagonal walk must not stop short of.
+    args = _setup(37, start, 4, 2, 32, page_size, device, seed=page_size + block_m + block_n + start)
+    out = _run(*args, start, block_m=block_m, block_n=block_n)
+    assert out.isfinite().all()
+    assert _max_relative_error(out, paged_prefill_attention_reference(*args, start)) < TOLERANCE
+
+
+def test_first_query_of_a_sequence_returns_v_of_token_zero(device):
+    q, k_cache, v_cache, page_table_row = _setup(5, 0, 4, 2, 16, 16, device, seed=3)
+    out = _run(q, k_cache, v_cache, page_table_row, 0)
+    v0 = v_cache[int(page_table_row[0]), :, 0].float().repeat_interleave(2, dim=0)  # [Hq, Dh]
+    assert torch.equal(out[0], v0)  # one visible key: p = 1 exactly
+
+
+def test_two_chunks_equal_one_chunk(device):
+    # chunked prefill: the second chunk sees the first chunk's keys through the cache
+    q, k_cache, v_cache, page_table_row = _setup(37, 0, 4, 2, 32, 16, device, seed=4)
+    whole = _run(q, k_cache, v_cache, page_table_row, 0, block_m=16, block_n=16)
+    first = _run(q[:20], k_cache, v_cache, page_table_row, 0, block_m=16, block_n=16)
+    second = _run(q[20:], k_cache, v_cache, page_table_row, 20, block_m=16, block_n=16)
+    assert _max_relative_error(torch.cat([first, second]), whole) < 1e-5
+
+
+def test_q_and_out_as_strided_views(device):
+    # prefill passes q as a view into its fused [T, (Hq + 2 Hkv) Dh] projection output
+    q, k_cache, v_cache, page_table_row = _setup(19, 5, 4, 2, 16, 16, device, seed=5)
+    qkv = torch.randn(19, (4 + 2 * 2) * 16, device=device)
+    qkv[:, :64] = q.reshape(19, 64)
+    q_view = qkv[:, :64].view(19, 4, 16)
+    wide = torch.full((19, 6, 16), -7.0, device=device)
+    out = wide[:, 1:5]
+    paged_prefill_attention(q_view, k_cache, v_cache, page_table_row, 5, out)
+    assert _max_relative_error(out, paged_prefill_attention_reference(q, k_cache, v_cache, page_table_row,
+                                                                      5)) < TOLERANCE
+    assert (wide[:, 0] == -7.0).all() and (wide[:, 5] == -7.0).all()
+
+
+def test_large_scores_stay_finite(device):
+    # every key shares a large component along q: scores of ~180 (natural units) that overflow exp without the
+    # running max, while their differences stay moderate so the softmax is not one-hot
+    q, k_cache, v_cache, page_table_row = _setup(24, 10, 2, 1, 32, 16, device, seed=6)
+    k_cache[..., 0] += 20.0
+    q[..., 0] = 50.0
+    out = _run(q, k_cache, v_cache, page_table_row, 10)
+    assert out.isfinite().all()
+    assert _max_relative_error(out, paged_prefill_attention_reference(q, k_cache, v_cache, page_table_row,
+                                                                      10)) < TOLERANCE
+
+
+def test_explicit_scale(device):
+    args = _setup(13, 3, 4, 4, 16, 16, device, seed=7)
+    out = _run(*args, 3, scale=0.05)
+    assert _max_relative_error(out, paged_prefill_attention_reference(*args, 3, scale=0.05)) < TOLERANCE
+
+
+def _cpu_args(**change):
+    q, k_cache, v_cache, page_table_row = _setup(8, 4, 4, 2, 16, 4, "cpu", seed=8, spare_pages=0)
+    return dict(q=q, k_cache=k_cache, v_cache=v_cache, page_table_row=page_table_row, start=4,
+                out=torch.empty(8, 4, 16)) | change
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(q=torch.zeros(8, 4, 16, dtype=torch.float16)), "q: expected dtype torch.float32"),
+    (dict(q=torch.zeros(8, 16, 4).transpose(1, 2)), "q: the last dimension must have stride 1"),
+    (dict(q=torch.zeros(0, 4, 16), out=torch.zeros(0, 4, 16)), "at least one query token"),
+    (dict(q=torch.zeros(8, 4, 24), out=torch.zeros(8, 4, 24)), "head_dim 24 is not supported"),
+    (dict(q=torch.zeros(8, 3, 16), out=torch.zeros(8, 3, 16)), r"q heads \(3\) must be a multiple"),
+    (dict(out=torch.zeros(8, 2, 16)), r"out: expected shape \[8, 4, 16\]"),
+    (dict(v_cache=torch.zeros(8, 2, 4, 16)), "v_cache: expected dtype torch.float16"),
+    (dict(k_cache=torch.zeros(8, 2, 3, 16).half(), v_cache=torch.zeros(8, 2, 3, 16).half()),
+     "page size .* must be a power of two"),
+    (dict(page_table_row=torch.zeros(3, dtype=torch.int64)), "page_table_row: expected dtype torch.int32"),
+    (dict(start=-1), "start must be a non-negative integer"),
+    (dict(start=5), r"start \+ T = 5 \+ 8 = 13 tokens exceed the 12 tokens"),
+    (dict(block_m=48), "block_m must be a power of two in 16..256"),
+    (dict(block_n=8), "block_n must be a power of two in 16..256"),
+    (dict(num_warps=3), "num_warps must be one of"),
+])
+def test_rejects_bad_arguments(change, message):
+    with pytest.raises(ValueError, match=message):
+        paged_prefill_attention(**_cpu_args(**change))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_kv_heads", [8, 32])
+@pytest.mark.parametrize("num_tokens, start", [(600, 0), (300, 700)])
+def test_real_shapes(num_tokens, start, num_kv_heads):
+    args = _setup(num_tokens, start, 32, num_kv_heads, 128, 16, "cuda", seed=9)
+    out = _run(*args, start)
+    assert out.isfinite().all()
+    assert _max_relative_error(out, paged_prefill_attention_reference(*args, start)) < TOLERANCE
