@@ -52,24 +52,24 @@ if [ "$MODE" = probe ]; then
   [ -f "$q7" ] || python3 -m replayllm.cli.main synth --shape llama2-7b --quant q4_k_m --workers 12 --quiet "$q7" \
     >> "$LOG" 2>&1 &
   synth_pid=$!
+  python3 -m pytest -q -p no:cacheprovider tests/kernels/test_quant_matvec_q8.py tests/kernels/test_quant_matmul.py \
+    tests/kernels/test_prefill_attention.py 2>&1 | tail -n 3 | tee -a "$LOG"
   python3 benchmarks/gemv_probe.py --out "$OUT" 2>&1 | tee -a "$LOG"
   for cubin in "$OUT"/*.cubin; do
     cuobjdump --dump-sass "$cubin" > "${cubin%.cubin}.sass" 2>&1 && rm "$cubin"
   done
-  # Clocks left as they are (--clock-control none); launches 5-6 are Q4_K, 7-10 Q6_K (6 of each are run).
-  ncu --clock-control none --kernel-name regex:_quant_matvec_kernel --launch-skip 4 --launch-count 6 \
-    --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
-    --section LaunchStats python3 benchmarks/gemv_probe.py --out /tmp/probe-ncu --launches 6 \
-    > "$OUT/ncu.txt" 2>&1
+  # Clocks left as they are (--clock-control none); of the 6 int8-activation launches (Q4_K) the 5th and 6th.
   ncu --clock-control none --kernel-name regex:_matvec_q8_kernel --launch-skip 4 --launch-count 2 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
     python3 benchmarks/gemv_probe.py --out /tmp/probe-ncu-q8 --launches 6 > "$OUT/ncu_q8.txt" 2>&1
-  python3 benchmarks/kernel_sweep.py --out "$OUT" 2>&1 | tee -a "$LOG"
+  python3 benchmarks/kernel_sweep.py --out "$OUT" --only gemv 2>&1 | tee -a "$LOG"
   wait "$synth_pid"
   python3 benchmarks/prefill_probe.py "$q7" --out "$OUT" 2>&1 | tee -a "$LOG"
-  echo "==== summary ===="; head -n 1 "$LOG"; grep -E '^Q[0-9]|-token prefill|^gemm|^gemv|^sweep' "$LOG"
+  timeout "${SWEEP_GEMM_S:-240}" python3 benchmarks/kernel_sweep.py --out "$OUT/gemm" --only gemm 2>&1 | tee -a "$LOG"
+  echo "==== summary ===="; head -n 1 "$LOG"
+  grep -E '^Q[0-9]|-token prefill|^gemm|^gemv|^ +next|^sweep|passed|failed|^prefill' "$LOG"
   grep -E 'Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Theoretical Occupancy|Duration' \
-    "$OUT/ncu.txt" | head -n 24
+    "$OUT/ncu_q8.txt" | head -n 12
   exit 0
 fi
 if [ "$MODE" = full ]; then

@@ -5,7 +5,7 @@
 - decode: the int8-activation GEMV (quant_matvec_q8) over block_n / chunks / warps / stages, for each type it
   supports, beside the default GEMV (quant_matvec), in GB/s of weights read (24 copies: nothing from L2).
 
-Writes --out/sweep.json and prints a table per kernel with the best shape first. Figures are CUDA-event
+Writes --out/sweep.json (and sweep_gemm.json after every GEMM shape, in case the run is cut short) and prints a table per kernel with the best shape first. Figures are CUDA-event
 medians (graph replays for the GEMVs). Usage: python benchmarks/kernel_sweep.py --out DIR [--quick]
 """
 
@@ -44,7 +44,7 @@ def weight(ggml_type, n_rows, n_cols, seed):
     return pack_weight(ggml_type, random_gguf_rows(ggml_type, n_rows, n_cols, seed), n_cols).to("cuda")
 
 
-def sweep_gemm(quick: bool) -> list[dict]:
+def sweep_gemm(quick: bool, out_dir: Path) -> list[dict]:
     from replayllm.kernels import dequantize_into
 
     rows_out = []
@@ -80,6 +80,7 @@ def sweep_gemm(quick: bool) -> list[dict]:
                   f"best fused {best['ms'] if best else float('nan'):.3f} ms "
                   f"({best['tflops'] if best else 0:.0f} TFLOP/s) {best['config'] if best else ''}", flush=True)
             rows_out.append(entry)
+            (out_dir / "sweep_gemm.json").write_text(json.dumps(rows_out, indent=1))  # kept if cut short
     return rows_out
 
 
@@ -134,7 +135,7 @@ def main() -> None:
     if args.only in (None, "gemv"):
         result["gemv"] = sweep_gemv(args.quick)
     if args.only in (None, "gemm"):
-        result["gemm"] = sweep_gemm(args.quick)
+        result["gemm"] = sweep_gemm(args.quick, out)
     result["seconds"] = time.perf_counter() - started
     (out / "sweep.json").write_text(json.dumps(result, indent=1))
     print(f"sweep done in {result['seconds']:.0f} s", flush=True)

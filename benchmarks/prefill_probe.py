@@ -1,13 +1,15 @@
 """Where a 512-token prefill's time goes: the torch profiler's table of GPU kernels for one pp512 pass.
 
 Usage: python benchmarks/prefill_probe.py MODEL.gguf --out DIR   (writes DIR/prefill_profile.txt)
-The prefill path (runner/prefill.py) dequantizes each weight into an f16 scratch, then calls the vendor GEMM;
-this table says how the time splits between those, attention, and the small kernels around them.
+The prefill path (runner/prefill.py) multiplies by each weight with the quantized GEMM or, where measured faster
+at load, dequantize + vendor GEMM (DIR/prefill_methods.json lists the choices); this table says how the time
+splits between those, attention, and the small kernels around them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 from pathlib import Path
@@ -38,6 +40,11 @@ def main() -> None:
     text = (f"{args.tokens}-token prefill: {wall_ms:.1f} ms wall unprofiled "
             f"({args.tokens / wall_ms * 1e3:.0f} tokens/s)\n\n{table}\n")
     (out / "prefill_profile.txt").write_text(text)
+    methods = llm.backend.prefiller.methods.as_json()
+    (out / "prefill_methods.json").write_text(json.dumps(methods, indent=1))
+    for m in methods:
+        print(f"prefill method {m['type']} {m['n_rows']}x{m['n_cols']} rows {m['rows']}: {m['method']} "
+              f"(fused {m['fused_ms']:.3f} ms, dequant+gemm {m['dequant_gemm_ms']:.3f} ms)")
     print(text.splitlines()[0])
     print("\n".join(table.splitlines()[:16]))
     llm.close()
