@@ -20,9 +20,8 @@ from pathlib import Path
 
 import triton
 from gguf import GGMLQuantizationType
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
+from replayllm.bench.hopper_compile import compile_for_hopper
 from replayllm.kernels.quant_dequant import plan_steps
 from replayllm.kernels.quant_matvec import _quant_matvec_kernel
 from replayllm.kernels.quant_weight import FLOAT_TYPES, _LAYOUTS
@@ -32,16 +31,6 @@ _POINTER = {"x_ptr": "*fp32", "out_ptr": "*fp32", "bias_ptr": "*fp32"}
 _FIELD_OF_ARG = {"qs_ptr": "qs", "qh_ptr": "qh", "sc_ptr": "scales", "mn_ptr": "mins", "d_ptr": "d", "dm_ptr": "dmin"}
 _TRITON_DTYPE = {"uint8": "*u8", "int8": "*i8", "float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
 _ALIGNED_INTS = ("stride_qs", "stride_qh", "stride_sc", "stride_d", "n_cols", "stride_xb", "stride_ob")
-
-
-def compile_for_hopper(fn, types: dict[str, str], constants: dict, aligned: list[str], warps: int, stages: int):
-    """Compile Triton kernel `fn` for sm_90: `types` gives each runtime argument's Triton type ("*u8", "i32"),
-    `aligned` the arguments the launcher's values let Triton assume 16-byte divisible."""
-    names = fn.arg_names
-    signature = {n: "constexpr" if n in constants else types[n] for n in names}
-    source = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constants.items()},
-                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
 def compile_gemv(ggml_type: GGMLQuantizationType, n_cols: int, block_n: int, groups: int, warps: int, stages: int):

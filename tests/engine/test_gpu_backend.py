@@ -135,3 +135,29 @@ def test_int8_activations_stay_on_the_reference_and_graph_equals_eager(models):
     ref_logits = reference.logits(out.prompt_token_ids + out.token_ids)
     agreement = greedy_agreement(ref_logits, len(out.prompt_token_ids), out.token_ids)
     assert agreement.is_within(LOGIT_TOLERANCE), agreement
+
+
+@pytest.fixture(scope="module")
+def long_context_models(default_model_path):
+    """The default model with 4096 tokens of context: the reference, graph and eager."""
+    made = [LLM(default_model_path, device=device, mode=mode, max_context=4096, progress=False)
+            for device, mode in (("cpu", "graph"), ("cuda", "graph"), ("cuda", "eager"))]
+    yield made
+    for m in made:
+        m.close()
+
+
+@pytest.mark.parametrize("length", [1, 7, 512, 3000])
+def test_prefill_matches_the_reference_at_every_length_and_chunk_boundary(long_context_models, length):
+    """Prefill logits at the last position and at middle ones (3000 tokens cross the 2048-token chunk boundary:
+    positions 2047 and 2048 sit on both sides of it), then greedy continuations equal to the eager path's."""
+    reference, graph, eager = long_context_models
+    ids = [(1009 * i + 17) % reference.config.vocab_size for i in range(length)]
+    expected, actual = reference.logits(ids), graph.logits(ids)
+    positions = sorted({0, length // 3, length // 2, length - 1} | ({2047, 2048} if length > 2048 else set()))
+    for p in positions:
+        assert _relative_error(actual[p], expected[p]) < LOGIT_TOLERANCE, p
+        assert int(actual[p].argmax()) == int(expected[p].argmax()), p
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    out = graph.backend.generate_ids(ids, params, 0, 8)
+    assert list(out) == list(eager.backend.generate_ids(ids, params, 0, 8))

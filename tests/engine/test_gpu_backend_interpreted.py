@@ -104,6 +104,27 @@ def test_chunked_prefill_gives_the_same_logits_and_tokens(pair):
     assert chunked_tokens == whole_tokens == [int(reference.logits(ids)[-1].argmax())]
 
 
+def test_both_prefill_gemm_methods_give_the_same_logits(pair):
+    """The per-shape choice between the quantized GEMM and dequantize + vendor GEMM must not change results
+    beyond f32 summation order: force every shape to each method in turn."""
+    from replayllm.runner.prefill_tuning import DEQUANT_GEMM, LinearMethods, shape_key
+
+    _, backend = pair
+    ids = [1, 40, 300, 7, 99, 12, 5]
+    fused = backend.logits(ids)
+    prefiller = backend.prefiller
+    shapes = {shape_key(w) for w in prefiller.weights.matrices()}
+    prefiller.methods = LinearMethods({key: [(2048, DEQUANT_GEMM, 0.0, 0.0)] for key in shapes})
+    try:
+        dequant = backend.logits(ids)
+    finally:
+        prefiller.methods = LinearMethods()
+        prefiller.scratch = None
+    error = ((dequant - fused).abs().max() / fused.abs().max()).item()
+    assert 0 < error < 1e-3  # not identical (different kernels), far closer than a wrong weight would be
+    assert torch.equal(dequant.argmax(-1), fused.argmax(-1))
+
+
 def test_int8_activations_keep_greedy_decode_on_the_reference(pair, monkeypatch):
     """Experimental int8 activations for the Q4_K matrices: each greedy token is the reference's argmax or
     within 2e-2 of the logit scale of it (the int8 rounding of the activations, ~1e-3 of each product)."""

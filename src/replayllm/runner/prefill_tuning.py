@@ -10,6 +10,7 @@ or above it.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +44,8 @@ class LinearMethods:
 
     def as_json(self) -> list[dict]:
         return [{"type": k[0], "n_rows": k[1], "n_cols": k[2], "rows": bucket, "method": method,
-                 "fused_ms": round(fused, 4), "dequant_gemm_ms": round(dequant, 4)}
+                 "fused_ms": round(fused, 4) if fused != float("inf") else None,
+                 "dequant_gemm_ms": round(dequant, 4)}
                 for k, entries in self.table.items() for bucket, method, fused, dequant in entries]
 
 
@@ -79,8 +81,13 @@ def tune_methods(prefiller, chunk_tokens: int) -> LinearMethods:
         for rows in buckets:
             x = torch.randn(rows, w.n_cols, device=device)
             out = torch.empty(rows, w.n_rows, device=device)
-            fused = _time_ms(lambda: quant_matmul(x, w, out))
             dequant = _time_ms(lambda: prefiller.dequant_gemm(x, w, out, None, False))
+            try:
+                fused = _time_ms(lambda: quant_matmul(x, w, out))
+            except Exception as exc:  # e.g. a launch shape this GPU cannot hold: the vendor GEMM does it all
+                warnings.warn(f"prefill: the quantized GEMM failed for {key} at {rows} rows ({exc!r:.200}); "
+                              f"using dequantize + GEMM there", stacklevel=2)
+                fused = float("inf")
             entries.append((rows, FUSED if fused <= dequant else DEQUANT_GEMM, fused, dequant))
         methods.table[key] = entries
     if all(m == FUSED for entries in methods.table.values() for _, m, _, _ in entries):

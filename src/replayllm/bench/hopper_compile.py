@@ -1,0 +1,201 @@
+"""Compile every kernel the engine launches for Hopper (sm_90) on any machine, no GPU needed.
+
+Triton's package carries ptxas and cuobjdump, so the machine code of a kernel can be produced and read where it
+is written. `check_all` calls each public launcher with CPU tensors of a llama2-7b layer's shapes while
+`JITFunction.run` is replaced by a recorder: the launcher checks its arguments and computes its grid and
+constexprs as it would on the GPU, and the recorder compiles that exact specialisation for sm_90 instead of
+running it (ints divisible by 16 and 16-byte aligned pointers are marked so, as Triton's launcher would).
+Each result gives registers, spills (local memory) and shared memory; a kernel that fails to compile, spills or
+needs more shared memory than an H100/H200 block may have is a failure, found before any GPU time is spent.
+
+    python -m replayllm.bench.hopper_compile      (prints one line per kernel; exit 1 on a failure)
+
+Run it without TRITON_INTERPRET: the interpreter replaces the JIT functions this relies on. The machine code
+comes from the local Triton, whose version may differ from the one on a GPU host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+HOPPER_SHARED_BYTES = 232448  # dynamic shared memory one block may have on sm_90 (227 KiB)
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8",
+                 torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
+
+
+@dataclass(frozen=True)
+class CompiledFacts:
+    name: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+
+    @property
+    def problems(self) -> list[str]:
+        found = []
+        if self.spill_bytes:
+            found.append(f"spills {self.spill_bytes} bytes to local memory")
+        if self.shared_bytes > HOPPER_SHARED_BYTES:
+            found.append(f"needs {self.shared_bytes} bytes of shared memory (> {HOPPER_SHARED_BYTES})")
+        return found
+
+
+def compile_for_hopper(fn: JITFunction, types: dict[str, str], constants: dict, aligned: list[str], warps: int,
+                       stages: int):
+    """Compile `fn` for sm_90: `types` gives each runtime argument's Triton type ("*u8", "i32"), `aligned` the
+    arguments Triton may assume 16-byte divisible."""
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in constants else types[n] for n in names}
+    source = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constants.items()},
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "num_stages": stages})
+
+
+def cuobjdump(*args: str) -> str:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return subprocess.run([str(tool), *args], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(kernel) -> tuple[int, int]:
+    """(registers, local-memory bytes) of a compiled kernel, from cuobjdump."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = cuobjdump("--dump-resource-usage", str(cubin))
+    regs = re.search(r"REG:(\d+)", usage)
+    local = re.search(r"LOCAL:(\d+)", usage)
+    return int(regs.group(1)) if regs else -1, int(local.group(1)) if local else 0
+
+
+def _signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict, list, int, int]:
+    kwargs = dict(kwargs)
+    warps, stages = kwargs.pop("num_warps", 4), kwargs.pop("num_stages", 3)
+    bound = dict(zip(fn.arg_names, args)) | kwargs
+    constants = {n: v for n, v in bound.items() if fn.params[fn.arg_names.index(n)].is_constexpr}
+    types, aligned = {}, []
+    for name, value in bound.items():
+        if name in constants:
+            continue
+        if isinstance(value, torch.Tensor):
+            types[name] = "*" + _TRITON_DTYPE[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                aligned.append(name)
+        elif isinstance(value, bool):
+            types[name] = "i1"
+        elif isinstance(value, int):
+            types[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                aligned.append(name)
+        elif isinstance(value, float):
+            types[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: argument {name} of type {type(value).__name__} not understood")
+    return types, constants, aligned, warps, stages
+
+
+@contextlib.contextmanager
+def compiling_launches(results: list[CompiledFacts], label: str = "") -> Iterator[None]:
+    """While active, every Triton launch is compiled for sm_90 (and not run); facts go to `results`."""
+    real_run = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        types, constants, aligned, warps, stages = _signature(self, args, kwargs)
+        kernel = compile_for_hopper(self, types, constants, aligned, warps, stages)
+        registers, spills = resource_usage(kernel)
+        results.append(CompiledFacts(f"{label}{self.__name__}", registers, spills, kernel.metadata.shared))
+
+    JITFunction.run = record
+    try:
+        yield
+    finally:
+        JITFunction.run = real_run
+
+
+def _launches() -> list[tuple[str, Callable[[], object]]]:
+    """(label, a call of a public launcher at llama2-7b's shapes) for every kernel the engine launches."""
+    from gguf import GGMLQuantizationType as T
+
+    from .. import kernels as K
+    from ..kernels.quant_matvec_q8 import ActivationQ8, quant_matvec_q8, quantize_activations
+    from ..kernels.quant_weight import MATVEC_TYPES
+    from ..synth.random_rows import random_gguf_rows
+
+    hidden, ffn, heads, head_dim, page = 4096, 11008, 32, 128, 16
+
+    def weight(ggml_type, n_cols=hidden, n_rows=32):
+        return K.pack_weight(ggml_type, random_gguf_rows(ggml_type, n_rows, n_cols, 0), n_cols)
+
+    calls = []
+    x1, x16, x512 = (torch.zeros(b, hidden) for b in (1, 16, 512))
+    for t in sorted(MATVEC_TYPES, key=int):
+        w = weight(t)
+        calls.append((f"{t.name} decode GEMV: ", lambda w=w: K.quant_matvec(x1, w, torch.zeros(1, 32))))
+        calls.append((f"{t.name} prefill GEMM: ", lambda w=w: K.quant_matmul(x512, w, torch.zeros(512, 32))))
+    w4 = weight(T.Q4_K)
+    calls.append(("Q4_K batch-16 GEMV: ", lambda: K.quant_matvec(x16, w4, torch.zeros(16, 32))))
+    calls.append(("Q4_K dequantize: ", lambda: K.dequantize_into(w4, torch.zeros(32, hidden, dtype=torch.float16))))
+    calls.append(("Q4_K gather rows: ", lambda: K.gather_rows(w4, torch.zeros(3, dtype=torch.int64),
+                                                              torch.zeros(3, hidden))))
+    xq = ActivationQ8.allocate(1, ffn, "cpu")
+    calls.append(("int8 activations: ", lambda: quantize_activations(torch.zeros(1, ffn), xq)))
+    for t in (T.Q4_K, T.Q6_K, T.Q8_0):
+        w = weight(t, n_cols=ffn)
+        calls.append((f"{t.name} int8 GEMV: ", lambda w=w: quant_matvec_q8(xq, w, torch.zeros(1, 32))))
+    norm = torch.ones(hidden)
+    calls.append(("", lambda: K.rmsnorm(x1, norm, 1e-5, torch.zeros(1, hidden))))
+    calls.append(("", lambda: K.add_rmsnorm(x1, torch.zeros(1, hidden), norm, 1e-5, torch.zeros(1, hidden))))
+    calls.append(("", lambda: K.silu_mul(torch.zeros(1, 2 * ffn), torch.zeros(1, ffn))))
+    cache = torch.zeros(4, heads, page, head_dim, dtype=torch.float16)
+    table = torch.zeros(1, 4, dtype=torch.int32)
+    positions = torch.zeros(1, dtype=torch.int32)
+    rope = torch.zeros(64, head_dim // 2)
+    q = torch.zeros(1, heads, head_dim)
+    calls.append(("", lambda: K.rope_and_cache_write(q, q.clone(), q.clone(), rope, rope, positions, cache,
+                                                     cache.clone(), table, neox=False)))
+    workspace = K.DecodeAttentionWorkspace.create(1, heads, head_dim, 4096, "cpu")
+    calls.append(("", lambda: K.paged_decode_attention(q, cache, cache, table, positions, 0.1,
+                                                       torch.zeros_like(q), workspace)))
+    q_prefill = torch.zeros(48, heads, head_dim)
+    calls.append(("", lambda: K.paged_prefill_attention(q_prefill, cache, cache, table[0], 0,
+                                                        torch.zeros_like(q_prefill))))
+    return calls
+
+
+def check_all(verbose: bool = True) -> list[CompiledFacts]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("hopper_compile needs Triton's compiler: run it without TRITON_INTERPRET=1")
+    results: list[CompiledFacts] = []
+    for label, call in _launches():
+        with compiling_launches(results, label):
+            call()
+    if verbose:
+        for r in results:
+            status = "; ".join(r.problems) or "ok"
+            print(f"{r.name:55s} {r.registers:4d} regs  {r.shared_bytes:7d} B shared  {status}")
+    return results
+
+
+def main() -> None:
+    results = check_all()
+    bad = [r for r in results if r.problems]
+    print(f"{len(results)} kernels compiled for sm_90 (Triton {triton.__version__}); {len(bad)} with problems")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

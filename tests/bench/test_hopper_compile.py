@@ -1,0 +1,25 @@
+"""Every kernel the engine launches compiles for Hopper (sm_90) without spilling and within a block's shared
+memory: checked on the CPU with Triton's own ptxas, before any GPU time is spent (bench/hopper_compile.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+
+def test_every_kernel_compiles_for_hopper():
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (tools / "ptxas").exists() or not (tools / "cuobjdump").exists():
+        pytest.skip("this Triton has no ptxas/cuobjdump")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "replayllm.bench.hopper_compile"], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if "regs" in line]
+    assert len(lines) >= 30 and all(line.endswith("ok") for line in lines), done.stdout
+    assert "_paged_prefill_attention_kernel" in done.stdout and "_quant_matmul_kernel" in done.stdout

@@ -1,0 +1,31 @@
+"""LinearMethods: the per-shape, per-size choice of prefill GEMM that tune_methods fills on the GPU."""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGMLQuantizationType
+
+from replayllm.kernels import QuantWeight
+from replayllm.runner.prefill_tuning import DEQUANT_GEMM, FUSED, LinearMethods, shape_key
+
+T = GGMLQuantizationType
+
+
+def f16_weight(n_rows: int, n_cols: int) -> QuantWeight:
+    return QuantWeight(T.F16, n_rows, n_cols, torch.zeros(n_rows, n_cols, dtype=torch.float16))
+
+
+def test_the_bucket_at_or_above_the_row_count_decides_and_the_last_covers_more():
+    w = f16_weight(64, 32)
+    methods = LinearMethods({shape_key(w): [(16, FUSED, 1.0, 2.0), (128, DEQUANT_GEMM, 3.0, 2.5),
+                                            (2048, FUSED, 9.0, 9.5)]})
+    assert [methods.get(w, rows) for rows in (1, 16, 17, 128, 129, 2048, 5000)] == [
+        FUSED, FUSED, DEQUANT_GEMM, DEQUANT_GEMM, FUSED, FUSED, FUSED]
+
+
+def test_unmeasured_shapes_use_the_fused_gemm_and_json_lists_every_entry():
+    measured, other = f16_weight(64, 32), f16_weight(32, 64)
+    methods = LinearMethods({shape_key(measured): [(16, DEQUANT_GEMM, float("inf"), 0.5)]})
+    assert methods.get(other, 100) == FUSED
+    assert methods.as_json() == [{"type": "F16", "n_rows": 64, "n_cols": 32, "rows": 16, "method": DEQUANT_GEMM,
+                                  "fused_ms": None, "dequant_gemm_ms": 0.5}]
