@@ -54,12 +54,8 @@ def compiled_facts(kernel, out: Path, name: str) -> list[dict]:
 def probe_q8(weights, x, y, out: Path) -> dict:
     """The experimental int8-activation Q4_K kernel on the same weights: its GB/s (quantizing the activations
     once per launch included, as the decode step would), and its agreement with the default kernel."""
-    from replayllm.kernels.quant_matvec_q8 import (
-        ActivationQ8,
-        _q4k_matvec_q8_kernel,
-        quant_matvec_q8,
-        quantize_activations,
-    )
+    from replayllm.kernels.int8_activations import ActivationQ8, quantize_activations
+    from replayllm.kernels.quant_matvec_q8 import _q4k_matvec_q8_kernel, quant_matvec_q8
 
     xq = ActivationQ8.allocate(1, x.shape[1], "cuda")
     reference = torch.empty_like(y)
@@ -99,7 +95,8 @@ def main() -> None:
             for i in range(args.launches):
                 quant_matvec(x, weights[i % COPIES], y)
             if ggml_type == T.Q4_K:  # the int8-activation kernel too (its own ncu pass filters by name)
-                from replayllm.kernels.quant_matvec_q8 import ActivationQ8, quant_matvec_q8, quantize_activations
+                from replayllm.kernels.int8_activations import ActivationQ8, quantize_activations
+                from replayllm.kernels.quant_matvec_q8 import quant_matvec_q8
                 xq = quantize_activations(x, ActivationQ8.allocate(1, n_cols, "cuda"))
                 for i in range(args.launches):
                     quant_matvec_q8(xq, weights[i % COPIES], y)

@@ -85,7 +85,8 @@ def sweep_gemm(quick: bool, out_dir: Path) -> list[dict]:
 
 
 def sweep_gemv(quick: bool) -> list[dict]:
-    from replayllm.kernels.quant_matvec_q8 import ActivationQ8, quant_matvec_q8, quantize_activations
+    from replayllm.kernels.int8_activations import ActivationQ8, quantize_activations
+    from replayllm.kernels.quant_matvec_q8 import quant_matvec_q8
 
     results = []
     for ggml_type, n_rows, n_cols in GEMV_SHAPES:

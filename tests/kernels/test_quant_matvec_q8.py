@@ -8,13 +8,8 @@ import torch
 from gguf import GGMLQuantizationType
 
 from replayllm.errors import UnsupportedError
-from replayllm.kernels.quant_matvec_q8 import (
-    ActivationQ8,
-    quant_matvec_q8,
-    quant_matvec_q8_reference,
-    quantize_activations,
-    quantize_activations_reference,
-)
+from replayllm.kernels.int8_activations import ActivationQ8, quantize_activations, quantize_activations_reference
+from replayllm.kernels.quant_matvec_q8 import quant_matvec_q8, quant_matvec_q8_reference
 from replayllm.kernels.quant_weight import dequantize_reference, pack_weight
 
 T = GGMLQuantizationType

@@ -131,7 +131,8 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
     from gguf import GGMLQuantizationType as T
 
     from .. import kernels as K
-    from ..kernels.quant_matvec_q8 import ActivationQ8, quant_matvec_q8, quantize_activations
+    from ..kernels.int8_activations import ActivationQ8, quantize_activations
+    from ..kernels.quant_matvec_q8 import quant_matvec_q8
     from ..kernels.quant_weight import MATVEC_TYPES
     from ..synth.random_rows import random_gguf_rows
 
@@ -160,6 +161,9 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
     calls.append(("", lambda: K.rmsnorm(x1, norm, 1e-5, torch.zeros(1, hidden))))
     calls.append(("", lambda: K.add_rmsnorm(x1, torch.zeros(1, hidden), norm, 1e-5, torch.zeros(1, hidden))))
     calls.append(("", lambda: K.silu_mul(torch.zeros(1, 2 * ffn), torch.zeros(1, ffn))))
+    h_q8 = ActivationQ8.allocate(1, hidden, "cpu")
+    calls.append(("+ int8 copy: ", lambda: K.rmsnorm(x1, norm, 1e-5, torch.zeros(1, hidden), h_q8)))
+    calls.append(("+ int8 copy: ", lambda: K.silu_mul(torch.zeros(1, 2 * ffn), torch.zeros(1, ffn), xq)))
     cache = torch.zeros(4, heads, page, head_dim, dtype=torch.float16)
     table = torch.zeros(1, 4, dtype=torch.int32)
     positions = torch.zeros(1, dtype=torch.int32)

@@ -1,7 +1,9 @@
 """SwiGLU activation of the fused gate/up projection: out = silu(gate) * up.
 
 The gate and up projections run as one matrix-vector product whose output row is [gate | up]
-(gate_up [B, 2F]), so the activation reads both halves of a row and writes [B, F].
+(gate_up [B, 2F]), so the activation reads both halves of a row and writes [B, F]; with `out_q8` the same
+launch also writes it quantized to int8 in blocks of 32 (int8_activations), the down projection's input on the
+int8-activation path.
 """
 
 from __future__ import annotations
@@ -11,34 +13,51 @@ import triton
 import triton.language as tl
 
 from ._tensor_checks import check_same_device, check_tensor
+from .int8_activations import ACTIVATION_BLOCK, ActivationQ8, _quantize_blocks, check_activation_q8
 
-BLOCK_F = 512
+BLOCK_F = 512  # a multiple of ACTIVATION_BLOCK: each program quantizes whole blocks
 
 
 @triton.jit
-def _silu_mul_kernel(gate_up_ptr, out_ptr, ffn_size, gate_up_row_stride, out_row_stride, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_up_ptr, out_ptr, q_ptr, q_scale_ptr, q_sum_ptr, ffn_size, gate_up_row_stride,
+                     out_row_stride, q_row_stride, q_scale_row_stride, QUANTIZE: tl.constexpr, BLOCK: tl.constexpr):
     # gate_up: [B, 2 * ffn_size] f32 (gate = first half); out: [B, ffn_size] f32; grid (B, cdiv(ffn_size, BLOCK))
+    # q: [B, ffn_size] int8, q_scale, q_sum: [B, ffn_size / 32] f32 (QUANTIZE only; BLOCK is a multiple of 32)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < ffn_size
     gate = tl.load(gate_up_ptr + row * gate_up_row_stride + cols, mask=mask, other=0.0)
     up = tl.load(gate_up_ptr + row * gate_up_row_stride + ffn_size + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * out_row_stride + cols, gate * tl.sigmoid(gate) * up, mask=mask)
+    act = gate * tl.sigmoid(gate) * up  # zero past ffn_size
+    tl.store(out_ptr + row * out_row_stride + cols, act, mask=mask)
+    if QUANTIZE:
+        blocks = tl.program_id(1) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)  # [BLOCK / 32]
+        in_block = blocks[:, None] * 32 + tl.arange(0, 32)[None, :]  # [BLOCK / 32, 32]
+        _quantize_blocks(tl.reshape(act, [BLOCK // 32, 32]), q_ptr + row * q_row_stride + in_block,
+                         q_scale_ptr + row * q_scale_row_stride + blocks, q_sum_ptr + row * q_scale_row_stride + blocks,
+                         blocks * 32 < ffn_size)
 
 
-def silu_mul(gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out [B, F] f32 = silu(gate_up[:, :F]) * gate_up[:, F:] for gate_up [B, 2F] f32. Returns `out`."""
+def silu_mul(gate_up: torch.Tensor, out: torch.Tensor, out_q8: ActivationQ8 | None = None) -> torch.Tensor:
+    """out [B, F] f32 = silu(gate_up[:, :F]) * gate_up[:, F:] for gate_up [B, 2F] f32; with `out_q8` (F a multiple
+    of 32), also out quantized to int8 in blocks of 32, as quantize_activations(out) would. Returns `out`."""
     check_tensor("gate_up", gate_up, torch.float32, (None, None), layout="rows")
     batch, width = gate_up.shape
     if width % 2:
         raise ValueError(f"gate_up: width must be even (gate | up), got {width}")
     ffn_size = width // 2
     check_tensor("out", out, torch.float32, (batch, ffn_size), layout="rows")
-    check_same_device(gate_up=gate_up, out=out)
+    tensors = {"gate_up": gate_up, "out": out}
+    if out_q8 is not None:
+        check_activation_q8("out_q8", out_q8, batch, ffn_size)
+        tensors |= {"out_q8.q": out_q8.q, "out_q8.scale": out_q8.scale, "out_q8.block_sum": out_q8.block_sum}
+    check_same_device(**tensors)
     if batch == 0 or ffn_size == 0:
         return out
+    q, q_scale, q_sum = (out_q8.q, out_q8.scale, out_q8.block_sum) if out_q8 is not None else (out, out, out)
     _silu_mul_kernel[(batch, triton.cdiv(ffn_size, BLOCK_F))](
-        gate_up, out, ffn_size, gate_up.stride(0), out.stride(0), BLOCK=BLOCK_F, num_warps=4)
+        gate_up, out, q, q_scale, q_sum, ffn_size, gate_up.stride(0), out.stride(0), q.stride(0), q_scale.stride(0),
+        QUANTIZE=out_q8 is not None, BLOCK=BLOCK_F, num_warps=4)
     return out
 
 

@@ -31,8 +31,6 @@ Under Triton's interpreter (no PTX), `dp4a` is computed with shifts and multipli
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -40,73 +38,10 @@ from gguf import GGMLQuantizationType
 
 from ..errors import UnsupportedError
 from ._tensor_checks import check_same_device, check_tensor
+from .int8_activations import ACTIVATION_BLOCK, ActivationQ8
 from .quant_weight import QuantWeight
 
 T = GGMLQuantizationType
-
-ACTIVATION_BLOCK = 32
-
-
-@dataclass(frozen=True)
-class ActivationQ8:
-    """B activation rows of K values quantized in blocks of 32: x ~ q * scale; `block_sum` is the exact sum of
-    each block's original values (the Q4_K min term needs it)."""
-
-    q: torch.Tensor  # [B, K] int8
-    scale: torch.Tensor  # [B, K / 32] f32
-    block_sum: torch.Tensor  # [B, K / 32] f32
-
-    @classmethod
-    def allocate(cls, batch: int, n_cols: int, device: torch.device | str) -> ActivationQ8:
-        if n_cols % ACTIVATION_BLOCK:
-            raise ValueError(f"n_cols must be a multiple of {ACTIVATION_BLOCK}, got {n_cols}")
-        blocks = n_cols // ACTIVATION_BLOCK
-        return cls(torch.zeros(batch, n_cols, dtype=torch.int8, device=device),
-                   torch.zeros(batch, blocks, dtype=torch.float32, device=device),
-                   torch.zeros(batch, blocks, dtype=torch.float32, device=device))
-
-
-@triton.jit
-def _quantize_activations_kernel(x_ptr, q_ptr, scale_ptr, sum_ptr, n_blocks, stride_x, stride_q, stride_s,
-                                 BLOCKS: tl.constexpr):
-    # One program: BLOCKS blocks of 32 values of one activation row.
-    row = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)  # [BLOCKS]
-    i = tl.arange(0, 32)[None, :]  # [1, 32]
-    ok = (b < n_blocks)[:, None]
-    x = tl.load(x_ptr + row * stride_x + b[:, None] * 32 + i, mask=ok, other=0.0)  # [BLOCKS, 32]
-    amax = tl.max(tl.abs(x), axis=1)  # [BLOCKS]
-    scale = amax / 127.0
-    inverse = tl.where(amax > 0.0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-    q = tl.floor(x * inverse[:, None] + 0.5)  # in [-127, 127]
-    tl.store(q_ptr + row * stride_q + b[:, None] * 32 + i, q.to(tl.int8), mask=ok)
-    tl.store(scale_ptr + row * stride_s + b, scale, mask=b < n_blocks)
-    tl.store(sum_ptr + row * stride_s + b, tl.sum(x, axis=1), mask=b < n_blocks)
-
-
-def quantize_activations(x: torch.Tensor, out: ActivationQ8) -> ActivationQ8:
-    """out = x [B, K] f32 quantized in blocks of 32 (see ActivationQ8). One launch, graph-capturable."""
-    check_tensor("x", x, torch.float32, (None, None), layout="rows")
-    batch, n_cols = x.shape
-    check_tensor("out.q", out.q, torch.int8, (batch, n_cols))
-    check_tensor("out.scale", out.scale, torch.float32, (batch, n_cols // ACTIVATION_BLOCK))
-    check_tensor("out.block_sum", out.block_sum, torch.float32, (batch, n_cols // ACTIVATION_BLOCK))
-    check_same_device(x=x, q=out.q, scale=out.scale, block_sum=out.block_sum)
-    n_blocks = n_cols // ACTIVATION_BLOCK
-    blocks = 16
-    _quantize_activations_kernel[(batch, triton.cdiv(n_blocks, blocks))](
-        x, out.q, out.scale, out.block_sum, n_blocks, x.stride(0), out.q.stride(0), out.scale.stride(0),
-        BLOCKS=blocks, num_warps=4)
-    return out
-
-
-def quantize_activations_reference(x: torch.Tensor) -> ActivationQ8:
-    blocks = x.float().view(x.shape[0], -1, ACTIVATION_BLOCK)  # [B, K/32, 32]
-    amax = blocks.abs().amax(dim=-1)
-    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    q = torch.floor(blocks * inverse[..., None] + 0.5).to(torch.int8).view(x.shape)
-    return ActivationQ8(q, amax / 127.0, blocks.sum(dim=-1))
-
 
 # How _dot4 reads the bytes of its first operand.
 _U8: tl.constexpr = tl.constexpr(0)  # unsigned (Q4_K nibbles)

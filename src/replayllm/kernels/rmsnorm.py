@@ -2,7 +2,9 @@
 
 One program normalises one row held entirely in registers, so the same kernel serves the hidden state
 ([B, D], D up to a few thousand) and qwen3's per-head QK norm (q viewed as [B * H, head_dim]). Each element is
-read before the same thread writes it, so `out` may be `x` itself (in-place normalisation).
+read before the same thread writes it, so `out` may be `x` itself (in-place normalisation). With `out_q8` the
+same launch also writes the normalised row quantized to int8 in blocks of 32 (int8_activations), the input of
+the int8-activation GEMVs, saving the decode step a launch per projection input.
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ import triton
 import triton.language as tl
 
 from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
+from .int8_activations import ACTIVATION_BLOCK, ActivationQ8, _quantize_blocks, check_activation_q8
 
 MAX_ROW_SIZE = 32768  # one row lives in registers; larger rows would spill
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, row_size, x_row_stride, residual_row_stride,
-                    out_row_stride, eps, HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, q_ptr, q_scale_ptr, q_sum_ptr, row_size, x_row_stride,
+                    residual_row_stride, out_row_stride, q_row_stride, q_scale_row_stride, eps,
+                    HAS_RESIDUAL: tl.constexpr, QUANTIZE: tl.constexpr, BLOCK_D: tl.constexpr):
     # x, residual, out: [R, row_size] f32, unit column stride; weight: [row_size] f32; grid (R,)
+    # q: [R, row_size] int8, q_scale, q_sum: [R, row_size / 32] f32 (QUANTIZE only)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < row_size
@@ -31,12 +36,21 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, row_size, x_row_st
     mean_square = tl.sum(x * x, axis=0) / row_size
     inv_rms = 1.0 / tl.sqrt(mean_square + eps)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * out_row_stride + cols, x * inv_rms * weight, mask=mask)
+    y = x * inv_rms * weight  # zero past row_size
+    tl.store(out_ptr + row * out_row_stride + cols, y, mask=mask)
+    if QUANTIZE:
+        blocks = tl.arange(0, BLOCK_D // 32)  # [BLOCK_D / 32]
+        in_block = blocks[:, None] * 32 + tl.arange(0, 32)[None, :]  # [BLOCK_D / 32, 32]
+        _quantize_blocks(tl.reshape(y, [BLOCK_D // 32, 32]), q_ptr + row * q_row_stride + in_block,
+                         q_scale_ptr + row * q_scale_row_stride + blocks, q_sum_ptr + row * q_scale_row_stride + blocks,
+                         blocks * 32 < row_size)
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
-    """out [R, D] f32 = rmsnorm(x [R, D] f32) * weight [D] f32. `out` may be `x`. Returns `out`."""
-    _launch(x, None, weight, eps, out)
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor,
+            out_q8: ActivationQ8 | None = None) -> torch.Tensor:
+    """out [R, D] f32 = rmsnorm(x [R, D] f32) * weight [D] f32. `out` may be `x`. With `out_q8` (D a multiple of
+    32), also out quantized to int8 in blocks of 32, as quantize_activations(out) would. Returns `out`."""
+    _launch(x, None, weight, eps, out, out_q8)
     return out
 
 
@@ -48,7 +62,7 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, e
 
 
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-            out: torch.Tensor) -> None:
+            out: torch.Tensor, out_q8: ActivationQ8 | None = None) -> None:
     check_tensor("x", x, torch.float32, (None, None), layout="rows")
     rows, row_size = x.shape
     check_tensor("weight", weight, torch.float32, (row_size,))
@@ -59,6 +73,9 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         if residual.data_ptr() in (out.data_ptr(), x.data_ptr()):
             raise ValueError("residual must not share memory with x or out: it receives residual + x")
         tensors["residual"] = residual
+    if out_q8 is not None:
+        check_activation_q8("out_q8", out_q8, rows, row_size)
+        tensors |= {"out_q8.q": out_q8.q, "out_q8.scale": out_q8.scale, "out_q8.block_sum": out_q8.block_sum}
     check_same_device(**tensors)
     if not 0 < row_size <= MAX_ROW_SIZE:
         raise ValueError(f"x: row size must be in 1..{MAX_ROW_SIZE}, got {row_size}")
@@ -69,9 +86,11 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     block = next_power_of_2(row_size)
     has_residual = residual is not None
     residual_arg = residual if has_residual else x  # never read when HAS_RESIDUAL is False
+    q, q_scale, q_sum = (out_q8.q, out_q8.scale, out_q8.block_sum) if out_q8 is not None else (out, out, out)
     _rmsnorm_kernel[(rows,)](
-        x, residual_arg, weight, out, row_size, x.stride(0), residual_arg.stride(0), out.stride(0), float(eps),
-        HAS_RESIDUAL=has_residual, BLOCK_D=block, num_warps=min(16, max(1, block // 256)))
+        x, residual_arg, weight, out, q, q_scale, q_sum, row_size, x.stride(0), residual_arg.stride(0),
+        out.stride(0), q.stride(0), q_scale.stride(0), float(eps), HAS_RESIDUAL=has_residual,
+        QUANTIZE=out_q8 is not None, BLOCK_D=max(block, ACTIVATION_BLOCK), num_warps=min(16, max(1, block // 256)))
 
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -21,13 +21,8 @@ from ..kernels import (
     rope_and_cache_write,
     silu_mul,
 )
-from ..kernels.quant_matvec_q8 import (
-    ACTIVATION_BLOCK,
-    SUPPORTED_TYPES as INT8_ACTIVATION_TYPES,
-    ActivationQ8,
-    quant_matvec_q8,
-    quantize_activations,
-)
+from ..kernels.int8_activations import ACTIVATION_BLOCK, ActivationQ8, quantize_activations
+from ..kernels.quant_matvec_q8 import SUPPORTED_TYPES as INT8_ACTIVATION_TYPES, quant_matvec_q8
 from ..kernels.quant_weight import QuantWeight
 from ..models import ModelConfig
 from .kv_cache import PagedKVCache
@@ -116,8 +111,9 @@ def decode_step(config: ModelConfig, weights: DeviceWeights, cache: PagedKVCache
 
 def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      rope: RopeTables, bufs: StepBuffers) -> None:
-    rmsnorm(bufs.x, layer.attn_norm, config.rms_norm_eps, bufs.h)
-    _project(bufs.h, layer.qkv, bufs.qkv, layer.qkv_bias, _int8_copy(bufs, bufs.h, bufs.h_q8))
+    h_q8 = bufs.h_q8 if bufs.int8_activations else None  # written by the norm's own launch
+    rmsnorm(bufs.x, layer.attn_norm, config.rms_norm_eps, bufs.h, h_q8)
+    _project(bufs.h, layer.qkv, bufs.qkv, layer.qkv_bias, h_q8)
     if bufs.batch_size > 1:
         B, Dh = bufs.batch_size, config.head_dim
         q, k, v = bufs.qkv.split([t.shape[1] * Dh for t in (bufs.q, bufs.k, bufs.v)], dim=1)
@@ -144,14 +140,16 @@ def head_norms(config: ModelConfig, layer: LayerWeights, q: torch.Tensor, k: tor
 
 
 def _mlp_block(config: ModelConfig, layer: LayerWeights, bufs: StepBuffers) -> None:
-    rmsnorm(bufs.x, layer.ffn_norm, config.rms_norm_eps, bufs.h)
-    _project(bufs.h, layer.gate_up, bufs.gate_up, None, _int8_copy(bufs, bufs.h, bufs.h_q8))
-    silu_mul(bufs.gate_up, bufs.act)
-    _project(bufs.act, [layer.ffn_down], bufs.x, None, _int8_copy(bufs, bufs.act, bufs.act_q8), accumulate=True)
+    h_q8, act_q8 = (bufs.h_q8, bufs.act_q8) if bufs.int8_activations else (None, None)
+    rmsnorm(bufs.x, layer.ffn_norm, config.rms_norm_eps, bufs.h, h_q8)
+    _project(bufs.h, layer.gate_up, bufs.gate_up, None, h_q8)
+    silu_mul(bufs.gate_up, bufs.act, act_q8)  # the int8 copy from the same launch
+    _project(bufs.act, [layer.ffn_down], bufs.x, None, act_q8, accumulate=True)
 
 
 def _int8_copy(bufs: StepBuffers, x: torch.Tensor, xq: ActivationQ8 | None) -> ActivationQ8 | None:
-    """x quantized into xq when the step runs with int8 activations, else None."""
+    """x quantized into xq when the step runs with int8 activations, else None (the attention output: the norm
+    and SiLU kernels quantize their own outputs)."""
     if not bufs.int8_activations:
         return None
     return quantize_activations(x, xq)

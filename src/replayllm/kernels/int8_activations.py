@@ -1,0 +1,95 @@
+"""Activation rows quantized to int8 in blocks of 32, for the int8-activation GEMVs (quant_matvec_q8).
+
+Each block of 32 values gets one f32 scale, amax / 127, and quants round(x / scale) in [-127, 127]; the exact
+f32 sum of the block's original values is kept too (the Q4_K min term needs it). The block arithmetic is one
+Triton helper, `_quantize_blocks`, shared by the standalone kernel here and by the kernels that produce an
+activation and quantize it in the same launch (rmsnorm, silu_mul): every path gives bit-identical results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._tensor_checks import check_same_device, check_tensor
+
+ACTIVATION_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class ActivationQ8:
+    """B activation rows of K values quantized in blocks of 32: x ~ q * scale; `block_sum` is the exact sum of
+    each block's original values (the Q4_K min term needs it)."""
+
+    q: torch.Tensor  # [B, K] int8
+    scale: torch.Tensor  # [B, K / 32] f32
+    block_sum: torch.Tensor  # [B, K / 32] f32
+
+    @classmethod
+    def allocate(cls, batch: int, n_cols: int, device: torch.device | str) -> ActivationQ8:
+        if n_cols % ACTIVATION_BLOCK:
+            raise ValueError(f"n_cols must be a multiple of {ACTIVATION_BLOCK}, got {n_cols}")
+        blocks = n_cols // ACTIVATION_BLOCK
+        return cls(torch.zeros(batch, n_cols, dtype=torch.int8, device=device),
+                   torch.zeros(batch, blocks, dtype=torch.float32, device=device),
+                   torch.zeros(batch, blocks, dtype=torch.float32, device=device))
+
+
+def check_activation_q8(name: str, xq: ActivationQ8, batch: int, n_cols: int) -> None:
+    """xq holds `batch` rows of `n_cols` values (contiguous, as `allocate` makes them)."""
+    if n_cols % ACTIVATION_BLOCK:
+        raise ValueError(f"{name}: int8 activations need a width that is a multiple of {ACTIVATION_BLOCK}, "
+                         f"got {n_cols}")
+    check_tensor(f"{name}.q", xq.q, torch.int8, (batch, n_cols))
+    check_tensor(f"{name}.scale", xq.scale, torch.float32, (batch, n_cols // ACTIVATION_BLOCK))
+    check_tensor(f"{name}.block_sum", xq.block_sum, torch.float32, (batch, n_cols // ACTIVATION_BLOCK))
+
+
+@triton.jit
+def _quantize_blocks(x, q_ptrs, scale_ptrs, sum_ptrs, block_ok):
+    """Quantize x [N, 32] f32 (N blocks) and store the int8 quants at q_ptrs [N, 32], the scales and the exact
+    block sums at scale_ptrs, sum_ptrs [N]; blocks where block_ok [N] is false are not stored."""
+    amax = tl.max(tl.abs(x), axis=1)  # [N]
+    inverse = tl.where(amax > 0.0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+    q = tl.floor(x * inverse[:, None] + 0.5)  # in [-127, 127]
+    tl.store(q_ptrs, q.to(tl.int8), mask=block_ok[:, None])
+    tl.store(scale_ptrs, amax / 127.0, mask=block_ok)
+    tl.store(sum_ptrs, tl.sum(x, axis=1), mask=block_ok)
+
+
+@triton.jit
+def _quantize_activations_kernel(x_ptr, q_ptr, scale_ptr, sum_ptr, n_blocks, stride_x, stride_q, stride_s,
+                                 BLOCKS: tl.constexpr):
+    # One program: BLOCKS blocks of 32 values of one activation row.
+    row = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)  # [BLOCKS]
+    i = tl.arange(0, 32)[None, :]  # [1, 32]
+    ok = b < n_blocks
+    x = tl.load(x_ptr + row * stride_x + b[:, None] * 32 + i, mask=ok[:, None], other=0.0)  # [BLOCKS, 32]
+    _quantize_blocks(x, q_ptr + row * stride_q + b[:, None] * 32 + i, scale_ptr + row * stride_s + b,
+                     sum_ptr + row * stride_s + b, ok)
+
+
+def quantize_activations(x: torch.Tensor, out: ActivationQ8) -> ActivationQ8:
+    """out = x [B, K] f32 quantized in blocks of 32 (see ActivationQ8). One launch, graph-capturable."""
+    check_tensor("x", x, torch.float32, (None, None), layout="rows")
+    batch, n_cols = x.shape
+    check_activation_q8("out", out, batch, n_cols)
+    check_same_device(x=x, q=out.q, scale=out.scale, block_sum=out.block_sum)
+    n_blocks = n_cols // ACTIVATION_BLOCK
+    blocks = 16
+    _quantize_activations_kernel[(batch, triton.cdiv(n_blocks, blocks))](
+        x, out.q, out.scale, out.block_sum, n_blocks, x.stride(0), out.q.stride(0), out.scale.stride(0),
+        BLOCKS=blocks, num_warps=4)
+    return out
+
+
+def quantize_activations_reference(x: torch.Tensor) -> ActivationQ8:
+    blocks = x.float().view(x.shape[0], -1, ACTIVATION_BLOCK)  # [B, K/32, 32]
+    amax = blocks.abs().amax(dim=-1)
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.floor(blocks * inverse[..., None] + 0.5).to(torch.int8).view(x.shape)
+    return ActivationQ8(q, amax / 127.0, blocks.sum(dim=-1))
