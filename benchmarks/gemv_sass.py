@@ -38,7 +38,7 @@ def compile_gemv(ggml_type: GGMLQuantizationType, n_cols: int, block_n: int, gro
     w_stub = type("W", (), {"ggml_type": ggml_type, "n_cols": n_cols})  # plan_steps reads only these two
     plan = plan_steps(w_stub, groups)
     constants = dict(QTYPE=int(ggml_type), IS_FLOAT=ggml_type in FLOAT_TYPES, S=plan.groups, W=plan.width,
-                     BLOCK_N=block_n, BLOCK_B=1, HAS_BIAS=False, ACCUMULATE=False)
+                     BLOCK_N=block_n, BLOCK_B=1, HAS_BIAS=False, ACCUMULATE=False, USE_PDL=False)
     types = {}
     for name in _quant_matvec_kernel.arg_names:
         if name in _POINTER:
@@ -59,7 +59,7 @@ def compile_q8_gemv(n_cols: int, block_n: int, chunks: int, warps: int, stages: 
 
     pointers = {"xq_ptr": "*i32", "xs_ptr": "*fp32", "xsum_ptr": "*fp32", "out_ptr": "*fp32", "bias_ptr": "*fp32",
                 "qs_ptr": "*i32", "sc_ptr": "*u8", "mn_ptr": "*u8", "d_ptr": "*fp16", "dm_ptr": "*fp16"}
-    constants = dict(C=chunks, BLOCK_N=block_n, HAS_BIAS=False, ACCUMULATE=False, USE_DP4A=True)
+    constants = dict(C=chunks, BLOCK_N=block_n, HAS_BIAS=False, ACCUMULATE=False, USE_DP4A=True, USE_PDL=False)
     types = {n: pointers.get(n, "i32") for n in _q4k_matvec_q8_kernel.arg_names if n not in constants}
     aligned = [n for n in types if n in pointers or n.startswith("stride")]
     kernel = compile_for_hopper(_q4k_matvec_q8_kernel, types, constants, aligned, warps, stages)

@@ -2,7 +2,7 @@
 # The one script the GPU machine runs: install what is missing (wheels carried in .whl/), write the synthetic
 # models in the background, run the gpu-marked tests, run the benchmarks, write JSON under $OUT (or
 # benchmarks/results/latest/ without $OUT), and print a short summary last.
-#   usage: bash benchmarks/gpu_suite.sh [stage|probe|tests|full] [BENCH_DEADLINE_S]
+#   usage: bash benchmarks/gpu_suite.sh [stage|probe|tests|full|types] [BENCH_DEADLINE_S]
 #     stage  keep the first half of the default model (.carry/a/smol.part00) in /tmp for a second run on the same host
 #     probe  the decode GEMV's evidence: benchmarks/gemv_probe.py (GB/s, registers, spills; the experimental
 #            int8-activation Q4_K kernel beside the default), their SASS (cuobjdump), Nsight Compute's view
@@ -12,6 +12,7 @@
 #     tests  the gpu-marked tests only
 #     full   the tests, then benchmarks/run_gpu_benchmarks.py, which starts no stage past BENCH_DEADLINE_S
 #            seconds (default 330) so that a run under a wall-clock limit still brings results back
+#     types  the tests, then the 7B F16 and Q8_0 benchmarks (run_gpu_benchmarks.py --only types)
 # The default model (98 MB) is larger than one transfer to the GPU host may be, and that host has no network: it
 # travels in two halves over two runs on the same host (`stage`, then a run with .carry/b/smol.part01). Without both,
 # its tests are skipped with that reason. Write .commit (git rev-parse --short=12 HEAD) first: the machine's
@@ -86,6 +87,9 @@ python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/cli tests/run
 status=$(( status | PIPESTATUS[0] ))
 if [ "$MODE" = full ]; then
   python3 benchmarks/run_gpu_benchmarks.py --out "$OUT" --deadline-s "$DEADLINE" 2>&1 | tee -a "$LOG"
+fi
+if [ "$MODE" = types ]; then
+  python3 benchmarks/run_gpu_benchmarks.py --out "$OUT" --deadline-s "$DEADLINE" --only types 2>&1 | tee -a "$LOG"
 fi
 echo "==== summary ===="
 head -n 2 "$LOG"

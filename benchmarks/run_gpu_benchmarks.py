@@ -11,6 +11,7 @@ after the deadline is skipped (and says so), so a run under a wall-clock limit s
 2. llama2-13b Q4_K_M (written in the background once the 7B profile is done): bench and profile.
 3. llama2-7b Q4_K_M loaded again: start-up with Triton's kernel cache warm, then a sweep of matvec launch
    shapes at its real shapes (the data for tuning).
+With --only types: llama2-7b F16 and Q8_0 (written here), bench and graph == eager; a run of its own.
 """
 
 from __future__ import annotations
@@ -127,9 +128,12 @@ def correctness(run: Run, llm: LLM, path: Path) -> None:
         llm.backend.set_mode(mode)
         tokens[mode] = [llm.generate([p], params)[0].token_ids for p in prompts]
     llm.backend.set_mode("graph")
-    llm.backend.set_int8_activations(True)  # experimental: Q4_K matrices on int8 activations
+    llm.backend.set_int8_activations(True)  # experimental: Q4_K/Q6_K/Q8_0 matrices on int8 activations
     tokens["graph-int8"] = [llm.generate([p], params)[0].token_ids for p in prompts]
     llm.backend.set_int8_activations(False)
+    llm.backend.set_pdl(True)  # experimental: the same kernels launched with PDL, so the same tokens
+    tokens["graph-pdl"] = [llm.generate([p], params)[0].token_ids for p in prompts]
+    llm.backend.set_pdl(False)
     gpu_logits = llm.logits(prompts[0])
     reference = ReferenceBackend(llm.model_file, 256, progress=False, device="cuda")
     try:
@@ -149,6 +153,7 @@ def correctness(run: Run, llm: LLM, path: Path) -> None:
         "greedy_32_max_relative_shortfall": [a.max_relative_shortfall for a in agreements],
         "greedy_32_first_divergence": [a.first_divergence for a in agreements],
         "graph_equals_eager": tokens["graph"] == tokens["eager"],
+        "graph_pdl_equals_graph": tokens["graph-pdl"] == tokens["graph"],
         "int8_greedy_32_identical_to_reference": [t == r for t, r in zip(tokens["graph-int8"], ref_tokens)],
         "int8_greedy_32_max_relative_shortfall": [a.max_relative_shortfall for a in int8],
         "tokens_graph": tokens["graph"], "tokens_reference": ref_tokens,
@@ -158,7 +163,8 @@ def correctness(run: Run, llm: LLM, path: Path) -> None:
         f"    7B correctness: max rel logit err {rel:.2e} (tol {LOGIT_TOLERANCE}), argmax equal "
         f"{result['argmax_equal_every_position']}, greedy32 identical {result['greedy_32_identical_to_reference']}, "
         f"max rel shortfall {max(result['greedy_32_max_relative_shortfall']):.1e}, graph==eager "
-        f"{result['graph_equals_eager']}; int8 activations: greedy32 identical "
+        f"{result['graph_equals_eager']}, graph with PDL == graph {result['graph_pdl_equals_graph']}; "
+        f"int8 activations: greedy32 identical "
         f"{result['int8_greedy_32_identical_to_reference']}, max rel shortfall "
         f"{max(result['int8_greedy_32_max_relative_shortfall']):.1e}")
 
@@ -175,13 +181,17 @@ def bench(run: Run, llm: LLM, tests: list[BenchTest], modes: list[str], reps: in
     llm.backend.set_mode("graph")
 
 
-def bench_int8(run: Run, llm: LLM) -> None:
-    """tg128 with the experimental int8-activation Q4_K kernel in the graph, beside the default."""
-    llm.backend.set_int8_activations(True)
-    try:
-        bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
-    finally:
-        llm.backend.set_int8_activations(False)
+def bench_variants(run: Run, llm: LLM) -> None:
+    """tg128 with the experimental decode options, beside the default: int8 activations (Q4_K/Q6_K/Q8_0 GEMVs
+    on dp4a), programmatic dependent launch, and both; each row's backend name says which."""
+    for int8, pdl in ((True, False), (False, True), (True, True)):
+        llm.backend.set_int8_activations(int8)
+        llm.backend.set_pdl(pdl)
+        try:
+            bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
+        finally:
+            llm.backend.set_int8_activations(False)
+            llm.backend.set_pdl(False)
 
 
 def time_to_first_token(backend, prompt_ids: list[int]) -> float:
@@ -282,14 +292,54 @@ def draw_profile(run: Run) -> None:
          f"replayllm per-token critical path, {env['device']}, commit {env['commit']}, {env['date'][:10]}")
 
 
+def other_types(run: Run) -> None:
+    """The decode-speed targets' other 7B files, F16 and Q8_0 (written here, one after the other: ~13 and ~7 GB):
+    tg128 and pp512 in graph mode (and Q8_0 with int8 activations), graph == eager on 16 greedy tokens."""
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    for quant in ("f16", "q8_0"):
+        path = SYNTH_DIR / f"llama2-7b-{quant}.gguf"
+        writer = start_synth("llama2-7b", quant)
+        if writer is not None and run.stage(f"write llama2-7b {quant}", writer.wait) != 0:
+            continue
+        llm = run.stage(f"load llama2-7b {quant}", load, run, f"startup_7b_{quant}", path)
+        if not llm:
+            continue
+        run.stage(f"bench llama2-7b {quant}", bench, run, llm, [BenchTest("tg", 128), BenchTest("pp", 512)],
+                  ["graph"], 2)
+        if quant == "q8_0":
+            llm.backend.set_int8_activations(True)
+            run.stage(f"bench llama2-7b {quant} int8 activations", bench, run, llm, [BenchTest("tg", 128)],
+                      ["graph"], 2)
+            llm.backend.set_int8_activations(False)
+        tokens = {}
+        for mode in ("graph", "eager"):
+            llm.backend.set_mode(mode)
+            tokens[mode] = llm.generate([[1, 450, 4996, 17354]], params)[0].token_ids
+        run.results[f"graph_equals_eager_7b_{quant}"] = tokens["graph"] == tokens["eager"]
+        run.summary.append(f"    7B {quant}: graph == eager on 16 greedy tokens: {tokens['graph'] == tokens['eager']}")
+        llm.close()
+        del llm
+        torch.cuda.empty_cache()
+        path.unlink()  # disk: the next file needs the room
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--deadline-s", type=float, default=400.0, help="start no stage after this many seconds")
+    parser.add_argument("--only", choices=["types"], default=None,
+                        help="types: only the 7B F16 and Q8_0 files (a run of its own: they take minutes to write)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out, args.deadline_s)
+    if args.only == "types":
+        run.results["copy_gbps"] = measure_copy_gbps(torch.device("cuda"))
+        other_types(run)
+        if run.bench_rows:
+            run.summary.append(markdown_table(run.bench_rows))
+        run.flush()
+        return
     synth_13b = None
     from replayllm.bench.profiler import DEFAULT_MODES, table
 
@@ -308,7 +358,7 @@ def main() -> None:
             run.stage("bench llama2-7b Q4_K_M deep + multi-step", bench, run, llm,
                       [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
             run.stage("bench llama2-7b Q4_K_M 4-step", bench, run, llm, [BenchTest("tg", 128)], ["graph-4step"], 2)
-            run.stage("bench llama2-7b Q4_K_M int8 activations (experimental)", bench_int8, run, llm)
+            run.stage("bench llama2-7b Q4_K_M int8 activations / PDL (experimental)", bench_variants, run, llm)
             run.stage("time to first token llama2-7b Q4_K_M, 4095-token prompt", ttft_7b, run, llm)
             llm.close()
             del llm

@@ -161,3 +161,22 @@ def test_prefill_matches_the_reference_at_every_length_and_chunk_boundary(long_c
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     out = graph.backend.generate_ids(ids, params, 0, 8)
     assert list(out) == list(eager.backend.generate_ids(ids, params, 0, 8))
+
+
+def test_programmatic_dependent_launch_changes_no_token(models):
+    """PDL only lets a kernel launch before the previous one ends (each waits for it before touching memory):
+    the same kernels on the same inputs, so the same tokens, in graph and eager mode."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    _, _, graph, eager = models
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    expected = graph.generate([PROMPTS[3]], params)[0].token_ids
+    for llm in (graph, eager):
+        llm.backend.set_pdl(True)
+    try:
+        assert graph.backend.name.endswith("-pdl")
+        assert graph.generate([PROMPTS[3]], params)[0].token_ids == expected
+        assert eager.generate([PROMPTS[3]], params)[0].token_ids == expected
+    finally:
+        for llm in (graph, eager):
+            llm.backend.set_pdl(False)

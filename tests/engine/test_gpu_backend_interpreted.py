@@ -147,3 +147,12 @@ def test_int8_activations_keep_greedy_decode_on_the_reference(pair, monkeypatch)
     assert len(calls) >= 2 * 2  # decode steps x layers with Q4_K projections took the int8 kernel
     agreement = greedy_agreement(reference.logits(ids + tokens), len(ids), tokens)
     assert agreement.is_within(2e-2), agreement
+
+
+def test_programmatic_dependent_launch_is_refused_without_a_hopper_gpu(pair):
+    from replayllm.errors import InvalidParameterError
+
+    _, backend = pair
+    with pytest.raises(InvalidParameterError, match="compute capability 9.0"):
+        backend.set_pdl(True)
+    assert not backend.bufs.pdl

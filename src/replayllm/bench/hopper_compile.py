@@ -55,7 +55,7 @@ class CompiledFacts:
 
 
 def compile_for_hopper(fn: JITFunction, types: dict[str, str], constants: dict, aligned: list[str], warps: int,
-                       stages: int):
+                       stages: int, launch_pdl: bool = False):
     """Compile `fn` for sm_90: `types` gives each runtime argument's Triton type ("*u8", "i32"), `aligned` the
     arguments Triton may assume 16-byte divisible."""
     names = fn.arg_names
@@ -63,7 +63,7 @@ def compile_for_hopper(fn: JITFunction, types: dict[str, str], constants: dict, 
     source = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in constants.items()},
                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps, "num_stages": stages})
+                          options={"num_warps": warps, "num_stages": stages, "launch_pdl": launch_pdl})
 
 
 def cuobjdump(*args: str) -> str:
@@ -82,9 +82,10 @@ def resource_usage(kernel) -> tuple[int, int]:
     return int(regs.group(1)) if regs else -1, int(local.group(1)) if local else 0
 
 
-def _signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict, list, int, int]:
+def _signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict, list, dict]:
     kwargs = dict(kwargs)
-    warps, stages = kwargs.pop("num_warps", 4), kwargs.pop("num_stages", 3)
+    options = {"warps": kwargs.pop("num_warps", 4), "stages": kwargs.pop("num_stages", 3),
+               "launch_pdl": kwargs.pop("launch_pdl", False)}
     bound = dict(zip(fn.arg_names, args)) | kwargs
     constants = {n: v for n, v in bound.items() if fn.params[fn.arg_names.index(n)].is_constexpr}
     types, aligned = {}, []
@@ -105,7 +106,7 @@ def _signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict, 
             types[name] = "fp32"
         else:
             raise TypeError(f"{fn.__name__}: argument {name} of type {type(value).__name__} not understood")
-    return types, constants, aligned, warps, stages
+    return types, constants, aligned, options
 
 
 @contextlib.contextmanager
@@ -114,9 +115,11 @@ def compiling_launches(results: list[CompiledFacts], label: str = "") -> Iterato
     real_run = JITFunction.run
 
     def record(self, *args, grid, warmup, **kwargs):
-        types, constants, aligned, warps, stages = _signature(self, args, kwargs)
-        kernel = compile_for_hopper(self, types, constants, aligned, warps, stages)
+        types, constants, aligned, options = _signature(self, args, kwargs)
+        kernel = compile_for_hopper(self, types, constants, aligned, **options)
         registers, spills = resource_usage(kernel)
+        if constants.get("USE_PDL") and "griddepcontrol.wait" not in kernel.asm["ptx"]:
+            raise AssertionError(f"{self.__name__}: compiled with USE_PDL but its PTX never waits")
         results.append(CompiledFacts(f"{label}{self.__name__}", registers, spills, kernel.metadata.shared))
 
     JITFunction.run = record
@@ -174,6 +177,11 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
     workspace = K.DecodeAttentionWorkspace.create(1, heads, head_dim, 4096, "cpu")
     calls.append(("", lambda: K.paged_decode_attention(q, cache, cache, table, positions, 0.1,
                                                        torch.zeros_like(q), workspace)))
+    calls.append(("PDL: ", lambda: K.paged_decode_attention(q, cache, cache, table, positions, 0.1,
+                                                            torch.zeros_like(q), workspace, pdl=True)))
+    calls.append(("PDL: ", lambda: quant_matvec_q8(xq, weight(T.Q4_K, n_cols=ffn), torch.zeros(1, 32), pdl=True)))
+    calls.append(("PDL: ", lambda: K.quant_matvec(x1, w4, torch.zeros(1, 32), pdl=True)))
+    calls.append(("PDL: ", lambda: K.rmsnorm(x1, norm, 1e-5, torch.zeros(1, hidden), h_q8, pdl=True)))
     q_prefill = torch.zeros(48, heads, head_dim)
     calls.append(("", lambda: K.paged_prefill_attention(q_prefill, cache, cache, table[0], 0,
                                                         torch.zeros_like(q_prefill))))

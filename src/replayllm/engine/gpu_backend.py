@@ -100,12 +100,24 @@ class GPUBackend(Backend):
 
     @property
     def name(self) -> str:
-        return f"cuda-{self.mode.name}" + ("-int8" if self.bufs.int8_activations else "")
+        return (f"cuda-{self.mode.name}" + ("-int8" if self.bufs.int8_activations else "")
+                + ("-pdl" if self.bufs.pdl else ""))
 
     def set_int8_activations(self, enabled: bool) -> None:
         """Experimental: Q4_K, Q6_K and Q8_0 matrices multiply int8-quantized activations
         (kernels/quant_matvec_q8.py). Recaptures the current mode's graphs, which bake the choice in."""
         self._enable_int8(enabled)
+        self._graphs.clear()
+        self.set_mode(self.mode.name)
+
+    def set_pdl(self, enabled: bool) -> None:
+        """Experimental: launch every decode-step kernel with programmatic dependent launch (kernels/pdl.py), so
+        each kernel's launch overlaps the end of the one before. Needs compute capability 9.0 (Hopper) or later.
+        Recaptures the current mode's graphs, which bake the choice in."""
+        if enabled and not (self.is_cuda and torch.cuda.get_device_capability(self.device)[0] >= 9):
+            raise InvalidParameterError("programmatic dependent launch needs a GPU of compute capability 9.0 or "
+                                        "later (Hopper)")
+        self.bufs.pdl = bool(enabled)
         self._graphs.clear()
         self.set_mode(self.mode.name)
 

@@ -13,14 +13,17 @@ import triton
 import triton.language as tl
 
 from ._tensor_checks import check_same_device, check_tensor
-from .int8_activations import ACTIVATION_BLOCK, ActivationQ8, _quantize_blocks, check_activation_q8
+from .int8_activations import ActivationQ8, _quantize_blocks, check_activation_q8
+from .pdl import _pdl_wait, launch_options
 
 BLOCK_F = 512  # a multiple of ACTIVATION_BLOCK: each program quantizes whole blocks
 
 
 @triton.jit
 def _silu_mul_kernel(gate_up_ptr, out_ptr, q_ptr, q_scale_ptr, q_sum_ptr, ffn_size, gate_up_row_stride,
-                     out_row_stride, q_row_stride, q_scale_row_stride, QUANTIZE: tl.constexpr, BLOCK: tl.constexpr):
+                     out_row_stride, q_row_stride, q_scale_row_stride, QUANTIZE: tl.constexpr, BLOCK: tl.constexpr,
+                     USE_PDL: tl.constexpr):
+    _pdl_wait(USE_PDL)
     # gate_up: [B, 2 * ffn_size] f32 (gate = first half); out: [B, ffn_size] f32; grid (B, cdiv(ffn_size, BLOCK))
     # q: [B, ffn_size] int8, q_scale, q_sum: [B, ffn_size / 32] f32 (QUANTIZE only; BLOCK is a multiple of 32)
     row = tl.program_id(0).to(tl.int64)
@@ -38,7 +41,8 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, q_ptr, q_scale_ptr, q_sum_ptr, ffn_si
                          blocks * 32 < ffn_size)
 
 
-def silu_mul(gate_up: torch.Tensor, out: torch.Tensor, out_q8: ActivationQ8 | None = None) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, out: torch.Tensor, out_q8: ActivationQ8 | None = None, *,
+             pdl: bool = False) -> torch.Tensor:
     """out [B, F] f32 = silu(gate_up[:, :F]) * gate_up[:, F:] for gate_up [B, 2F] f32; with `out_q8` (F a multiple
     of 32), also out quantized to int8 in blocks of 32, as quantize_activations(out) would. Returns `out`."""
     check_tensor("gate_up", gate_up, torch.float32, (None, None), layout="rows")
@@ -57,7 +61,7 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor, out_q8: ActivationQ8 | No
     q, q_scale, q_sum = (out_q8.q, out_q8.scale, out_q8.block_sum) if out_q8 is not None else (out, out, out)
     _silu_mul_kernel[(batch, triton.cdiv(ffn_size, BLOCK_F))](
         gate_up, out, q, q_scale, q_sum, ffn_size, gate_up.stride(0), out.stride(0), q.stride(0), q_scale.stride(0),
-        QUANTIZE=out_q8 is not None, BLOCK=BLOCK_F, num_warps=4)
+        QUANTIZE=out_q8 is not None, BLOCK=BLOCK_F, num_warps=4, **launch_options(pdl))
     return out
 
 

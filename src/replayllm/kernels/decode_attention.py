@@ -29,6 +29,7 @@ import triton.language as tl
 from ..errors import InvalidParameterError
 from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
 from .kv_cache import check_paged_cache, gather_paged_cache_reference
+from .pdl import _pdl_wait, launch_options
 
 TARGET_NUM_SPLITS = 64  # enough programs to fill a GPU at batch 1; few enough to merge cheaply
 DEFAULT_MIN_SPLIT_TOKENS = 128  # measured on an H100: 64..256 within 10%, 128 best at 4096 tokens
@@ -43,7 +44,8 @@ def _paged_decode_attention_kernel(
         q_row_stride, q_head_stride, page_table_row_stride, qk_scale_log2,
         NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
         SPLIT_TOKENS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_N: tl.constexpr):
+        BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
+    _pdl_wait(USE_PDL)
     # q: [B, Hq, Dh] f32; k_cache, v_cache: [pages, Hkv, PAGE_SIZE, Dh] f16; page_table: [B, max_pages] int32
     # part_max, part_sum: [B_ws, Hq, NUM_SPLITS] f32; part_acc: [B_ws, Hq, NUM_SPLITS, Dh] f32 (B_ws >= B)
     # grid (B * Hkv, NUM_SPLITS)
@@ -97,7 +99,8 @@ def _paged_decode_attention_kernel(
 def _merge_splits_kernel(part_max_ptr, part_sum_ptr, part_acc_ptr, positions_ptr, out_ptr, out_row_stride,
                          out_head_stride, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                          SPLIT_TOKENS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+                         BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+    _pdl_wait(USE_PDL)
     # part_*: as written by _paged_decode_attention_kernel; out: [B, Hq, Dh] f32; grid (B, Hq)
     row = tl.program_id(0)
     head = tl.program_id(1)
@@ -179,7 +182,7 @@ class DecodeAttentionWorkspace:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            page_table: torch.Tensor, positions: torch.Tensor, scale: float, out: torch.Tensor,
-                           workspace: DecodeAttentionWorkspace) -> torch.Tensor:
+                           workspace: DecodeAttentionWorkspace, *, pdl: bool = False) -> torch.Tensor:
     """out [B, Hq, Dh] f32 = softmax(scale * q k^T) v over tokens 0..positions[b] of each sequence b.
 
     q [B, Hq, Dh] f32 (rotated); k_cache, v_cache [pages, Hkv, page_size, Dh] f16 with Hq % Hkv == 0;
@@ -214,11 +217,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits, BLOCK_G=max(16, next_power_of_2(group_size)),
         BLOCK_D=block_d, BLOCK_N=min(MAX_TILE_TOKENS, ws.split_tokens, MAX_TILE_ELEMENTS // block_d),
-        num_warps=4)
+        num_warps=4, **launch_options(pdl))
     _merge_splits_kernel[(batch, num_q_heads)](
         ws.part_max, ws.part_sum, ws.part_acc, positions, out, out.stride(0), out.stride(1),
         NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits,
-        BLOCK_S=min(16, next_power_of_2(ws.num_splits)), BLOCK_D=block_d, num_warps=1)
+        BLOCK_S=min(16, next_power_of_2(ws.num_splits)), BLOCK_D=block_d, num_warps=1, **launch_options(pdl))
     return out
 
 

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._tensor_checks import check_same_device, check_tensor
+from .pdl import _pdl_wait, launch_options
 
 ACTIVATION_BLOCK = 32
 
@@ -62,7 +63,8 @@ def _quantize_blocks(x, q_ptrs, scale_ptrs, sum_ptrs, block_ok):
 
 @triton.jit
 def _quantize_activations_kernel(x_ptr, q_ptr, scale_ptr, sum_ptr, n_blocks, stride_x, stride_q, stride_s,
-                                 BLOCKS: tl.constexpr):
+                                 BLOCKS: tl.constexpr, USE_PDL: tl.constexpr):
+    _pdl_wait(USE_PDL)
     # One program: BLOCKS blocks of 32 values of one activation row.
     row = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)  # [BLOCKS]
@@ -73,7 +75,7 @@ def _quantize_activations_kernel(x_ptr, q_ptr, scale_ptr, sum_ptr, n_blocks, str
                      sum_ptr + row * stride_s + b, ok)
 
 
-def quantize_activations(x: torch.Tensor, out: ActivationQ8) -> ActivationQ8:
+def quantize_activations(x: torch.Tensor, out: ActivationQ8, *, pdl: bool = False) -> ActivationQ8:
     """out = x [B, K] f32 quantized in blocks of 32 (see ActivationQ8). One launch, graph-capturable."""
     check_tensor("x", x, torch.float32, (None, None), layout="rows")
     batch, n_cols = x.shape
@@ -83,7 +85,7 @@ def quantize_activations(x: torch.Tensor, out: ActivationQ8) -> ActivationQ8:
     blocks = 16
     _quantize_activations_kernel[(batch, triton.cdiv(n_blocks, blocks))](
         x, out.q, out.scale, out.block_sum, n_blocks, x.stride(0), out.q.stride(0), out.scale.stride(0),
-        BLOCKS=blocks, num_warps=4)
+        BLOCKS=blocks, num_warps=4, **launch_options(pdl))
     return out
 
 

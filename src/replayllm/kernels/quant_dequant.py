@@ -26,6 +26,7 @@ import triton.language as tl
 from gguf import GGMLQuantizationType
 
 from .quant_weight import FLOAT_TYPES, QuantWeight
+from .pdl import _pdl_wait, launch_options
 
 T = GGMLQuantizationType
 
@@ -194,8 +195,9 @@ def _dequantize_rows_kernel(
     qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, stride_qs, stride_qh, stride_sc, stride_d,
     n_rows, n_cols, n_groups, n_out, stride_out, row_start,
     QTYPE: tl.constexpr, IS_FLOAT: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
-    BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
+    BLOCK_N: tl.constexpr, GATHER: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    _pdl_wait(USE_PDL)
     # out[i, step's columns] = W[row_ids[i] if GATHER else row_start + i, same columns] for BLOCK_N output rows i.
     out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     row_ok = out_rows < n_out
@@ -236,14 +238,15 @@ def _check_out(w: QuantWeight, out: torch.Tensor, dtype: torch.dtype, shape: tup
 
 
 def _launch_dequantize(w: QuantWeight, out: torch.Tensor, row_ids: torch.Tensor | None, n_out: int,
-                       block_n: int, max_groups: int, num_warps: int, row_start: int = 0) -> None:
+                       block_n: int, max_groups: int, num_warps: int, row_start: int = 0,
+                       pdl: bool = False) -> None:
     plan = plan_steps(w, max_groups)
     grid = (triton.cdiv(n_out, block_n), plan.n_steps)
     _dequantize_rows_kernel[grid](
         out, row_ids if row_ids is not None else out, *weight_args(w),
         w.n_rows, w.n_cols, plan.n_groups, n_out, out.stride(0), row_start,
         QTYPE=int(w.ggml_type), IS_FLOAT=w.ggml_type in FLOAT_TYPES, S=plan.groups, W=plan.width,
-        BLOCK_N=block_n, GATHER=row_ids is not None, num_warps=num_warps)
+        BLOCK_N=block_n, GATHER=row_ids is not None, num_warps=num_warps, **launch_options(pdl))
 
 
 def dequantize_into(w: QuantWeight, out: torch.Tensor, *, row_start: int = 0, block_n: int = 16,
@@ -262,7 +265,7 @@ def dequantize_into(w: QuantWeight, out: torch.Tensor, *, row_start: int = 0, bl
 
 
 def gather_rows(w: QuantWeight, row_ids: torch.Tensor, out: torch.Tensor, *, block_n: int = 4,
-                max_groups: int = 4, num_warps: int = 4) -> torch.Tensor:
+                max_groups: int = 4, num_warps: int = 4, pdl: bool = False) -> torch.Tensor:
     """out [B, n_cols] f32 = rows `row_ids` [B] of the weight, dequantized: an embedding lookup straight from
     the quantized token_embd. Ids are not range-checked (that would need a host sync); out-of-range ids are
     clamped to [0, n_rows - 1]. Graph-capturable. Returns out."""
@@ -276,5 +279,5 @@ def gather_rows(w: QuantWeight, row_ids: torch.Tensor, out: torch.Tensor, *, blo
                          f"stride {row_ids.stride()}")
     if row_ids.shape[0] == 0:
         return out
-    _launch_dequantize(w, out, row_ids, row_ids.shape[0], block_n, max_groups, num_warps)
+    _launch_dequantize(w, out, row_ids, row_ids.shape[0], block_n, max_groups, num_warps, pdl=pdl)
     return out

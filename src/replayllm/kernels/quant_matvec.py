@@ -32,6 +32,7 @@ from .quant_dequant import (
     weight_args,
 )
 from .quant_weight import FLOAT_TYPES, QuantWeight
+from .pdl import _pdl_wait, launch_options
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,9 @@ def _quant_matvec_kernel(
     n_rows, n_cols, n_groups, n_batch, n_steps, stride_xb, stride_ob,
     QTYPE: tl.constexpr, IS_FLOAT: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    _pdl_wait(USE_PDL)
     # out[b, n] (+)= sum_k x[b, k] * W[n, k] (+ bias[n]) for this program's BLOCK_N rows n and BLOCK_B rows b.
     # Batch tiles vary fastest in launch order: the programs sharing a row block run side by side, so when
     # there are several (CUDA-core path, B > 1) all but the first find the weights in L2.
@@ -205,7 +208,7 @@ def _quant_matvec_kernel(
 
 
 def quant_matvec(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None = None,
-                 accumulate: bool = False, config: MatvecConfig | None = None) -> torch.Tensor:
+                 accumulate: bool = False, config: MatvecConfig | None = None, *, pdl: bool = False) -> torch.Tensor:
     """out = x @ W^T (+ bias); with accumulate=True, out += x @ W^T (+ bias) (a fused residual add).
 
     x [B, n_cols] f32/f16, out [B, n_rows] f32, bias [n_rows] f32; x and out need unit column stride but
@@ -222,7 +225,7 @@ def quant_matvec(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch
         w.n_rows, w.n_cols, plan.n_groups, batch, plan.n_steps, x.stride(0), out.stride(0),
         QTYPE=int(w.ggml_type), IS_FLOAT=w.ggml_type in FLOAT_TYPES, S=plan.groups, W=plan.width,
         BLOCK_N=cfg.block_n, BLOCK_B=cfg.block_b, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(pdl))
     return out
 
 

@@ -40,6 +40,7 @@ from ..errors import UnsupportedError
 from ._tensor_checks import check_same_device, check_tensor
 from .int8_activations import ACTIVATION_BLOCK, ActivationQ8
 from .quant_weight import QuantWeight
+from .pdl import _pdl_wait, launch_options
 
 T = GGMLQuantizationType
 
@@ -91,8 +92,9 @@ def _q4k_matvec_q8_kernel(
     xq_ptr, xs_ptr, xsum_ptr, out_ptr, bias_ptr, qs_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
     stride_qw, stride_sc, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
     C: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    USE_DP4A: tl.constexpr,
+    USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    _pdl_wait(USE_PDL)
     # qs and xq are read as int32 words. A row's chunk c (64 weights) is 8 words: the low nibbles of word t are
     # weights 4t..4t+3 of sub-block 2c, the high nibbles the same weights of sub-block 2c+1; the matching
     # activations are words 16c + t and 16c + 8 + t of the quantized row. The tile is [BLOCK_N, 2C, 4]: half
@@ -154,8 +156,9 @@ def _q6k_matvec_q8_kernel(
     xq_ptr, xs_ptr, out_ptr, bias_ptr, ql_ptr, qh_ptr, sc_ptr, d_ptr,
     stride_ql, stride_qh, stride_sc, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
     C: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    USE_DP4A: tl.constexpr,
+    USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    _pdl_wait(USE_PDL)
     # ql, qh and xq are read as int32 words. Chunk c (half c of the row's super-blocks) is 128 weights in 4 runs
     # r of 32, one activation block each: ql word 16c + 8p + t (t < 8) holds weights 4t..4t+3 of run p in its
     # low nibbles and of run 2 + p in its high nibbles; qh word 8c + t holds their top 2 bits, run r at bits
@@ -200,8 +203,9 @@ def _q80_matvec_q8_kernel(
     xq_ptr, xs_ptr, out_ptr, bias_ptr, qs_ptr, d_ptr,
     stride_qw, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
     C: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    USE_DP4A: tl.constexpr,
+    USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    _pdl_wait(USE_PDL)
     # qs and xq are read as int32 words. Chunk c is block c (32 weights, one scale d): qs words 8c + t times xq
     # words 8c + t. The tile [BLOCK_N, C, 2, 4] splits t = 4g + k and sums over k as integers first.
     batch = tl.program_id(0) % n_batch
@@ -260,7 +264,7 @@ SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(_KERNELS)
 
 def quant_matvec_q8(xq: ActivationQ8, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None = None,
                     accumulate: bool = False, block_n: int = 8, chunks: int | None = None, num_warps: int = 4,
-                    num_stages: int = 1) -> torch.Tensor:
+                    num_stages: int = 1, pdl: bool = False) -> torch.Tensor:
     """out (+)= x @ W^T (+ bias) for a Q4_K, Q6_K or Q8_0 weight and activations quantized by
     `quantize_activations`.
 
@@ -286,7 +290,8 @@ def quant_matvec_q8(xq: ActivationQ8, w: QuantWeight, out: torch.Tensor, bias: t
     check_same_device(xq=xq.q, xq_scale=xq.scale, out=out, weight=w.qs)
     n_chunks = w.n_cols // chunk_weights
     meta = dict(C=chunks, BLOCK_N=block_n, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
-                USE_DP4A=os.environ.get("TRITON_INTERPRET") != "1", num_warps=num_warps, num_stages=num_stages)
+                USE_DP4A=os.environ.get("TRITON_INTERPRET") != "1", num_warps=num_warps, num_stages=num_stages,
+                **launch_options(pdl))
     launch((triton.cdiv(w.n_rows, block_n) * batch,), xq, xq.q.view(torch.int32), w, out,
            bias if bias is not None else out, n_chunks, triton.cdiv(n_chunks, chunks), meta)
     return out

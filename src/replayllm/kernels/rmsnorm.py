@@ -15,6 +15,7 @@ import triton.language as tl
 
 from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
 from .int8_activations import ACTIVATION_BLOCK, ActivationQ8, _quantize_blocks, check_activation_q8
+from .pdl import _pdl_wait, launch_options
 
 MAX_ROW_SIZE = 32768  # one row lives in registers; larger rows would spill
 
@@ -22,7 +23,8 @@ MAX_ROW_SIZE = 32768  # one row lives in registers; larger rows would spill
 @triton.jit
 def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, q_ptr, q_scale_ptr, q_sum_ptr, row_size, x_row_stride,
                     residual_row_stride, out_row_stride, q_row_stride, q_scale_row_stride, eps,
-                    HAS_RESIDUAL: tl.constexpr, QUANTIZE: tl.constexpr, BLOCK_D: tl.constexpr):
+                    HAS_RESIDUAL: tl.constexpr, QUANTIZE: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+    _pdl_wait(USE_PDL)
     # x, residual, out: [R, row_size] f32, unit column stride; weight: [row_size] f32; grid (R,)
     # q: [R, row_size] int8, q_scale, q_sum: [R, row_size / 32] f32 (QUANTIZE only)
     row = tl.program_id(0).to(tl.int64)
@@ -47,22 +49,22 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, q_ptr, q_scale_ptr
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor,
-            out_q8: ActivationQ8 | None = None) -> torch.Tensor:
+            out_q8: ActivationQ8 | None = None, *, pdl: bool = False) -> torch.Tensor:
     """out [R, D] f32 = rmsnorm(x [R, D] f32) * weight [D] f32. `out` may be `x`. With `out_q8` (D a multiple of
     32), also out quantized to int8 in blocks of 32, as quantize_activations(out) would. Returns `out`."""
-    _launch(x, None, weight, eps, out, out_q8)
+    _launch(x, None, weight, eps, out, out_q8, pdl)
     return out
 
 
 def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                out: torch.Tensor) -> torch.Tensor:
+                out: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
     """residual [R, D] += x [R, D] (in place), then out [R, D] = rmsnorm(residual) * weight. Returns `out`."""
-    _launch(x, residual, weight, eps, out)
+    _launch(x, residual, weight, eps, out, None, pdl)
     return out
 
 
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-            out: torch.Tensor, out_q8: ActivationQ8 | None = None) -> None:
+            out: torch.Tensor, out_q8: ActivationQ8 | None = None, pdl: bool = False) -> None:
     check_tensor("x", x, torch.float32, (None, None), layout="rows")
     rows, row_size = x.shape
     check_tensor("weight", weight, torch.float32, (row_size,))
@@ -90,7 +92,8 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     _rmsnorm_kernel[(rows,)](
         x, residual_arg, weight, out, q, q_scale, q_sum, row_size, x.stride(0), residual_arg.stride(0),
         out.stride(0), q.stride(0), q_scale.stride(0), float(eps), HAS_RESIDUAL=has_residual,
-        QUANTIZE=out_q8 is not None, BLOCK_D=max(block, ACTIVATION_BLOCK), num_warps=min(16, max(1, block // 256)))
+        QUANTIZE=out_q8 is not None, BLOCK_D=max(block, ACTIVATION_BLOCK), num_warps=min(16, max(1, block // 256)),
+        **launch_options(pdl))
 
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

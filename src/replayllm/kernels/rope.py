@@ -18,6 +18,7 @@ import triton.language as tl
 
 from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
 from .kv_cache import check_paged_cache
+from .pdl import _pdl_wait, launch_options
 
 
 @triton.jit
@@ -26,7 +27,9 @@ def _rope_and_cache_write_kernel(
         q_row_stride, q_head_stride, k_row_stride, k_head_stride, v_row_stride, v_head_stride,
         table_row_stride, page_table_row_stride,
         NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_ROPE: tl.constexpr,
-        PAGE_SIZE: tl.constexpr, NEOX: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+        PAGE_SIZE: tl.constexpr, NEOX: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+        USE_PDL: tl.constexpr):
+    _pdl_wait(USE_PDL)
     # q: [B, Hq, Dh] f32 (rotated in place); k, v: [B, Hkv, Dh] f32; cos, sin: [max_ctx, HALF_ROPE] f32
     # positions: [B] int32; page_table: [B, max_pages] int32; k_cache, v_cache: [pages, Hkv, PAGE_SIZE, Dh] f16
     # grid (B, Hq + Hkv): head < Hq rotates a q head, otherwise kv head (head - Hq) is rotated and cached.
@@ -71,7 +74,7 @@ def _rope_and_cache_write_kernel(
 
 def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         page_table: torch.Tensor, *, neox: bool) -> None:
+                         page_table: torch.Tensor, *, neox: bool, pdl: bool = False) -> None:
     """Rotate q [B, Hq, Dh] in place; write rotated k [B, Hkv, Dh] and v [B, Hkv, Dh] as f16 into the cache slot
     of positions[b] for each batch row b (k and v themselves are left unchanged). cos, sin: [max_ctx, rope_dim/2]
     f32 with rope_dim <= Dh; the caller guarantees positions[b] < max_ctx (read on the device, never checked
@@ -98,7 +101,7 @@ def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos:
         cos.stride(0), page_table.stride(0),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF_ROPE=half_rope,
         PAGE_SIZE=page_size, NEOX=bool(neox), BLOCK_HALF=next_power_of_2(half_rope),
-        BLOCK_D=next_power_of_2(head_dim), num_warps=1)
+        BLOCK_D=next_power_of_2(head_dim), num_warps=1, **launch_options(pdl))
 
 
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, *,

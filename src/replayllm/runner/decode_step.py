@@ -55,6 +55,9 @@ class StepBuffers:
     attn_q8: ActivationQ8 | None = None
     act_q8: ActivationQ8 | None = None
     int8_activations: bool = False
+    # Experimental (kernels/pdl.py): every kernel of the step launched with programmatic dependent launch
+    # (Hopper and later), read when the step is captured.
+    pdl: bool = False
 
     @classmethod
     def allocate(cls, config: ModelConfig, batch_size: int, max_pages_per_seq: int, max_context_tokens: int,
@@ -100,51 +103,53 @@ class RopeTables:
 def decode_step(config: ModelConfig, weights: DeviceWeights, cache: PagedKVCache, rope: RopeTables,
                 bufs: StepBuffers) -> torch.Tensor:
     """Run all layers for `bufs.tokens` at `bufs.positions`; returns `bufs.logits` [B, vocab]."""
-    gather_rows(weights.token_embd, bufs.tokens, bufs.x)
+    gather_rows(weights.token_embd, bufs.tokens, bufs.x, pdl=bufs.pdl)
     for i, layer in enumerate(weights.layers):
         _attention_block(config, layer, cache.k[i], cache.v[i], rope, bufs)
         _mlp_block(config, layer, bufs)
-    rmsnorm(bufs.x, weights.output_norm, config.rms_norm_eps, bufs.h)
-    quant_matvec(bufs.h, weights.output, bufs.logits)
+    rmsnorm(bufs.x, weights.output_norm, config.rms_norm_eps, bufs.h, pdl=bufs.pdl)
+    quant_matvec(bufs.h, weights.output, bufs.logits, pdl=bufs.pdl)
     return bufs.logits
 
 
 def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      rope: RopeTables, bufs: StepBuffers) -> None:
     h_q8 = bufs.h_q8 if bufs.int8_activations else None  # written by the norm's own launch
-    rmsnorm(bufs.x, layer.attn_norm, config.rms_norm_eps, bufs.h, h_q8)
-    _project(bufs.h, layer.qkv, bufs.qkv, layer.qkv_bias, h_q8)
+    rmsnorm(bufs.x, layer.attn_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
+    _project(bufs.h, layer.qkv, bufs.qkv, layer.qkv_bias, h_q8, pdl=bufs.pdl)
     if bufs.batch_size > 1:
         B, Dh = bufs.batch_size, config.head_dim
         q, k, v = bufs.qkv.split([t.shape[1] * Dh for t in (bufs.q, bufs.k, bufs.v)], dim=1)
         bufs.q.copy_(q.view(B, -1, Dh))
         bufs.k.copy_(k.view(B, -1, Dh))
         bufs.v.copy_(v.view(B, -1, Dh))
-    head_norms(config, layer, bufs.q, bufs.k)
+    head_norms(config, layer, bufs.q, bufs.k, pdl=bufs.pdl)
     rope_and_cache_write(bufs.q, bufs.k, bufs.v, rope.cos, rope.sin, bufs.positions, k_cache, v_cache,
-                         bufs.page_table, neox=config.rope_neox)
+                         bufs.page_table, neox=config.rope_neox, pdl=bufs.pdl)
     paged_decode_attention(bufs.q, k_cache, v_cache, bufs.page_table, bufs.positions,
-                           config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace)
+                           config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace, pdl=bufs.pdl)
     attn = bufs.attn.view(bufs.batch_size, -1)
-    _project(attn, [layer.attn_output], bufs.x, None, _int8_copy(bufs, attn, bufs.attn_q8), accumulate=True)
+    _project(attn, [layer.attn_output], bufs.x, None, _int8_copy(bufs, attn, bufs.attn_q8), accumulate=True,
+             pdl=bufs.pdl)
 
 
-def head_norms(config: ModelConfig, layer: LayerWeights, q: torch.Tensor, k: torch.Tensor) -> None:
+def head_norms(config: ModelConfig, layer: LayerWeights, q: torch.Tensor, k: torch.Tensor, *,
+               pdl: bool = False) -> None:
     """qwen3: RMSNorm of every query and key head before RoPE, in place (q [T, Hq, Dh], k [T, Hkv, Dh]);
     nothing for architectures without per-head norms. Decode and prefill both call it."""
     if layer.q_norm is None:
         return
     for t, w in ((q, layer.q_norm), (k, layer.k_norm)):
         flat = t.view(-1, config.head_dim)
-        rmsnorm(flat, w, config.rms_norm_eps, flat)
+        rmsnorm(flat, w, config.rms_norm_eps, flat, pdl=pdl)
 
 
 def _mlp_block(config: ModelConfig, layer: LayerWeights, bufs: StepBuffers) -> None:
     h_q8, act_q8 = (bufs.h_q8, bufs.act_q8) if bufs.int8_activations else (None, None)
-    rmsnorm(bufs.x, layer.ffn_norm, config.rms_norm_eps, bufs.h, h_q8)
-    _project(bufs.h, layer.gate_up, bufs.gate_up, None, h_q8)
-    silu_mul(bufs.gate_up, bufs.act, act_q8)  # the int8 copy from the same launch
-    _project(bufs.act, [layer.ffn_down], bufs.x, None, act_q8, accumulate=True)
+    rmsnorm(bufs.x, layer.ffn_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
+    _project(bufs.h, layer.gate_up, bufs.gate_up, None, h_q8, pdl=bufs.pdl)
+    silu_mul(bufs.gate_up, bufs.act, act_q8, pdl=bufs.pdl)  # the int8 copy from the same launch
+    _project(bufs.act, [layer.ffn_down], bufs.x, None, act_q8, accumulate=True, pdl=bufs.pdl)
 
 
 def _int8_copy(bufs: StepBuffers, x: torch.Tensor, xq: ActivationQ8 | None) -> ActivationQ8 | None:
@@ -152,11 +157,11 @@ def _int8_copy(bufs: StepBuffers, x: torch.Tensor, xq: ActivationQ8 | None) -> A
     and SiLU kernels quantize their own outputs)."""
     if not bufs.int8_activations:
         return None
-    return quantize_activations(x, xq)
+    return quantize_activations(x, xq, pdl=bufs.pdl)
 
 
 def _project(x: torch.Tensor, matrices: list[QuantWeight], out: torch.Tensor, bias: torch.Tensor | None,
-             xq: ActivationQ8 | None = None, accumulate: bool = False) -> None:
+             xq: ActivationQ8 | None = None, accumulate: bool = False, pdl: bool = False) -> None:
     """out (+)= x @ [W0|W1|...]^T + bias: one launch per run of same-typed matrices (Q4_K_M keeps some V in
     Q6_K); with `accumulate` the product is added to out (the residual add, fused). Q4_K, Q6_K and Q8_0 matrices
     take the int8 activations `xq` when given.
@@ -168,7 +173,7 @@ def _project(x: torch.Tensor, matrices: list[QuantWeight], out: torch.Tensor, bi
         end = start + w.n_rows
         part_bias = None if bias is None else bias[start:end]
         if xq is not None and w.ggml_type in INT8_ACTIVATION_TYPES:
-            quant_matvec_q8(xq, w, out[:, start:end], bias=part_bias, accumulate=accumulate)
+            quant_matvec_q8(xq, w, out[:, start:end], bias=part_bias, accumulate=accumulate, pdl=pdl)
         else:
-            quant_matvec(x, w, out[:, start:end], bias=part_bias, accumulate=accumulate)
+            quant_matvec(x, w, out[:, start:end], bias=part_bias, accumulate=accumulate, pdl=pdl)
         start = end
