@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tensor_checks import check_same_device, check_tensor
+from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
 from .kv_cache import gather_paged_cache_reference
 
 DEFAULT_BLOCK_M = 64
@@ -35,15 +35,16 @@ DEFAULT_BLOCK_N = 64
 DEFAULT_NUM_WARPS = 4
 MIN_BLOCK = 16  # tl.dot needs tiles of at least 16 rows and columns
 MAX_BLOCK = 256
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # head dims below 16 or not a power of two are padded to one
 
 
 @triton.jit
 def _attend_tile(q, acc, running_max, running_sum, k_cache_ptr, v_cache_ptr, page_table_ptr, tile_start,
                  kv_len, kv_head, query_pos, dims,
                  NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr):
-    # q: [BLOCK_M, HEAD_DIM] f16, pre-scaled; acc: [BLOCK_M, HEAD_DIM] f32; running_*: [BLOCK_M] f32
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL_MASK: tl.constexpr):
+    # q: [BLOCK_M, BLOCK_D] f16, pre-scaled; acc: [BLOCK_M, BLOCK_D] f32; running_*: [BLOCK_M] f32
+    # BLOCK_D > HEAD_DIM pads a head dim that is not a power of two with zeros (masked loads).
     # CAUSAL_MASK False: the caller guarantees every key of the tile is <= every query position (and < kv_len).
     keys = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N] positions
     if CAUSAL_MASK:
@@ -52,10 +53,14 @@ def _attend_tile(q, acc, running_max, running_sum, k_cache_ptr, v_cache_ptr, pag
     else:
         pages = tl.load(page_table_ptr + keys // PAGE_SIZE).to(tl.int64)
     token_rows = ((pages * NUM_KV_HEADS + kv_head) * PAGE_SIZE + keys % PAGE_SIZE) * HEAD_DIM
-    kv_offsets = token_rows[:, None] + dims[None, :]  # [BLOCK_N, HEAD_DIM]
+    kv_offsets = token_rows[:, None] + dims[None, :]  # [BLOCK_N, BLOCK_D]
     if CAUSAL_MASK:
-        k = tl.load(k_cache_ptr + kv_offsets, mask=key_mask[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + kv_offsets, mask=key_mask[:, None], other=0.0)
+        kv_mask = key_mask[:, None] & (dims < HEAD_DIM)[None, :]
+        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        k = tl.load(k_cache_ptr + kv_offsets, mask=(dims < HEAD_DIM)[None, :], other=0.0)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=(dims < HEAD_DIM)[None, :], other=0.0)
     else:
         k = tl.load(k_cache_ptr + kv_offsets)
         v = tl.load(v_cache_ptr + kv_offsets)
@@ -78,7 +83,7 @@ def _paged_prefill_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, out_ptr, start, num_tokens,
         q_row_stride, q_head_stride, out_row_stride, out_head_stride, qk_scale_log2,
         NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # q: [T, Hq, HEAD_DIM] f32 (rotated); out: [T, Hq, HEAD_DIM] f32; page_table: [max_pages] int32
     # k_cache, v_cache: [pages, Hkv, PAGE_SIZE, HEAD_DIM] f16; grid (cdiv(T, BLOCK_M), Hq)
     # The last query blocks see the most keys: hand them to the first programs so that the short ones fill
@@ -89,13 +94,14 @@ def _paged_prefill_attention_kernel(
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] query index within the chunk
     row_mask = rows < num_tokens
     query_pos = start + rows
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, BLOCK_D)
+    io_mask = row_mask[:, None] & (dims < HEAD_DIM)[None, :]  # [BLOCK_M, BLOCK_D]
     q_ptrs = q_ptr + rows.to(tl.int64)[:, None] * q_row_stride + head * q_head_stride + dims[None, :]
-    q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0)
-    q = (q * qk_scale_log2).to(tl.float16)  # [BLOCK_M, HEAD_DIM]
+    q = tl.load(q_ptrs, mask=io_mask, other=0.0)
+    q = (q * qk_scale_log2).to(tl.float16)  # [BLOCK_M, BLOCK_D]
     running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     kv_len = start + num_tokens
     first_query = start + m_block * BLOCK_M
     # tiles ending at or before the block's first query are visible to all its queries: no mask
@@ -104,14 +110,14 @@ def _paged_prefill_attention_kernel(
     for tile_start in range(0, unmasked_end, BLOCK_N):
         acc, running_max, running_sum = _attend_tile(
             q, acc, running_max, running_sum, k_cache_ptr, v_cache_ptr, page_table_ptr, tile_start, kv_len,
-            kv_head, query_pos, dims, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, BLOCK_N, False)
+            kv_head, query_pos, dims, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, BLOCK_N, BLOCK_D, False)
     for tile_start in range(unmasked_end, end, BLOCK_N):
         acc, running_max, running_sum = _attend_tile(
             q, acc, running_max, running_sum, k_cache_ptr, v_cache_ptr, page_table_ptr, tile_start, kv_len,
-            kv_head, query_pos, dims, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, BLOCK_N, True)
+            kv_head, query_pos, dims, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, BLOCK_N, BLOCK_D, True)
     out = acc / running_sum[:, None]
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * out_row_stride + head * out_head_stride + dims[None, :]
-    tl.store(out_ptrs, out, mask=row_mask[:, None])
+    tl.store(out_ptrs, out, mask=io_mask)
 
 
 def _check_block(name: str, value: int) -> None:
@@ -125,9 +131,9 @@ def _check_arguments(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_tokens, num_q_heads, head_dim = q.shape
     if num_tokens < 1:
         raise ValueError("q: needs at least one query token (dim 0), got 0")
-    if head_dim < MIN_HEAD_DIM or head_dim > MAX_HEAD_DIM or head_dim & (head_dim - 1):
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim {head_dim} is not supported by the prefill attention kernel; "
-                         f"supported: powers of two {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
+                         f"supported: 1..{MAX_HEAD_DIM}")
     check_tensor("out", out, torch.float32, tuple(q.shape), layout="rows")
     check_tensor("k_cache", k_cache, torch.float16, (None, None, None, head_dim))
     check_tensor("v_cache", v_cache, torch.float16, tuple(k_cache.shape))
@@ -157,7 +163,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     q [T, Hq, Dh] f32 (rotated; queries of positions start..start+T-1; last-dim stride 1);
     k_cache, v_cache [pages, Hkv, page_size, Dh] f16 contiguous (one layer), already holding positions
     0..start+T-1; page_table_row [max_pages] int32; out [T, Hq, Dh] f32 (last-dim stride 1).
-    q head h reads kv head h // (Hq // Hkv). scale None: Dh ** -0.5. Dh: a power of two in 16..256.
+    q head h reads kv head h // (Hq // Hkv). scale None: Dh ** -0.5. Dh: up to 256 (a power of two runs without
+    padding).
     The page table is read on the device only: the caller guarantees the pages it names are in range."""
     _check_arguments(q, k_cache, v_cache, page_table_row, start, out)
     _check_block("block_m", block_m)
@@ -172,7 +179,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q, k_cache, v_cache, page_table_row, out, start, num_tokens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), float(scale) * math.log2(math.e),
         NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=num_q_heads // num_kv_heads, HEAD_DIM=head_dim,
-        PAGE_SIZE=k_cache.shape[2], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        PAGE_SIZE=k_cache.shape[2], BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=max(MIN_HEAD_DIM, next_power_of_2(head_dim)), num_warps=num_warps)
     return out
 
 
