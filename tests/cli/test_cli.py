@@ -56,6 +56,13 @@ def test_bad_parameters_are_one_line_errors(capsys, argv, fragment):
     assert_user_error(code, err, fragment)
 
 
+@pytest.mark.parametrize("flag", ["--pdl", "--int8-activations"])
+def test_gpu_only_options_on_the_cpu_are_one_line_errors(capsys, tiny_model_path, flag):
+    code, _, err = run_catching_exit(capsys, ["generate", "x", "--model", str(tiny_model_path), "--device", "cpu",
+                                              flag])
+    assert_user_error(code, err, "GPU decode option")
+
+
 def test_missing_and_corrupt_files_are_one_line_errors(capsys, tmp_path):
     code, _, err = run(capsys, "generate", "x", "--model", str(tmp_path / "nope.gguf"), "--device", "cpu")
     assert_user_error(code, err, "no such file")

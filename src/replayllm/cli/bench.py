@@ -9,6 +9,7 @@ import sys
 from tqdm import tqdm
 
 from ..errors import InvalidParameterError
+from .generate import add_experimental_options
 
 
 def add_commands(sub) -> None:
@@ -21,6 +22,7 @@ def add_commands(sub) -> None:
     bench.add_argument("-b", "--batch-size", type=int, default=2048, help="prompt chunk size")
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     bench.add_argument("--mode", default="graph", help="GPU decode mode (see generate --help)")
+    add_experimental_options(bench)
     bench.add_argument("--json", help="write all results and the environment to this file")
     bench.add_argument("--quiet", "-q", action="store_true")
     bench.set_defaults(run=run_bench)
@@ -53,7 +55,8 @@ def run_bench(args: argparse.Namespace) -> int:
         raise InvalidParameterError("nothing to run: give -p and/or -n values above 0")
     needed = max(t.depth + t.n_tokens for t in tests) + 2
     llm = LLM(args.model, device=args.device, mode=args.mode, progress=not args.quiet,
-              max_context=min(max(needed, 16), _model_context(args.model)))
+              max_context=min(max(needed, 16), _model_context(args.model)),
+              int8_activations=args.int8_activations, pdl=args.pdl)
     if needed > llm.max_context_tokens:
         raise InvalidParameterError(f"depth + tokens = {needed} exceeds the model's context "
                                     f"({llm.max_context_tokens})")

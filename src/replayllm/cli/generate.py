@@ -45,7 +45,15 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="graph",
                         help="GPU decode mode: graph (default), eager, graph-host-sampling, graph-Nstep")
     parser.add_argument("--ctx", type=int, help="context tokens per sequence (default: min(model, 4096))")
+    add_experimental_options(parser)
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or statistics")
+
+
+def add_experimental_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--int8-activations", action="store_true",
+                        help="GPU, experimental: quantized matrices multiply int8 activations at decode (dp4a)")
+    parser.add_argument("--pdl", action="store_true",
+                        help="GPU (Hopper or later), experimental: programmatic dependent launch of the decode kernels")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +72,8 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 def _load(args: argparse.Namespace):
     from ..engine import LLM
 
-    return LLM(args.model, device=args.device, max_context=args.ctx, mode=args.mode, progress=not args.quiet)
+    return LLM(args.model, device=args.device, max_context=args.ctx, mode=args.mode, progress=not args.quiet,
+               int8_activations=args.int8_activations, pdl=args.pdl)
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -55,7 +55,8 @@ class MemoryReport:
 
 class GPUBackend(Backend):
     def __init__(self, model_file: ModelFile, max_context_tokens: int, mode: str = "graph",
-                 progress: bool = True, device: torch.device | None = None, int8_activations: bool = False):
+                 progress: bool = True, device: torch.device | None = None, int8_activations: bool = False,
+                 pdl: bool = False):
         started = time.perf_counter()
         self.config = config = model_file.config
         self.max_context_tokens = max_context_tokens
@@ -88,6 +89,7 @@ class GPUBackend(Backend):
         self.load_seconds = time.perf_counter() - started
         if int8_activations:
             self._enable_int8(True)
+        self._enable_pdl(pdl)
         self.set_mode(mode)
         self.startup_seconds = time.perf_counter() - started
         workspace = _allocated(self.device) - base - weights_bytes - self.cache.nbytes if self.is_cuda else 0
@@ -114,12 +116,15 @@ class GPUBackend(Backend):
         """Experimental: launch every decode-step kernel with programmatic dependent launch (kernels/pdl.py), so
         each kernel's launch overlaps the end of the one before. Needs compute capability 9.0 (Hopper) or later.
         Recaptures the current mode's graphs, which bake the choice in."""
+        self._enable_pdl(enabled)
+        self._graphs.clear()
+        self.set_mode(self.mode.name)
+
+    def _enable_pdl(self, enabled: bool) -> None:
         if enabled and not (self.is_cuda and torch.cuda.get_device_capability(self.device)[0] >= 9):
             raise InvalidParameterError("programmatic dependent launch needs a GPU of compute capability 9.0 or "
                                         "later (Hopper)")
         self.bufs.pdl = bool(enabled)
-        self._graphs.clear()
-        self.set_mode(self.mode.name)
 
     def _enable_int8(self, enabled: bool) -> None:
         if enabled and not self.bufs.can_use_int8_activations:

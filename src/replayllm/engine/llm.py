@@ -32,13 +32,14 @@ class LLM:
     `mode`: GPU decode mode, "graph" (replayed CUDA graph, sampling on the GPU) or "eager" (every kernel
     launched each token, logits sampled on the host: the baseline the graph mode is measured against);
     also "graph-host-sampling" and "graph-Nstep" (N steps per graph), see engine/decode_mode.py.
-    `int8_activations` (GPU, experimental): Q4_K, Q6_K and Q8_0 matrices multiply int8-quantized activations at
-    decode.
+    `int8_activations` (GPU, experimental): matrices of the types quant_matvec_q8 supports multiply int8-quantized
+    activations at decode. `pdl` (GPU of compute capability 9.0+, experimental): the decode step's kernels are
+    launched with programmatic dependent launch (kernels/pdl.py).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", *,
                  max_context: int | None = None, mode: str = "graph", progress: bool = True,
-                 int8_activations: bool = False):
+                 int8_activations: bool = False, pdl: bool = False):
         if device not in DEVICES:
             raise InvalidParameterError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         DecodeMode.parse(mode)  # an unknown mode fails before anything loads
@@ -48,12 +49,13 @@ class LLM:
         self.tokenizer = self._model_file.tokenizer
         self.max_context_tokens = _resolve_max_context(max_context, self.config.max_context_tokens)
         self.device = _resolve_device(device)
-        if int8_activations and self.device != "cuda":
-            raise InvalidParameterError("int8_activations is a GPU decode option; use device='cuda'")
-        self.backend = self._make_backend(mode, progress, int8_activations)
+        for name, value in (("int8_activations", int8_activations), ("pdl", pdl)):
+            if value and self.device != "cuda":
+                raise InvalidParameterError(f"{name} is a GPU decode option; use device='cuda'")
+        self.backend = self._make_backend(mode, progress, int8_activations, pdl)
         self.last_output: GenerationOutput | None = None
 
-    def _make_backend(self, mode: str, progress: bool, int8_activations: bool) -> Backend:
+    def _make_backend(self, mode: str, progress: bool, int8_activations: bool, pdl: bool) -> Backend:
         if self.device == "cpu":
             from .reference_backend import ReferenceBackend
 
@@ -61,7 +63,7 @@ class LLM:
         from .gpu_backend import GPUBackend
 
         return GPUBackend(self._model_file, self.max_context_tokens, mode=mode, progress=progress,
-                          int8_activations=int8_activations)
+                          int8_activations=int8_activations, pdl=pdl)
 
     @property
     def model_file(self) -> ModelFile:
