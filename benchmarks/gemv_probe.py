@@ -55,7 +55,7 @@ def probe_q8(weights, x, y, out: Path) -> dict:
     """The experimental int8-activation Q4_K kernel on the same weights: its GB/s (quantizing the activations
     once per launch included, as the decode step would), and its agreement with the default kernel."""
     from replayllm.kernels.int8_activations import ActivationQ8, quantize_activations
-    from replayllm.kernels.quant_matvec_q8 import _q4k_matvec_q8_kernel, quant_matvec_q8
+    from replayllm.kernels.quant_matvec_q8 import _kquant_matvec_q8_kernel, quant_matvec_q8
 
     xq = ActivationQ8.allocate(1, x.shape[1], "cuda")
     reference = torch.empty_like(y)
@@ -68,13 +68,13 @@ def probe_q8(weights, x, y, out: Path) -> dict:
         for w in weights:
             quantize_activations(x, xq)
             quant_matvec_q8(xq, w, y)
-    if hasattr(_q4k_matvec_q8_kernel, "device_caches"):
-        _q4k_matvec_q8_kernel.device_caches.clear()
+    if hasattr(_kquant_matvec_q8_kernel, "device_caches"):
+        _kquant_matvec_q8_kernel.device_caches.clear()
     ms = time_graph_replay(body)
     nbytes = sum(w.nbytes for w in weights)
     return {"us_per_launch": 1e3 * ms / len(weights), "gbps": nbytes / (ms * 1e-3) / 1e9,
             "relative_difference_to_default_kernel": agreement,
-            "compiled": compiled_facts(_q4k_matvec_q8_kernel, out, "Q4_K-q8")}
+            "compiled": compiled_facts(_kquant_matvec_q8_kernel, out, "Q4_K-q8")}
 
 
 def main() -> None:

@@ -55,14 +55,16 @@ def compile_gemv(ggml_type: GGMLQuantizationType, n_cols: int, block_n: int, gro
 
 def compile_q8_gemv(n_cols: int, block_n: int, chunks: int, warps: int, stages: int):
     """The experimental int8-activation Q4_K kernel (kernels/quant_matvec_q8.py), with dp4a."""
-    from replayllm.kernels.quant_matvec_q8 import _q4k_matvec_q8_kernel
+    from replayllm.kernels.quant_matvec_q8 import _kquant_matvec_q8_kernel
 
     pointers = {"xq_ptr": "*i32", "xs_ptr": "*fp32", "xsum_ptr": "*fp32", "out_ptr": "*fp32", "bias_ptr": "*fp32",
-                "qs_ptr": "*i32", "sc_ptr": "*u8", "mn_ptr": "*u8", "d_ptr": "*fp16", "dm_ptr": "*fp16"}
-    constants = dict(C=chunks, BLOCK_N=block_n, HAS_BIAS=False, ACCUMULATE=False, USE_DP4A=True, USE_PDL=False)
-    types = {n: pointers.get(n, "i32") for n in _q4k_matvec_q8_kernel.arg_names if n not in constants}
+                "qs_ptr": "*i32", "qh_ptr": "*i32", "sc_ptr": "*u8", "mn_ptr": "*u8", "d_ptr": "*fp16",
+                "dm_ptr": "*fp16"}
+    constants = dict(C=chunks, BLOCK_N=block_n, HAS_QH=False, HAS_BIAS=False, ACCUMULATE=False, USE_DP4A=True,
+                     USE_PDL=False)
+    types = {n: pointers.get(n, "i32") for n in _kquant_matvec_q8_kernel.arg_names if n not in constants}
     aligned = [n for n in types if n in pointers or n.startswith("stride")]
-    kernel = compile_for_hopper(_q4k_matvec_q8_kernel, types, constants, aligned, warps, stages)
+    kernel = compile_for_hopper(_kquant_matvec_q8_kernel, types, constants, aligned, warps, stages)
     return kernel, block_n * chunks * 64
 
 

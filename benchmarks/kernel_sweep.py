@@ -5,7 +5,8 @@
 - decode: the int8-activation GEMV (quant_matvec_q8) over block_n / chunks / warps / stages, for each type it
   supports, beside the default GEMV (quant_matvec), in GB/s of weights read (24 copies: nothing from L2).
 
-Writes --out/sweep.json (and sweep_gemm.json after every GEMM shape, in case the run is cut short) and prints a table per kernel with the best shape first. Figures are CUDA-event
+Writes --out/sweep.json (and sweep_gemm.json after every GEMM shape, in case the run is cut short) and prints
+a table per kernel with the best shape first. Figures are CUDA-event
 medians (graph replays for the GEMVs). Usage: python benchmarks/kernel_sweep.py --out DIR [--quick]
 """
 

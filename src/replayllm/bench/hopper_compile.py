@@ -157,7 +157,7 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
                                                               torch.zeros(3, hidden))))
     xq = ActivationQ8.allocate(1, ffn, "cpu")
     calls.append(("int8 activations: ", lambda: quantize_activations(torch.zeros(1, ffn), xq)))
-    for t in (T.Q4_K, T.Q6_K, T.Q8_0):
+    for t in (T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0):
         w = weight(t, n_cols=ffn)
         calls.append((f"{t.name} int8 GEMV: ", lambda w=w: quant_matvec_q8(xq, w, torch.zeros(1, 32))))
     norm = torch.ones(hidden)

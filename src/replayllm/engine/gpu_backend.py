@@ -106,7 +106,7 @@ class GPUBackend(Backend):
                 + ("-pdl" if self.bufs.pdl else ""))
 
     def set_int8_activations(self, enabled: bool) -> None:
-        """Experimental: Q4_K, Q6_K and Q8_0 matrices multiply int8-quantized activations
+        """Experimental: Q4_0/Q4_1/Q4_K/Q5_K/Q6_K/Q8_0 matrices multiply int8-quantized activations
         (kernels/quant_matvec_q8.py). Recaptures the current mode's graphs, which bake the choice in."""
         self._enable_int8(enabled)
         self._graphs.clear()

@@ -49,3 +49,10 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def check_powers_of_two(owner: str, **values: int) -> None:
+    """Each value a positive power of two (launch-shape fields); ValueError naming `owner.field` otherwise."""
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1 or value & (value - 1):
+            raise ValueError(f"{owner}.{name} must be a positive power of two, got {value!r}")

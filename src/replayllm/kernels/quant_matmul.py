@@ -22,9 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tensor_checks import check_same_device, check_tensor
+from ._tensor_checks import check_powers_of_two, check_same_device, check_tensor
 from .quant_dequant import plan_steps, weight_args
-from .quant_matvec import _weight_parts
+from .quant_matvec import _rows_dot_x_tc, _store_tile
 from .quant_weight import FLOAT_TYPES, QuantWeight
 
 
@@ -40,27 +40,13 @@ class MatmulConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block_n", "block_m", "max_groups", "num_warps"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"MatmulConfig.{name} must be a positive power of two, got {value}")
+        check_powers_of_two("MatmulConfig", block_n=self.block_n, block_m=self.block_m,
+                            max_groups=self.max_groups, num_warps=self.num_warps)
         if self.block_n < 16 or self.block_m < 16:
             raise ValueError(f"MatmulConfig: tl.dot needs block_n and block_m >= 16, got {self.block_n}, "
                              f"{self.block_m}")
         if self.num_stages < 1:
             raise ValueError(f"MatmulConfig.num_stages must be >= 1, got {self.num_stages}")
-
-
-@triton.jit
-def _part_product(w, cols, col_ok, xrows, m_ok, BLOCK_N: tl.constexpr, S: tl.constexpr, W: tl.constexpr):
-    """w [BLOCK_N, S, W] f32 against x at columns `cols` [1, S, W] of rows xrows [BLOCK_M, 1]: -> f32
-    [BLOCK_N, BLOCK_M]. The tile's columns are not in x's order; x is gathered with the same indices, which
-    leaves the dot product unchanged."""
-    cols2 = tl.reshape(cols, [1, S * W])
-    ok2 = tl.reshape(col_ok, [1, S * W])
-    x = tl.load(xrows + cols2, mask=m_ok & ok2, other=0.0).to(tl.float16)  # [BLOCK_M, S*W]
-    w16 = tl.reshape(w, [BLOCK_N, S * W]).to(tl.float16)
-    return tl.dot(w16, tl.trans(x))
 
 
 @triton.jit
@@ -78,28 +64,10 @@ def _quant_matmul_kernel(
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     src = tl.minimum(rows, n_rows - 1).to(tl.int64)  # the tail re-reads the last row; never stored
     m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    m_ok = (m < n_m)[:, None]  # [BLOCK_M, 1]
-    xrows = x_ptr + tl.minimum(m, n_m - 1).to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
-    r3 = src[:, None, None]  # [BLOCK_N, 1, 1]
-    j = tl.arange(0, W)[None, None, :]  # [1, 1, W]
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for step in range(n_steps):
-        gg = step * S + tl.arange(0, S)[None, :, None]  # [1, S, 1]
-        w_lo, w_hi, k_lo, k_hi, c_lo, c_hi = _weight_parts(  # w: [BLOCK_N, S, W]
-            gg, r3, j, n_cols, n_groups, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
-            stride_qs, stride_qh, stride_sc, stride_d, QTYPE, IS_FLOAT, W)
-        c_lo = c_lo & (j < W)  # [1, S, W]: the dot flattens the masks with the tile
-        c_hi = c_hi & (j < W)
-        acc += _part_product(w_lo, k_lo + j, c_lo, xrows, m_ok, BLOCK_N, S, W)
-        acc += _part_product(w_hi, k_hi + j, c_hi, xrows, m_ok, BLOCK_N, S, W)
-    row_ok = rows < n_rows
-    mask = row_ok[:, None] & (m < n_m)[None, :]
-    o = out_ptr + m.to(tl.int64)[None, :] * stride_om + rows[:, None]  # [BLOCK_N, BLOCK_M]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    if ACCUMULATE:
-        acc += tl.load(o, mask=mask, other=0.0)
-    tl.store(o, acc, mask=mask)
+    acc = _rows_dot_x_tc(x_ptr, stride_xm, m, n_m, src, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
+                         stride_qs, stride_qh, stride_sc, stride_d, n_cols, n_groups, n_steps,
+                         QTYPE, IS_FLOAT, S, W, BLOCK_N, BLOCK_M, True)  # [BLOCK_N, BLOCK_M]
+    _store_tile(acc, rows, m, n_rows, n_m, out_ptr, stride_om, bias_ptr, HAS_BIAS, ACCUMULATE)
 
 
 def quant_matmul(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None = None,

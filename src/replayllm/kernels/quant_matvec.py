@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tensor_checks import check_powers_of_two
 from .quant_dequant import (
     _F16,
     _decode_float,
@@ -48,10 +49,8 @@ class MatvecConfig:
     num_stages: int = 1
 
     def __post_init__(self):
-        for name in ("block_n", "block_b", "max_groups", "num_warps"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"MatvecConfig.{name} must be a positive power of two, got {value}")
+        check_powers_of_two("MatvecConfig", block_n=self.block_n, block_b=self.block_b,
+                            max_groups=self.max_groups, num_warps=self.num_warps)
         if self.block_b != 1 and (self.block_b < 16 or self.block_n < 16):
             raise ValueError(f"MatvecConfig: the tensor-core path (block_b > 1) needs block_b >= 16 and "
                              f"block_n >= 16, got block_b={self.block_b}, block_n={self.block_n}")
@@ -134,8 +133,9 @@ def _rows_dot_x_fma(x_ptr, r, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
 def _rows_dot_x_tc(x_ptr, stride_xb, batch, n_batch, r, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
                    stride_qs, stride_qh, stride_sc, stride_d, n_cols, n_groups, n_steps,
                    QTYPE: tl.constexpr, IS_FLOAT: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, F16_PRODUCT: tl.constexpr):
     """sum_k W[r, k] * x[b, k] for rows r [BLOCK_N] and batch rows b [BLOCK_B]: -> f32 [BLOCK_N, BLOCK_B].
+    F16_PRODUCT: both operands rounded to f16, one dot (prefill's GEMM); otherwise f32 accuracy (_dot_f32).
 
     A step's parts are decoded as [BLOCK_N, S, W] tiles (one scale per group) and flattened to
     [BLOCK_N, S*W] for the dot. Those columns are not in x's order; x is gathered with the same per-column
@@ -153,20 +153,22 @@ def _rows_dot_x_tc(x_ptr, stride_xb, batch, n_batch, r, qs_ptr, qh_ptr, sc_ptr, 
             stride_qs, stride_qh, stride_sc, stride_d, QTYPE, IS_FLOAT, W)
         m_lo = m_lo & (j < W)  # [1, S, W]: the dot flattens the masks with the tile
         m_hi = m_hi & (j < W)
-        acc += _part_dot(w_lo, k_lo + j, m_lo, xrow, b_ok, QTYPE == _F16, BLOCK_N, S, W)
-        acc += _part_dot(w_hi, k_hi + j, m_hi, xrow, b_ok, QTYPE == _F16, BLOCK_N, S, W)
+        acc += _part_dot(w_lo, k_lo + j, m_lo, xrow, b_ok, QTYPE == _F16, BLOCK_N, S, W, F16_PRODUCT)
+        acc += _part_dot(w_hi, k_hi + j, m_hi, xrow, b_ok, QTYPE == _F16, BLOCK_N, S, W, F16_PRODUCT)
     return acc
 
 
 @triton.jit
 def _part_dot(w, cols, col_ok, xrow, b_ok, W_IS_F16: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
-              W: tl.constexpr):
+              W: tl.constexpr, F16_PRODUCT: tl.constexpr):
     """w [BLOCK_N, S, W] f32 against x at columns `cols` [1, S, W] of the rows xrow [BLOCK_B, 1]:
     -> f32 [BLOCK_N, BLOCK_B]."""
     cols2 = tl.reshape(cols, [1, S * W])
     ok2 = tl.reshape(col_ok, [1, S * W])
-    x = tl.load(xrow + cols2, mask=b_ok & ok2, other=0.0).to(tl.float32)  # [BLOCK_B, S*W]
-    return _dot_f32(tl.reshape(w, [BLOCK_N, S * W]), tl.trans(x), W_IS_F16)
+    x = tl.load(xrow + cols2, mask=b_ok & ok2, other=0.0)  # [BLOCK_B, S*W]
+    if F16_PRODUCT:
+        return tl.dot(tl.reshape(w, [BLOCK_N, S * W]).to(tl.float16), tl.trans(x.to(tl.float16)))
+    return _dot_f32(tl.reshape(w, [BLOCK_N, S * W]), tl.trans(x.to(tl.float32)), W_IS_F16)
 
 
 @triton.jit
@@ -196,10 +198,17 @@ def _quant_matvec_kernel(
     else:
         acc = _rows_dot_x_tc(x_ptr, stride_xb, batch, n_batch, src, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr,
                              dm_ptr, stride_qs, stride_qh, stride_sc, stride_d, n_cols, n_groups,
-                             n_steps, QTYPE, IS_FLOAT, S, W, BLOCK_N, BLOCK_B)  # [BLOCK_N, BLOCK_B]
+                             n_steps, QTYPE, IS_FLOAT, S, W, BLOCK_N, BLOCK_B, False)  # [BLOCK_N, BLOCK_B]
+    _store_tile(acc, rows, batch, n_rows, n_batch, out_ptr, stride_ob, bias_ptr, HAS_BIAS, ACCUMULATE)
+
+
+@triton.jit
+def _store_tile(acc, rows, batch, n_rows, n_batch, out_ptr, stride_ob, bias_ptr, HAS_BIAS: tl.constexpr,
+                ACCUMULATE: tl.constexpr):
+    """out[batch, rows] (+)= acc [BLOCK_N, BLOCK_B] (+ bias[rows]); rows and batch rows past the ends masked."""
     row_ok = rows < n_rows
     mask = row_ok[:, None] & (batch < n_batch)[None, :]
-    o = out_ptr + batch[None, :] * stride_ob + rows[:, None]  # [BLOCK_N, BLOCK_B]
+    o = out_ptr + batch.to(tl.int64)[None, :] * stride_ob + rows[:, None]  # [BLOCK_N, BLOCK_B]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0)[:, None]
     if ACCUMULATE:

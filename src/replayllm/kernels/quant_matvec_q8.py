@@ -1,5 +1,5 @@
-"""Experimental decode GEMVs for Q4_K, Q6_K and Q8_0 with int8 activations and integer dot products (used by
-the decode step when int8 activations are switched on).
+"""Experimental decode GEMVs for Q4_0, Q4_1, Q4_K, Q5_K, Q6_K and Q8_0 with int8 activations and integer dot
+products (used by the decode step when int8 activations are switched on).
 
 The default GEMV (quant_matvec) dequantizes every weight to f32 and spends ~9 instructions a weight
 (benchmarks/NOTES.md), so it is issue-bound near a quarter of the memory bandwidth. Here, as the reference C++
@@ -9,19 +9,26 @@ bytes of 4 weights (as stored for Q8_0; a few masks and shifts for the K-quants)
 them with 4 int8 activations and adds. The weights' scales are applied once per 16 or 32 weights, to integer
 sums:
 
+    Q4_0  sum_j   d_j xs_j sum_{i in j} (q_i - 8) xq_i                                  (j: 32 weights)
+    Q4_1  sum_j [ d_j xs_j sum_{i in j} q_i xq_i  +  m_j sum_{i in j} x_i ]             (j: 32 weights)
     Q4_K  sum_j [ d sc_j xs_j sum_{i in j} q_i xq_i  -  dmin m_j sum_{i in j} x_i ]     (j: 32 weights)
+    Q5_K  the same as Q4_K, q_i with its 5th bit                                        (j: 32 weights)
     Q6_K  sum_j   d sc_j xs_j sum_{i in j} (q_i - 32) xq_i                              (j: 16 weights)
     Q8_0  sum_j   d_j xs_j sum_{i in j} q_i xq_i                                        (j: 32 weights)
 
-with q_i the quants (4 bits, 6 bits, int8), xq_i = round(x_i / xs) the int8 activations with xs their block's
-scale, and sum x_i the exact block sum. The integer sums are exact; the result differs from the f32 product by
-the activation rounding only (~1e-3 relative).
+with q_i the quants (4, 5 or 6 bits, int8), xq_i = round(x_i / xs) the int8 activations with xs their block's
+scale, and sum x_i the exact block sum. The integer sums are exact (the Q4_0 and Q6_K offsets too: one more
+dp4a of each activation word against bytes -8 or -32); the result differs from the f32 product by the
+activation rounding only (~1e-3 relative).
 
 Each kernel walks a row in chunks, `chunks` of them a step (the launcher's argument): a chunk is the smallest
 run of quant words whose weights use whole activation blocks:
 
     type   chunk          quant words per chunk (int32)                      dp4a operands
+    Q4_0   32 weights     4 qs (low nibbles: weights 0-15, high: 16-31)      u8 x s8, then xq x -8
+    Q4_1   32 weights     4 qs (as Q4_0)                                     u8 x s8
     Q4_K   64 weights     8 qs (low nibbles: sub-block 2c, high: 2c+1)        u8 x s8
+    Q5_K   64 weights     8 qs (as Q4_K) + 8 qh (one bit of each byte each)   u8 x s8
     Q6_K   128 weights    16 ql (4 runs of 32 weights) + 8 qh (2 bits each)   (u8 - 32) x s8
     Q8_0   32 weights     8 qs                                               s8 x s8
 
@@ -75,6 +82,49 @@ def _dot4(a, b, USE_DP4A: tl.constexpr, A_BYTES: tl.constexpr = _U8):
 
 
 @triton.jit
+def _dot4_add(a, b, acc, USE_DP4A: tl.constexpr):
+    """acc + _dot4(a, b) for unsigned bytes of a: one dp4a, whose accumulator does the add."""
+    if USE_DP4A:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, acc], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    return acc + _dot4(a, b, USE_DP4A)
+
+
+@triton.jit
+def _minus8_sum(x_lo, x_hi, USE_DP4A: tl.constexpr):
+    """-8 * (sum of the 8 signed bytes of x_lo and x_hi), per element: two dp4a against bytes -8 (0xF8). Q4_0's
+    offset, exact; it depends on the activations only, so the rows a thread holds share it."""
+    if USE_DP4A:
+        return tl.inline_asm_elementwise(
+            "{ .reg .s32 t; dp4a.s32.s32 t, $1, 0xF8F8F8F8, 0; dp4a.s32.s32 $0, $2, 0xF8F8F8F8, t; }",
+            "=r,r,r", [x_lo, x_hi], dtype=tl.int32, is_pure=True, pack=1)
+    total = tl.zeros_like(x_lo)
+    for k in tl.static_range(4):
+        total += ((x_lo << (24 - 8 * k)) >> 24) + ((x_hi << (24 - 8 * k)) >> 24)
+    return -8 * total
+
+
+@triton.jit
+def _fifth_bits(qh, bit, USE_DP4A: tl.constexpr):
+    """Bit `bit` (0..7, broadcast) of each byte of qh moved to bit 4 of that byte, the other bits cleared: one
+    rotate (a funnel shift; the bits it wraps around fall outside the mask) and one AND."""
+    if USE_DP4A:
+        rotated = tl.inline_asm_elementwise("shf.l.wrap.b32 $0, $1, $1, $2;", "=r,r,r", [qh, (4 - bit) & 31],
+                                            dtype=tl.int32, is_pure=True, pack=1)
+        return rotated & 0x10101010
+    return ((qh >> bit) & 0x01010101) << 4
+
+
+@triton.jit
+def _row_block(n_rows, n_batch, BLOCK_N: tl.constexpr):
+    """This program's batch row and BLOCK_N weight rows (batch rows vary fastest, so the programs sharing a
+    weight block run side by side), and the rows to read: past n_rows, the last row again (never stored)."""
+    batch = tl.program_id(0) % n_batch
+    rows = (tl.program_id(0) // n_batch) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    return batch, rows, tl.minimum(rows, n_rows - 1).to(tl.int64)
+
+
+@triton.jit
 def _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS: tl.constexpr,
                 ACCUMULATE: tl.constexpr):
     """out[batch, rows] (+)= result [BLOCK_N] (+ bias[rows]), rows past n_rows masked off."""
@@ -88,58 +138,150 @@ def _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_B
 
 
 @triton.jit
-def _q4k_matvec_q8_kernel(
-    xq_ptr, xs_ptr, xsum_ptr, out_ptr, bias_ptr, qs_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
-    stride_qw, stride_sc, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
+def _nibble_dots(w, x_lo, x_hi, start, USE_DP4A: tl.constexpr):
+    """Per word of a Q4_0/Q4_1 tile: start + (low nibbles of w) . x_lo + (high nibbles of w) . x_hi, int32."""
+    lo = _dot4_add(w & 0x0F0F0F0F, x_lo, start, USE_DP4A)
+    return _dot4_add((w >> 4) & 0x0F0F0F0F, x_hi, lo, USE_DP4A)
+
+
+@triton.jit
+def _q40_matvec_q8_kernel(
+    xq_ptr, xs_ptr, out_ptr, bias_ptr, qs_ptr, d_ptr,
+    stride_qw, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
     C: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
     USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     _pdl_wait(USE_PDL)
-    # qs and xq are read as int32 words. A row's chunk c (64 weights) is 8 words: the low nibbles of word t are
-    # weights 4t..4t+3 of sub-block 2c, the high nibbles the same weights of sub-block 2c+1; the matching
-    # activations are words 16c + t and 16c + 8 + t of the quantized row. The tile is [BLOCK_N, 2C, 4]: half
-    # chunks h (4 words, one 16-byte load a thread) by their words u, so the integer sums over u stay inside a
-    # thread, and the [BLOCK_N, 2C] scale tiles have the sums' layout: no layout conversion, no barrier in the
-    # loop. The min term works on whole chunks, in its own [BLOCK_N, C] tile.
-    batch = tl.program_id(0) % n_batch
-    rows = (tl.program_id(0) // n_batch) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    src = tl.minimum(rows, n_rows - 1).to(tl.int64)
+    # qs and xq are read as int32 words. Chunk c is block c (32 weights, one scale d): qs word 4c + u (u < 4)
+    # holds weights 4u..4u+3 in its low nibbles and 16 + 4u..16 + 4u + 3 in its high nibbles, times xq words
+    # 8c + u and 8c + 4 + u. The tile is [BLOCK_N, C, 4] (a row's block is one 16-byte load of a thread), so
+    # the integer sums over u stay inside a thread and the [BLOCK_N, C] scale tile has their layout: no layout
+    # conversion, no barrier in the loop (as in the Q4_K kernel).
+    batch, rows, src = _row_block(n_rows, n_batch, BLOCK_N)
     src2 = src[:, None]  # [BLOCK_N, 1]
     src3 = src[:, None, None]  # [BLOCK_N, 1, 1]
     u = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]
     xrow = xq_ptr + batch.to(tl.int64) * stride_xw
     srow = batch.to(tl.int64) * stride_xs
-    acc = tl.zeros([BLOCK_N, 2 * C], dtype=tl.float32)  # reduced over half chunks once, after the loop
-    acc_min = tl.zeros([BLOCK_N, C], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, C], dtype=tl.float32)  # reduced over blocks once, after the loop
     for step in range(n_steps):
-        # Half chunks past the row's end re-read the last one (no masked loads, no zero fills) and get d = 0.
-        h = step * (2 * C) + tl.arange(0, 2 * C)  # [2C]
-        h_ok = (h < 2 * n_chunks)[None, :]
-        h = tl.minimum(h, 2 * n_chunks - 1)
-        h3 = h[None, :, None]  # [1, 2C, 1]
-        w = tl.load(qs_ptr + src3 * stride_qw + 4 * h3 + u)  # [BLOCK_N, 2C, 4]
-        # Activations at the tile's full shape, so they take the quant words' layout (a thread's rows share
-        # one load).
-        x = xrow + (h3 // 2) * 16 + (h3 % 2) * 4 + u + 0 * src3  # [BLOCK_N, 2C, 4]
-        s_lo = tl.sum(_dot4(w & 0x0F0F0F0F, tl.load(x), USE_DP4A), axis=2)  # [BLOCK_N, 2C] int32
-        s_hi = tl.sum(_dot4((w >> 4) & 0x0F0F0F0F, tl.load(x + 8), USE_DP4A), axis=2)
-        c2 = (h // 2)[None, :]  # [1, 2C]: each half chunk's chunk
-        d = tl.where(h_ok, tl.load(d_ptr + src2 * stride_d + c2 // 4).to(tl.float32), 0.0)  # [BLOCK_N, 2C]
-        sub = src2 * stride_sc + 2 * c2  # sub-block 2c of each row
-        sc_lo = tl.load(sc_ptr + sub).to(tl.float32)
-        sc_hi = tl.load(sc_ptr + sub + 1).to(tl.float32)
-        xs = xs_ptr + srow + 2 * c2 + 0 * src2
-        acc += d * (sc_lo * tl.load(xs) * s_lo.to(tl.float32) + sc_hi * tl.load(xs + 1) * s_hi.to(tl.float32))
+        # Blocks past the row's end re-read the last one (no masked loads, no zero fills) and get d = 0.
         c = step * C + tl.arange(0, C)  # [C]
-        c_ok = (c < n_chunks)[None, :]
-        c = tl.minimum(c, n_chunks - 1)[None, :]  # [1, C]
-        dmin = tl.where(c_ok, tl.load(dm_ptr + src2 * stride_d + c // 4).to(tl.float32), 0.0)  # [BLOCK_N, C]
-        sub2 = src2 * stride_sc + 2 * c
-        m_lo = tl.load(mn_ptr + sub2).to(tl.float32)
-        m_hi = tl.load(mn_ptr + sub2 + 1).to(tl.float32)
-        xsum = xsum_ptr + srow + 2 * c
-        acc_min += dmin * (m_lo * tl.load(xsum) + m_hi * tl.load(xsum + 1))
-    result = tl.sum(acc, axis=1) - tl.sum(acc_min, axis=1)  # [BLOCK_N]
+        ok = (c < n_chunks)[None, :]
+        c = tl.minimum(c, n_chunks - 1)
+        c2 = c[None, :]  # [1, C]
+        c3 = c[None, :, None]  # [1, C, 1]
+        w = tl.load(qs_ptr + src3 * stride_qw + 4 * c3 + u)  # [BLOCK_N, C, 4]
+        x = xrow + 8 * c3 + u + 0 * src3  # at the tile's full shape, so it takes the quant words' layout
+        x_lo = tl.load(x)
+        x_hi = tl.load(x + 4)
+        dots = _nibble_dots(w, x_lo, x_hi, _minus8_sum(x_lo, x_hi, USE_DP4A), USE_DP4A)
+        s = tl.sum(dots, axis=2)  # [BLOCK_N, C] int32: sum (q - 8) xq over each block
+        d = tl.where(ok, tl.load(d_ptr + src2 * stride_d + c2).to(tl.float32), 0.0)  # [BLOCK_N, C]
+        xs = tl.load(xs_ptr + srow + c2 + 0 * src2)
+        acc += (d * xs) * s.to(tl.float32)
+    result = tl.sum(acc, axis=1)  # [BLOCK_N]
+    _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+
+
+@triton.jit
+def _q41_matvec_q8_kernel(
+    xq_ptr, xs_ptr, xsum_ptr, out_ptr, bias_ptr, qs_ptr, d_ptr, m_ptr,
+    stride_qw, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
+    C: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    _pdl_wait(USE_PDL)
+    # The Q4_0 kernel's tile and words; weight = q d + m, the min m times the block's exact activation sum.
+    batch, rows, src = _row_block(n_rows, n_batch, BLOCK_N)
+    src2 = src[:, None]  # [BLOCK_N, 1]
+    src3 = src[:, None, None]  # [BLOCK_N, 1, 1]
+    u = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]
+    xrow = xq_ptr + batch.to(tl.int64) * stride_xw
+    srow = batch.to(tl.int64) * stride_xs
+    acc = tl.zeros([BLOCK_N, C], dtype=tl.float32)  # reduced over blocks once, after the loop
+    for step in range(n_steps):
+        # Blocks past the row's end re-read the last one (no masked loads, no zero fills) and get d = m = 0.
+        c = step * C + tl.arange(0, C)  # [C]
+        ok = (c < n_chunks)[None, :]
+        c = tl.minimum(c, n_chunks - 1)
+        c2 = c[None, :]  # [1, C]
+        c3 = c[None, :, None]  # [1, C, 1]
+        w = tl.load(qs_ptr + src3 * stride_qw + 4 * c3 + u)  # [BLOCK_N, C, 4]
+        x = xrow + 8 * c3 + u + 0 * src3  # at the tile's full shape
+        s = tl.sum(_nibble_dots(w, tl.load(x), tl.load(x + 4), tl.zeros_like(w), USE_DP4A), axis=2)  # [BLOCK_N, C]
+        d = tl.where(ok, tl.load(d_ptr + src2 * stride_d + c2).to(tl.float32), 0.0)  # [BLOCK_N, C]
+        m = tl.where(ok, tl.load(m_ptr + src2 * stride_d + c2).to(tl.float32), 0.0)
+        xs = tl.load(xs_ptr + srow + c2 + 0 * src2)
+        xsum = tl.load(xsum_ptr + srow + c2 + 0 * src2)
+        acc += (d * xs) * s.to(tl.float32) + m * xsum
+    result = tl.sum(acc, axis=1)  # [BLOCK_N]
+    _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+
+
+@triton.jit
+def _kquant_half_chunk(qs, qh, x_lo, x_hi, bit, s_lo, s_hi, HAS_QH: tl.constexpr, USE_DP4A: tl.constexpr):
+    """s_lo, s_hi plus the dot products of one half of a Q4_K / Q5_K chunk: qs, x_lo, x_hi are its 4 quant words
+    and the matching activation words of sub-blocks 2c and 2c + 1; for Q5_K (HAS_QH) qh are its 4 qh words and
+    `bit` the qh bit of 2c."""
+    q_lo = qs & 0x0F0F0F0F
+    q_hi = (qs >> 4) & 0x0F0F0F0F
+    if HAS_QH:
+        q_lo = q_lo | _fifth_bits(qh, bit, USE_DP4A)
+        q_hi = q_hi | _fifth_bits(qh, bit + 1, USE_DP4A)
+    return _dot4_add(q_lo, x_lo, s_lo, USE_DP4A), _dot4_add(q_hi, x_hi, s_hi, USE_DP4A)
+
+
+@triton.jit
+def _kquant_matvec_q8_kernel(
+    xq_ptr, xs_ptr, xsum_ptr, out_ptr, bias_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
+    stride_qw, stride_qh, stride_sc, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
+    C: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QH: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACCUMULATE: tl.constexpr, USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    _pdl_wait(USE_PDL)
+    # Q4_K, and Q5_K with HAS_QH. qs, qh and xq are read as int32 words. A row's chunk c (64 weights) is 8 qs
+    # words: the low nibbles of word t are weights 4t..4t+3 of sub-block 2c, the high nibbles those of 2c + 1,
+    # times activation words 16c + t and 16c + 8 + t. Q5_K's 5th bits are in qh word 8s + t of super-block
+    # s = c // 4 (all 8 sub-blocks of s, sub-block i at bit i of each byte): bits 2 (c % 4) and 2 (c % 4) + 1. The tiles
+    # are [BLOCK_N, C, 4], loaded twice a step (words t = u and 4 + u): a thread holds whole chunks, so the
+    # integer sums, the [BLOCK_N, C] scale tiles and the min term share one layout, a chunk's scales are
+    # loaded once, and nothing is converted between layouts (no barrier in the loop).
+    batch, rows, src = _row_block(n_rows, n_batch, BLOCK_N)
+    src2 = src[:, None]  # [BLOCK_N, 1]
+    src3 = src[:, None, None]  # [BLOCK_N, 1, 1]
+    qh_row = tl.multiple_of(src * stride_qh, 8)[:, None, None]  # K / 32 words, K % 256 == 0: 16-byte loads
+    u = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]
+    xrow = xq_ptr + batch.to(tl.int64) * stride_xw
+    srow = batch.to(tl.int64) * stride_xs
+    acc = tl.zeros([BLOCK_N, C], dtype=tl.float32)  # reduced over chunks once, after the loop
+    for step in range(n_steps):
+        # Chunks past the row's end re-read the last one (no masked loads, no zero fills) and get d = dmin = 0.
+        c = step * C + tl.arange(0, C)  # [C]
+        ok = (c < n_chunks)[None, :]
+        c = tl.minimum(c, n_chunks - 1)
+        c2 = c[None, :]  # [1, C]
+        c3 = c[None, :, None]  # [1, C, 1]
+        qs = qs_ptr + src3 * stride_qw + 8 * c3 + u  # [BLOCK_N, C, 4]
+        qh = qh_ptr + qh_row + 8 * (c3 // 4) + u
+        x = xrow + 16 * c3 + u + 0 * src3  # at the tile's full shape, so it takes the quant words' layout
+        bit = 2 * (c3 % 4)  # [1, C, 1]
+        qh0, qh1 = (tl.load(qh), tl.load(qh + 4)) if HAS_QH else (0, 0)
+        s_lo, s_hi = _kquant_half_chunk(tl.load(qs), qh0, tl.load(x), tl.load(x + 8), bit, 0, 0, HAS_QH, USE_DP4A)
+        s_lo, s_hi = _kquant_half_chunk(tl.load(qs + 4), qh1, tl.load(x + 4), tl.load(x + 12), bit, s_lo, s_hi,
+                                        HAS_QH, USE_DP4A)
+        sub = src2 * stride_sc + 2 * c2  # [BLOCK_N, C]: sub-block 2c of each row
+        # The 6-bit scale multiplies the integer sum (exact: |sum * sc| < 32 * 31 * 127 * 63 < 2**23).
+        s_lo = (tl.sum(s_lo, axis=2) * tl.load(sc_ptr + sub).to(tl.int32)).to(tl.float32)  # [BLOCK_N, C]
+        s_hi = (tl.sum(s_hi, axis=2) * tl.load(sc_ptr + sub + 1).to(tl.int32)).to(tl.float32)
+        xs = xs_ptr + srow + 2 * c2 + 0 * src2
+        xsum = xsum_ptr + srow + 2 * c2 + 0 * src2
+        mins = (tl.load(mn_ptr + sub).to(tl.float32) * tl.load(xsum)
+                + tl.load(mn_ptr + sub + 1).to(tl.float32) * tl.load(xsum + 1))
+        d = tl.where(ok, tl.load(d_ptr + src2 * stride_d + c2 // 4).to(tl.float32), 0.0)  # [BLOCK_N, C]
+        dmin = tl.where(ok, tl.load(dm_ptr + src2 * stride_d + c2 // 4).to(tl.float32), 0.0)
+        acc += d * (s_lo * tl.load(xs) + s_hi * tl.load(xs + 1)) - dmin * mins
+    result = tl.sum(acc, axis=1)  # [BLOCK_N]
     _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
 
 
@@ -164,9 +306,8 @@ def _q6k_matvec_q8_kernel(
     # low nibbles and of run 2 + p in its high nibbles; qh word 8c + t holds their top 2 bits, run r at bits
     # 2r, 2r + 1 of each byte; the activations of run r are words 32c + 8r + t. The tile [BLOCK_N, C, 2, 4]
     # splits t = 4g + k: each g is 16 weights of one scale (8c + 2r + g), summed as integers over k first.
-    batch = tl.program_id(0) % n_batch
-    rows = (tl.program_id(0) // n_batch) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    src = tl.minimum(rows, n_rows - 1).to(tl.int64)[:, None, None, None]  # [BLOCK_N, 1, 1, 1]
+    batch, rows, src = _row_block(n_rows, n_batch, BLOCK_N)
+    src = src[:, None, None, None]  # [BLOCK_N, 1, 1, 1]
     g = tl.arange(0, 2)[None, None, :, None]  # [1, 1, 2, 1]
     t = 4 * g + tl.arange(0, 4)[None, None, None, :]  # [1, 1, 2, 4]
     xrow = batch.to(tl.int64) * stride_xw
@@ -208,9 +349,8 @@ def _q80_matvec_q8_kernel(
     _pdl_wait(USE_PDL)
     # qs and xq are read as int32 words. Chunk c is block c (32 weights, one scale d): qs words 8c + t times xq
     # words 8c + t. The tile [BLOCK_N, C, 2, 4] splits t = 4g + k and sums over k as integers first.
-    batch = tl.program_id(0) % n_batch
-    rows = (tl.program_id(0) // n_batch) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    src = tl.minimum(rows, n_rows - 1).to(tl.int64)[:, None, None, None]  # [BLOCK_N, 1, 1, 1]
+    batch, rows, src = _row_block(n_rows, n_batch, BLOCK_N)
+    src = src[:, None, None, None]  # [BLOCK_N, 1, 1, 1]
     t = 4 * tl.arange(0, 2)[None, None, :, None] + tl.arange(0, 4)[None, None, None, :]  # [1, 1, 2, 4]
     xrow = batch.to(tl.int64) * stride_xw
     srow = batch.to(tl.int64) * stride_xs
@@ -230,13 +370,33 @@ def _q80_matvec_q8_kernel(
     _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
 
 
-def _launch_q4k(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
+def _launch_q40(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
                 bias: torch.Tensor, n_chunks: int, n_steps: int, meta: dict) -> None:
     qs_words = w.qs.view(torch.int32)  # [n_rows, K / 8]
-    _q4k_matvec_q8_kernel[grid](
-        xq_words, xq.scale, xq.block_sum, out, bias, qs_words, w.scales, w.mins, w.d, w.dmin,
-        qs_words.stride(0), w.scales.stride(0), w.d.stride(0), xq_words.stride(0), xq.scale.stride(0),
-        out.stride(0), w.n_rows, n_chunks, out.shape[0], n_steps, **meta)
+    _q40_matvec_q8_kernel[grid](
+        xq_words, xq.scale, out, bias, qs_words, w.scales, qs_words.stride(0), w.scales.stride(0),
+        xq_words.stride(0), xq.scale.stride(0), out.stride(0), w.n_rows, n_chunks, out.shape[0], n_steps, **meta)
+
+
+def _launch_q41(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
+                bias: torch.Tensor, n_chunks: int, n_steps: int, meta: dict) -> None:
+    qs_words = w.qs.view(torch.int32)  # [n_rows, K / 8]
+    _q41_matvec_q8_kernel[grid](
+        xq_words, xq.scale, xq.block_sum, out, bias, qs_words, w.scales, w.mins, qs_words.stride(0),
+        w.scales.stride(0), xq_words.stride(0), xq.scale.stride(0), out.stride(0), w.n_rows, n_chunks,
+        out.shape[0], n_steps, **meta)
+
+
+def _launch_kquant(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
+                   bias: torch.Tensor, n_chunks: int, n_steps: int, meta: dict) -> None:
+    """Q4_K and Q5_K (which adds qh, the 5th bits)."""
+    qs_words = w.qs.view(torch.int32)  # [n_rows, K / 8]
+    qh_words = w.qh.view(torch.int32) if w.qh is not None else qs_words  # [n_rows, K / 32]; unread for Q4_K
+    _kquant_matvec_q8_kernel[grid](
+        xq_words, xq.scale, xq.block_sum, out, bias, qs_words, qh_words, w.scales, w.mins, w.d, w.dmin,
+        qs_words.stride(0), qh_words.stride(0), w.scales.stride(0), w.d.stride(0), xq_words.stride(0),
+        xq.scale.stride(0), out.stride(0), w.n_rows, n_chunks, out.shape[0], n_steps, HAS_QH=w.qh is not None,
+        **meta)
 
 
 def _launch_q6k(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
@@ -257,26 +417,32 @@ def _launch_q80(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, 
         xq_words.stride(0), xq.scale.stride(0), out.stride(0), w.n_rows, n_chunks, out.shape[0], n_steps, **meta)
 
 
-# type -> (launcher, weights per chunk, default chunks per step: 1024 weights of a row a step).
-_KERNELS = {T.Q4_K: (_launch_q4k, 64, 16), T.Q6_K: (_launch_q6k, 128, 8), T.Q8_0: (_launch_q80, 32, 32)}
+# type -> (launcher, weights per chunk).
+_KERNELS = {T.Q4_0: (_launch_q40, 32), T.Q4_1: (_launch_q41, 32), T.Q4_K: (_launch_kquant, 64),
+            T.Q5_K: (_launch_kquant, 64), T.Q6_K: (_launch_q6k, 128), T.Q8_0: (_launch_q80, 32)}
+# Default launch shape, measured on an H200 at 4096 x 11008 and 11008 x 4096 for every type
+# (benchmarks/results/2026-12-01-h200-d/): 4 rows a program and 32 chunks a step were the fastest of the shapes
+# tried or within 10% of it everywhere (2.0-3.5 TB/s), up to 2x over 8 rows and 1,024 weights a step (more
+# programs a SM, more bytes in flight a thread).
+DEFAULT_BLOCK_N = 4
+DEFAULT_CHUNKS = 32
 SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(_KERNELS)
 
 
 def quant_matvec_q8(xq: ActivationQ8, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None = None,
-                    accumulate: bool = False, block_n: int = 8, chunks: int | None = None, num_warps: int = 4,
-                    num_stages: int = 1, pdl: bool = False) -> torch.Tensor:
-    """out (+)= x @ W^T (+ bias) for a Q4_K, Q6_K or Q8_0 weight and activations quantized by
-    `quantize_activations`.
+                    accumulate: bool = False, block_n: int = DEFAULT_BLOCK_N, chunks: int = DEFAULT_CHUNKS,
+                    num_warps: int = 4, num_stages: int = 1, pdl: bool = False) -> torch.Tensor:
+    """out (+)= x @ W^T (+ bias) for a weight of one of SUPPORTED_TYPES (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0) and
+    activations quantized by `quantize_activations`.
 
     out [B, n_rows] f32 (unit column stride); one launch, no host sync, graph-capturable. Launch shape: `block_n`
-    rows a program, `chunks` chunks a step (a chunk is 64, 128 or 32 weights by type, see the module docstring;
-    None: 1024 weights a step), both powers of two; `num_warps`, `num_stages` as for any Triton launch."""
+    rows a program, `chunks` chunks a step (a chunk is 32, 64 or 128 weights by type, see the module
+    docstring), both powers of two; `num_warps`, `num_stages` as for any Triton launch."""
     if not isinstance(w, QuantWeight) or w.ggml_type not in SUPPORTED_TYPES:
         got = w.ggml_type.name if isinstance(w, QuantWeight) else type(w).__name__
         supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
         raise UnsupportedError(f"quant_matvec_q8 supports {supported} weights, got {got}")
-    launch, chunk_weights, default_chunks = _KERNELS[w.ggml_type]
-    chunks = default_chunks if chunks is None else chunks
+    launch, chunk_weights = _KERNELS[w.ggml_type]
     for name, value in (("block_n", block_n), ("chunks", chunks)):
         if not isinstance(value, int) or value < 1 or value & (value - 1):
             raise ValueError(f"quant_matvec_q8: {name} must be a power of two, got {value!r}")
@@ -299,19 +465,21 @@ def quant_matvec_q8(xq: ActivationQ8, w: QuantWeight, out: torch.Tensor, bias: t
 
 def quant_matvec_q8_reference(xq: ActivationQ8, w: QuantWeight) -> torch.Tensor:
     """What quant_matvec_q8 computes, in float64: the GGUF dequantized weights (`dequantize_reference`: exact
-    for Q8_0, rounded once to f32 for the K-quants as GGUF does) times the quantized activations; for Q4_K the
-    min term is taken on the exact block sums. [B, n_rows]."""
+    for Q4_0 and Q8_0, rounded once to f32 for the others as GGUF does) times the quantized activations; for the
+    types with a min (Q4_1, Q4_K, Q5_K) the min term is taken on the exact block sums. [B, n_rows]."""
     from .quant_weight import dequantize_reference
 
     if w.ggml_type not in SUPPORTED_TYPES:
         raise UnsupportedError(f"quant_matvec_q8_reference: no kernel for {w.ggml_type.name}")
     B, K = xq.q.shape
     x_blocks = xq.q.double().view(B, -1, ACTIVATION_BLOCK) * xq.scale.double()[..., None]  # [B, K/32, 32]
-    if w.ggml_type != T.Q4_K:
+    if w.ggml_type == T.Q4_1:
+        offset = w.mins.double()  # [N, K/32]: weight = q d + m
+    elif w.ggml_type in (T.Q4_K, T.Q5_K):
+        offset = -w.dmin.double().repeat_interleave(8, dim=1) * w.mins.double()  # weight = q d sc - dmin m
+    else:
         return x_blocks.view(B, K) @ dequantize_reference(w).double().T
-    # Split each weight into its q * d * sc part and its min part, to apply the min to the exact sums.
-    dmin = w.dmin.double().repeat_interleave(8, dim=1)  # [N, K/32]
-    minimum = dmin * w.mins.double()  # [N, K/32]
-    scaled = dequantize_reference(w).double().view(w.n_rows, -1, ACTIVATION_BLOCK) + minimum[..., None]
+    # Split each weight into its scaled quant and its per-block offset, to apply the offset to the exact sums.
+    scaled = dequantize_reference(w).double().view(w.n_rows, -1, ACTIVATION_BLOCK) - offset[..., None]
     dots = torch.einsum("nbi,zbi->zn", scaled, x_blocks)
-    return dots - xq.block_sum.double() @ minimum.T
+    return dots + xq.block_sum.double() @ offset.T

@@ -48,9 +48,9 @@ class StepBuffers:
     act: torch.Tensor  # [B, F] f32
     logits: torch.Tensor  # [B, vocab] f32
     attention_workspace: DecodeAttentionWorkspace
-    # Experimental (kernels/quant_matvec_q8.py): int8 copies of the projection inputs, used by Q4_K, Q6_K and
-    # Q8_0 matrices while `int8_activations` is set (read when the step is captured). None where a width is not
-    # a multiple of the activation block.
+    # Experimental (kernels/quant_matvec_q8.py): int8 copies of the projection inputs, used by the matrices of
+    # its SUPPORTED_TYPES while `int8_activations` is set (read when the step is captured). None where a width
+    # is not a multiple of the activation block.
     h_q8: ActivationQ8 | None = None
     attn_q8: ActivationQ8 | None = None
     act_q8: ActivationQ8 | None = None
@@ -163,8 +163,8 @@ def _int8_copy(bufs: StepBuffers, x: torch.Tensor, xq: ActivationQ8 | None) -> A
 def _project(x: torch.Tensor, matrices: list[QuantWeight], out: torch.Tensor, bias: torch.Tensor | None,
              xq: ActivationQ8 | None = None, accumulate: bool = False, pdl: bool = False) -> None:
     """out (+)= x @ [W0|W1|...]^T + bias: one launch per run of same-typed matrices (Q4_K_M keeps some V in
-    Q6_K); with `accumulate` the product is added to out (the residual add, fused). Q4_K, Q6_K and Q8_0 matrices
-    take the int8 activations `xq` when given.
+    Q6_K); with `accumulate` the product is added to out (the residual add, fused). Matrices of the int8
+    kernels' types (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0) take the int8 activations `xq` when given.
 
     Each part writes a column slice of `out` (row stride > width when B > 1; the launcher takes row strides).
     """
