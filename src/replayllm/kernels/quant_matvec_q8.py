@@ -145,54 +145,19 @@ def _nibble_dots(w, x_lo, x_hi, start, USE_DP4A: tl.constexpr):
 
 
 @triton.jit
-def _q40_matvec_q8_kernel(
-    xq_ptr, xs_ptr, out_ptr, bias_ptr, qs_ptr, d_ptr,
-    stride_qw, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
-    C: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    _pdl_wait(USE_PDL)
-    # qs and xq are read as int32 words. Chunk c is block c (32 weights, one scale d): qs word 4c + u (u < 4)
-    # holds weights 4u..4u+3 in its low nibbles and 16 + 4u..16 + 4u + 3 in its high nibbles, times xq words
-    # 8c + u and 8c + 4 + u. The tile is [BLOCK_N, C, 4] (a row's block is one 16-byte load of a thread), so
-    # the integer sums over u stay inside a thread and the [BLOCK_N, C] scale tile has their layout: no layout
-    # conversion, no barrier in the loop (as in the Q4_K kernel).
-    batch, rows, src = _row_block(n_rows, n_batch, BLOCK_N)
-    src2 = src[:, None]  # [BLOCK_N, 1]
-    src3 = src[:, None, None]  # [BLOCK_N, 1, 1]
-    u = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]
-    xrow = xq_ptr + batch.to(tl.int64) * stride_xw
-    srow = batch.to(tl.int64) * stride_xs
-    acc = tl.zeros([BLOCK_N, C], dtype=tl.float32)  # reduced over blocks once, after the loop
-    for step in range(n_steps):
-        # Blocks past the row's end re-read the last one (no masked loads, no zero fills) and get d = 0.
-        c = step * C + tl.arange(0, C)  # [C]
-        ok = (c < n_chunks)[None, :]
-        c = tl.minimum(c, n_chunks - 1)
-        c2 = c[None, :]  # [1, C]
-        c3 = c[None, :, None]  # [1, C, 1]
-        w = tl.load(qs_ptr + src3 * stride_qw + 4 * c3 + u)  # [BLOCK_N, C, 4]
-        x = xrow + 8 * c3 + u + 0 * src3  # at the tile's full shape, so it takes the quant words' layout
-        x_lo = tl.load(x)
-        x_hi = tl.load(x + 4)
-        dots = _nibble_dots(w, x_lo, x_hi, _minus8_sum(x_lo, x_hi, USE_DP4A), USE_DP4A)
-        s = tl.sum(dots, axis=2)  # [BLOCK_N, C] int32: sum (q - 8) xq over each block
-        d = tl.where(ok, tl.load(d_ptr + src2 * stride_d + c2).to(tl.float32), 0.0)  # [BLOCK_N, C]
-        xs = tl.load(xs_ptr + srow + c2 + 0 * src2)
-        acc += (d * xs) * s.to(tl.float32)
-    result = tl.sum(acc, axis=1)  # [BLOCK_N]
-    _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
-
-
-@triton.jit
-def _q41_matvec_q8_kernel(
+def _q4_matvec_q8_kernel(
     xq_ptr, xs_ptr, xsum_ptr, out_ptr, bias_ptr, qs_ptr, d_ptr, m_ptr,
     stride_qw, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
-    C: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
+    C: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACCUMULATE: tl.constexpr, USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     _pdl_wait(USE_PDL)
-    # The Q4_0 kernel's tile and words; weight = q d + m, the min m times the block's exact activation sum.
+    # Q4_0 (weight = (q - 8) d), and Q4_1 with HAS_MIN (weight = q d + m, the min m times the block's exact
+    # activation sum). qs and xq are read as int32 words. Chunk c is block c (32 weights, one scale d): qs word
+    # 4c + u (u < 4) holds weights 4u..4u+3 in its low nibbles and 16 + 4u..16 + 4u + 3 in its high nibbles,
+    # times xq words 8c + u and 8c + 4 + u. The tile is [BLOCK_N, C, 4] (a row's block is one 16-byte load of a
+    # thread), so the integer sums over u stay inside a thread and the [BLOCK_N, C] scale tiles have their
+    # layout: no layout conversion, no barrier in the loop.
     batch, rows, src = _row_block(n_rows, n_batch, BLOCK_N)
     src2 = src[:, None]  # [BLOCK_N, 1]
     src3 = src[:, None, None]  # [BLOCK_N, 1, 1]
@@ -208,13 +173,17 @@ def _q41_matvec_q8_kernel(
         c2 = c[None, :]  # [1, C]
         c3 = c[None, :, None]  # [1, C, 1]
         w = tl.load(qs_ptr + src3 * stride_qw + 4 * c3 + u)  # [BLOCK_N, C, 4]
-        x = xrow + 8 * c3 + u + 0 * src3  # at the tile's full shape
-        s = tl.sum(_nibble_dots(w, tl.load(x), tl.load(x + 4), tl.zeros_like(w), USE_DP4A), axis=2)  # [BLOCK_N, C]
+        x = xrow + 8 * c3 + u + 0 * src3  # at the tile's full shape, so it takes the quant words' layout
+        x_lo = tl.load(x)
+        x_hi = tl.load(x + 4)
+        start = tl.zeros_like(w) if HAS_MIN else _minus8_sum(x_lo, x_hi, USE_DP4A)
+        s = tl.sum(_nibble_dots(w, x_lo, x_hi, start, USE_DP4A), axis=2)  # [BLOCK_N, C]: sum (q [- 8]) xq
         d = tl.where(ok, tl.load(d_ptr + src2 * stride_d + c2).to(tl.float32), 0.0)  # [BLOCK_N, C]
-        m = tl.where(ok, tl.load(m_ptr + src2 * stride_d + c2).to(tl.float32), 0.0)
         xs = tl.load(xs_ptr + srow + c2 + 0 * src2)
-        xsum = tl.load(xsum_ptr + srow + c2 + 0 * src2)
-        acc += (d * xs) * s.to(tl.float32) + m * xsum
+        acc += (d * xs) * s.to(tl.float32)
+        if HAS_MIN:
+            m = tl.where(ok, tl.load(m_ptr + src2 * stride_d + c2).to(tl.float32), 0.0)
+            acc += m * tl.load(xsum_ptr + srow + c2 + 0 * src2)
     result = tl.sum(acc, axis=1)  # [BLOCK_N]
     _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
 
@@ -370,21 +339,15 @@ def _q80_matvec_q8_kernel(
     _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
 
 
-def _launch_q40(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
-                bias: torch.Tensor, n_chunks: int, n_steps: int, meta: dict) -> None:
+def _launch_q4(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
+               bias: torch.Tensor, n_chunks: int, n_steps: int, meta: dict) -> None:
+    """Q4_0 and Q4_1 (which adds mins)."""
     qs_words = w.qs.view(torch.int32)  # [n_rows, K / 8]
-    _q40_matvec_q8_kernel[grid](
-        xq_words, xq.scale, out, bias, qs_words, w.scales, qs_words.stride(0), w.scales.stride(0),
-        xq_words.stride(0), xq.scale.stride(0), out.stride(0), w.n_rows, n_chunks, out.shape[0], n_steps, **meta)
-
-
-def _launch_q41(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
-                bias: torch.Tensor, n_chunks: int, n_steps: int, meta: dict) -> None:
-    qs_words = w.qs.view(torch.int32)  # [n_rows, K / 8]
-    _q41_matvec_q8_kernel[grid](
-        xq_words, xq.scale, xq.block_sum, out, bias, qs_words, w.scales, w.mins, qs_words.stride(0),
+    mins = w.mins if w.mins is not None else w.scales  # unread for Q4_0
+    _q4_matvec_q8_kernel[grid](
+        xq_words, xq.scale, xq.block_sum, out, bias, qs_words, w.scales, mins, qs_words.stride(0),
         w.scales.stride(0), xq_words.stride(0), xq.scale.stride(0), out.stride(0), w.n_rows, n_chunks,
-        out.shape[0], n_steps, **meta)
+        out.shape[0], n_steps, HAS_MIN=w.mins is not None, **meta)
 
 
 def _launch_kquant(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
@@ -418,7 +381,7 @@ def _launch_q80(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, 
 
 
 # type -> (launcher, weights per chunk).
-_KERNELS = {T.Q4_0: (_launch_q40, 32), T.Q4_1: (_launch_q41, 32), T.Q4_K: (_launch_kquant, 64),
+_KERNELS = {T.Q4_0: (_launch_q4, 32), T.Q4_1: (_launch_q4, 32), T.Q4_K: (_launch_kquant, 64),
             T.Q5_K: (_launch_kquant, 64), T.Q6_K: (_launch_q6k, 128), T.Q8_0: (_launch_q80, 32)}
 # Default launch shape, measured on an H200 at 4096 x 11008 and 11008 x 4096 for every type
 # (benchmarks/results/2026-12-01-h200-d/): 4 rows a program and 32 chunks a step were the fastest of the shapes
