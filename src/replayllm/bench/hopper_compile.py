@@ -179,6 +179,9 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
                                                        torch.zeros_like(q), workspace)))
     calls.append(("PDL: ", lambda: K.paged_decode_attention(q, cache, cache, table, positions, 0.1,
                                                             torch.zeros_like(q), workspace, pdl=True)))
+    attn_q8 = ActivationQ8.allocate(1, heads * head_dim, "cpu")
+    calls.append(("+ int8 copy: ", lambda: K.paged_decode_attention(q, cache, cache, table, positions, 0.1,
+                                                                    torch.zeros_like(q), workspace, out_q8=attn_q8)))
     calls.append(("PDL: ", lambda: quant_matvec_q8(xq, weight(T.Q4_K, n_cols=ffn), torch.zeros(1, 32), pdl=True)))
     calls.append(("PDL: ", lambda: K.quant_matvec(x1, w4, torch.zeros(1, 32), pdl=True)))
     calls.append(("PDL: ", lambda: K.rmsnorm(x1, norm, 1e-5, torch.zeros(1, hidden), h_q8, pdl=True)))

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from ..errors import InvalidParameterError
 from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
+from .int8_activations import ACTIVATION_BLOCK, ActivationQ8, _quantize_blocks, check_activation_q8
 from .kv_cache import check_paged_cache, gather_paged_cache_reference
 from .pdl import _pdl_wait, launch_options
 
@@ -97,11 +98,14 @@ def _paged_decode_attention_kernel(
 
 @triton.jit
 def _merge_splits_kernel(part_max_ptr, part_sum_ptr, part_acc_ptr, positions_ptr, out_ptr, out_row_stride,
-                         out_head_stride, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         out_head_stride, q_ptr, q_scale_ptr, q_sum_ptr, q_row_stride, q_scale_row_stride,
+                         NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                          SPLIT_TOKENS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                         BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+                         BLOCK_D: tl.constexpr, QUANTIZE: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_wait(USE_PDL)
     # part_*: as written by _paged_decode_attention_kernel; out: [B, Hq, Dh] f32; grid (B, Hq)
+    # QUANTIZE (HEAD_DIM % 32 == 0): also row b of the int8 copy of out viewed as [B, Hq * Dh]: q [B, Hq * Dh]
+    # int8, q_scale, q_sum [B, Hq * Dh / 32] f32; this program's head is blocks head * Dh / 32 onwards.
     row = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(positions_ptr + row) + 1
@@ -125,8 +129,16 @@ def _merge_splits_kernel(part_max_ptr, part_sum_ptr, part_acc_ptr, positions_ptr
         total += weight * tl.load(part_sum_ptr + first_part + splits, mask=split_mask, other=0.0)
         acc_ptrs = part_acc_ptr + (first_part + splits)[:, None] * HEAD_DIM + dims[None, :]
         acc += weight[:, None] * tl.load(acc_ptrs, mask=split_mask[:, None] & dim_mask[None, :], other=0.0)
-    result = tl.sum(acc, axis=0) / tl.sum(total, axis=0)  # [BLOCK_D]
+    result = tl.sum(acc, axis=0) / tl.sum(total, axis=0)  # [BLOCK_D]; 0 past HEAD_DIM
     tl.store(out_ptr + row.to(tl.int64) * out_row_stride + head * out_head_stride + dims, result, mask=dim_mask)
+    if QUANTIZE:
+        blocks = tl.arange(0, BLOCK_D // 32)  # [BLOCK_D / 32] within the head
+        in_block = head * HEAD_DIM + blocks[:, None] * 32 + tl.arange(0, 32)[None, :]  # [BLOCK_D / 32, 32]
+        first_block = head * (HEAD_DIM // 32)
+        _quantize_blocks(tl.reshape(result, [BLOCK_D // 32, 32]), q_ptr + row.to(tl.int64) * q_row_stride + in_block,
+                         q_scale_ptr + row.to(tl.int64) * q_scale_row_stride + first_block + blocks,
+                         q_sum_ptr + row.to(tl.int64) * q_scale_row_stride + first_block + blocks,
+                         blocks * 32 < HEAD_DIM)
 
 
 @dataclass(frozen=True)
@@ -182,11 +194,14 @@ class DecodeAttentionWorkspace:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            page_table: torch.Tensor, positions: torch.Tensor, scale: float, out: torch.Tensor,
-                           workspace: DecodeAttentionWorkspace, *, pdl: bool = False) -> torch.Tensor:
+                           workspace: DecodeAttentionWorkspace, *, out_q8: ActivationQ8 | None = None,
+                           pdl: bool = False) -> torch.Tensor:
     """out [B, Hq, Dh] f32 = softmax(scale * q k^T) v over tokens 0..positions[b] of each sequence b.
 
     q [B, Hq, Dh] f32 (rotated); k_cache, v_cache [pages, Hkv, page_size, Dh] f16 with Hq % Hkv == 0;
-    page_table [B, max_pages] int32; positions [B] int32. Returns `out`."""
+    page_table [B, max_pages] int32; positions [B] int32. With `out_q8` (Dh a multiple of 32), the merge also
+    writes out, viewed as [B, Hq * Dh], quantized to int8 in blocks of 32, as quantize_activations would.
+    Returns `out`."""
     check_tensor("q", q, torch.float32, (None, None, None), layout="rows")
     batch, num_q_heads, head_dim = q.shape
     check_tensor("out", out, torch.float32, (batch, num_q_heads, head_dim), layout="rows")
@@ -205,8 +220,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                          f"{page_table.shape[1] * page_size}")
     if head_dim > 256:
         raise ValueError(f"head_dim {head_dim} > 256 is not supported by the decode attention kernel")
-    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, positions=positions, out=out,
-                      workspace=ws.part_acc)
+    tensors = dict(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, positions=positions, out=out,
+                   workspace=ws.part_acc)
+    if out_q8 is not None:
+        if head_dim % ACTIVATION_BLOCK:
+            raise ValueError(f"out_q8: the int8 copy is made per head and needs head_dim a multiple of "
+                             f"{ACTIVATION_BLOCK}, got {head_dim}")
+        check_activation_q8("out_q8", out_q8, batch, num_q_heads * head_dim)
+        tensors |= {"out_q8.q": out_q8.q, "out_q8.scale": out_q8.scale, "out_q8.block_sum": out_q8.block_sum}
+    check_same_device(**tensors)
     if batch == 0:
         return out
     group_size = num_q_heads // num_kv_heads
@@ -218,10 +240,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits, BLOCK_G=max(16, next_power_of_2(group_size)),
         BLOCK_D=block_d, BLOCK_N=min(MAX_TILE_TOKENS, ws.split_tokens, MAX_TILE_ELEMENTS // block_d),
         num_warps=4, **launch_options(pdl))
+    q8, q8_scale, q8_sum = (out_q8.q, out_q8.scale, out_q8.block_sum) if out_q8 is not None else (out, out, out)
     _merge_splits_kernel[(batch, num_q_heads)](
         ws.part_max, ws.part_sum, ws.part_acc, positions, out, out.stride(0), out.stride(1),
+        q8, q8_scale, q8_sum, q8.stride(0), q8_scale.stride(0),
         NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits,
-        BLOCK_S=min(16, next_power_of_2(ws.num_splits)), BLOCK_D=block_d, num_warps=1, **launch_options(pdl))
+        BLOCK_S=min(16, next_power_of_2(ws.num_splits)), BLOCK_D=max(block_d, ACTIVATION_BLOCK),
+        QUANTIZE=out_q8 is not None, num_warps=1, **launch_options(pdl))
     return out
 
 

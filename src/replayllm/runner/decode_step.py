@@ -107,8 +107,9 @@ def decode_step(config: ModelConfig, weights: DeviceWeights, cache: PagedKVCache
     for i, layer in enumerate(weights.layers):
         _attention_block(config, layer, cache.k[i], cache.v[i], rope, bufs)
         _mlp_block(config, layer, bufs)
-    rmsnorm(bufs.x, weights.output_norm, config.rms_norm_eps, bufs.h, pdl=bufs.pdl)
-    quant_matvec(bufs.h, weights.output, bufs.logits, pdl=bufs.pdl)
+    h_q8 = bufs.h_q8 if bufs.int8_activations else None
+    rmsnorm(bufs.x, weights.output_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
+    _project(bufs.h, [weights.output], bufs.logits, None, h_q8, pdl=bufs.pdl)
     return bufs.logits
 
 
@@ -126,11 +127,14 @@ def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Te
     head_norms(config, layer, bufs.q, bufs.k, pdl=bufs.pdl)
     rope_and_cache_write(bufs.q, bufs.k, bufs.v, rope.cos, rope.sin, bufs.positions, k_cache, v_cache,
                          bufs.page_table, neox=config.rope_neox, pdl=bufs.pdl)
+    # The attention merge writes the int8 copy itself where each head is whole activation blocks.
+    merge_q8 = bufs.attn_q8 if bufs.int8_activations and config.head_dim % ACTIVATION_BLOCK == 0 else None
     paged_decode_attention(bufs.q, k_cache, v_cache, bufs.page_table, bufs.positions,
-                           config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace, pdl=bufs.pdl)
+                           config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace, out_q8=merge_q8,
+                           pdl=bufs.pdl)
     attn = bufs.attn.view(bufs.batch_size, -1)
-    _project(attn, [layer.attn_output], bufs.x, None, _int8_copy(bufs, attn, bufs.attn_q8), accumulate=True,
-             pdl=bufs.pdl)
+    attn_q8 = merge_q8 if merge_q8 is not None else _int8_copy(bufs, attn, bufs.attn_q8)
+    _project(attn, [layer.attn_output], bufs.x, None, attn_q8, accumulate=True, pdl=bufs.pdl)
 
 
 def head_norms(config: ModelConfig, layer: LayerWeights, q: torch.Tensor, k: torch.Tensor, *,
@@ -153,8 +157,8 @@ def _mlp_block(config: ModelConfig, layer: LayerWeights, bufs: StepBuffers) -> N
 
 
 def _int8_copy(bufs: StepBuffers, x: torch.Tensor, xq: ActivationQ8 | None) -> ActivationQ8 | None:
-    """x quantized into xq when the step runs with int8 activations, else None (the attention output: the norm
-    and SiLU kernels quantize their own outputs)."""
+    """x quantized into xq when the step runs with int8 activations, else None (only for an attention output
+    whose heads are not whole activation blocks: the norm, SiLU and attention kernels quantize their own)."""
     if not bufs.int8_activations:
         return None
     return quantize_activations(x, xq, pdl=bufs.pdl)
