@@ -250,6 +250,7 @@ def kernels(run: Run, llm: LLM) -> None:
     from replayllm.bench.kernel_bench import kernel_rows, kernel_table
 
     rows = kernel_rows(llm.backend, 512) + kernel_rows(llm.backend, DEEP)[-1:]
+    rows += kernel_rows(llm.backend, 0, attention=False, int8=True)  # the experimental int8 GEMVs, same bytes
     step = [r.gpu_ms for r in run.profile_rows if r.mode == "graph"]
     step_us = 1e3 * step[0] if step else None
     run.results["kernels_7b"] = {"step_gpu_us": step_us, "rows": [r.to_json() for r in rows]}

@@ -22,11 +22,14 @@ def test_rows_cover_every_kernel_kind_with_the_bytes_it_reads(tiny_model_path, m
     backend = GPUBackend(llm.model_file, 64, mode="eager", progress=False, device=torch.device("cpu"))
     try:
         rows = kernel_bench.kernel_rows(backend, 20)
+        int8_rows = kernel_bench.kernel_rows(backend, 20, attention=False, int8=True)
     finally:
         backend.close()
         llm.close()
     names = [r.kernel for r in rows]
-    assert names == ["qkv", "attn_output", "gate_up", "ffn_down", "lm_head", "attention@20"] and len(calls) == 6
+    assert names == ["qkv", "attn_output", "gate_up", "ffn_down", "lm_head", "attention@20"] and len(calls) == 11
+    assert [r.kernel for r in int8_rows] == [f"{n} int8" for n in names[:5]]
+    assert [r.bytes_per_step for r in int8_rows] == [r.bytes_per_step for r in rows[:5]]
     cfg = llm.config
     down = rows[3]
     assert down.launches_per_step == cfg.num_layers

@@ -52,23 +52,34 @@ def time_graph_replay(body, replays: int = 20) -> float:
 
 
 def kernel_rows(backend, context_tokens: int, config: MatvecConfig | None = None,
-                attention: bool = True) -> list[KernelRow]:
+                attention: bool = True, int8: bool = False) -> list[KernelRow]:
     """Rows for a GPUBackend's loaded model; attention is timed with `context_tokens` in the cache. `config`
-    replaces the matvec launch shape (None: the engine's default), for tuning sweeps."""
+    replaces the matvec launch shape (None: the engine's default), for tuning sweeps. `int8`: the matrices go
+    through the decode step's int8-activation routing (runner.decode_step.project) instead; rows are named
+    "<kind> int8"."""
+    from ..runner.decode_step import project
+
     weights, bufs = backend.weights, backend.bufs
     kinds = {
-        "qkv": ([w for layer in weights.layers for w in layer.qkv], bufs.h, bufs.qkv),
-        "attn_output": ([layer.attn_output for layer in weights.layers], bufs.attn.view(1, -1), bufs.x),
-        "gate_up": ([w for layer in weights.layers for w in layer.gate_up], bufs.h, bufs.gate_up),
-        "ffn_down": ([layer.ffn_down for layer in weights.layers], bufs.act, bufs.x),
-        "lm_head": ([weights.output], bufs.h, bufs.logits),
+        "qkv": ([w for layer in weights.layers for w in layer.qkv], bufs.h, bufs.h_q8, bufs.qkv),
+        "attn_output": ([layer.attn_output for layer in weights.layers], bufs.attn.view(1, -1), bufs.attn_q8,
+                        bufs.x),
+        "gate_up": ([w for layer in weights.layers for w in layer.gate_up], bufs.h, bufs.h_q8, bufs.gate_up),
+        "ffn_down": ([layer.ffn_down for layer in weights.layers], bufs.act, bufs.act_q8, bufs.x),
+        "lm_head": ([weights.output], bufs.h, bufs.h_q8, bufs.logits),
     }
+    if int8 and not bufs.can_use_int8_activations:
+        raise ValueError("this model's widths have no int8 activation buffers")
     rows = []
-    for name, (matrices, x, out) in kinds.items():
-        def body(matrices=matrices, x=x, out=out):
+    for name, (matrices, x, x_q8, out) in kinds.items():
+        def body(matrices=matrices, x=x, x_q8=x_q8, out=out):
             for w in matrices:
-                quant_matvec(x, w, out[:, : w.n_rows], config=config)
+                if int8:
+                    project(x, [w], out[:, : w.n_rows], None, x_q8)
+                else:
+                    quant_matvec(x, w, out[:, : w.n_rows], config=config)
         ms = time_graph_replay(body)
+        name = f"{name} int8" if int8 else name
         nbytes = sum(w.nbytes for w in matrices)
         rows.append(KernelRow(name, len(matrices), 1e3 * ms, nbytes, nbytes / (ms * 1e-3) / 1e9))
     if attention:

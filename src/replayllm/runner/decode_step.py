@@ -109,7 +109,7 @@ def decode_step(config: ModelConfig, weights: DeviceWeights, cache: PagedKVCache
         _mlp_block(config, layer, bufs)
     h_q8 = bufs.h_q8 if bufs.int8_activations else None
     rmsnorm(bufs.x, weights.output_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
-    _project(bufs.h, [weights.output], bufs.logits, None, h_q8, pdl=bufs.pdl)
+    project(bufs.h, [weights.output], bufs.logits, None, h_q8, pdl=bufs.pdl)
     return bufs.logits
 
 
@@ -117,7 +117,7 @@ def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Te
                      rope: RopeTables, bufs: StepBuffers) -> None:
     h_q8 = bufs.h_q8 if bufs.int8_activations else None  # written by the norm's own launch
     rmsnorm(bufs.x, layer.attn_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
-    _project(bufs.h, layer.qkv, bufs.qkv, layer.qkv_bias, h_q8, pdl=bufs.pdl)
+    project(bufs.h, layer.qkv, bufs.qkv, layer.qkv_bias, h_q8, pdl=bufs.pdl)
     if bufs.batch_size > 1:
         B, Dh = bufs.batch_size, config.head_dim
         q, k, v = bufs.qkv.split([t.shape[1] * Dh for t in (bufs.q, bufs.k, bufs.v)], dim=1)
@@ -134,7 +134,7 @@ def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Te
                            pdl=bufs.pdl)
     attn = bufs.attn.view(bufs.batch_size, -1)
     attn_q8 = merge_q8 if merge_q8 is not None else _int8_copy(bufs, attn, bufs.attn_q8)
-    _project(attn, [layer.attn_output], bufs.x, None, attn_q8, accumulate=True, pdl=bufs.pdl)
+    project(attn, [layer.attn_output], bufs.x, None, attn_q8, accumulate=True, pdl=bufs.pdl)
 
 
 def head_norms(config: ModelConfig, layer: LayerWeights, q: torch.Tensor, k: torch.Tensor, *,
@@ -151,9 +151,9 @@ def head_norms(config: ModelConfig, layer: LayerWeights, q: torch.Tensor, k: tor
 def _mlp_block(config: ModelConfig, layer: LayerWeights, bufs: StepBuffers) -> None:
     h_q8, act_q8 = (bufs.h_q8, bufs.act_q8) if bufs.int8_activations else (None, None)
     rmsnorm(bufs.x, layer.ffn_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
-    _project(bufs.h, layer.gate_up, bufs.gate_up, None, h_q8, pdl=bufs.pdl)
+    project(bufs.h, layer.gate_up, bufs.gate_up, None, h_q8, pdl=bufs.pdl)
     silu_mul(bufs.gate_up, bufs.act, act_q8, pdl=bufs.pdl)  # the int8 copy from the same launch
-    _project(bufs.act, [layer.ffn_down], bufs.x, None, act_q8, accumulate=True, pdl=bufs.pdl)
+    project(bufs.act, [layer.ffn_down], bufs.x, None, act_q8, accumulate=True, pdl=bufs.pdl)
 
 
 def _int8_copy(bufs: StepBuffers, x: torch.Tensor, xq: ActivationQ8 | None) -> ActivationQ8 | None:
@@ -164,7 +164,7 @@ def _int8_copy(bufs: StepBuffers, x: torch.Tensor, xq: ActivationQ8 | None) -> A
     return quantize_activations(x, xq, pdl=bufs.pdl)
 
 
-def _project(x: torch.Tensor, matrices: list[QuantWeight], out: torch.Tensor, bias: torch.Tensor | None,
+def project(x: torch.Tensor, matrices: list[QuantWeight], out: torch.Tensor, bias: torch.Tensor | None,
              xq: ActivationQ8 | None = None, accumulate: bool = False, pdl: bool = False) -> None:
     """out (+)= x @ [W0|W1|...]^T + bias: one launch per run of same-typed matrices (Q4_K_M keeps some V in
     Q6_K); with `accumulate` the product is added to out (the residual add, fused). Matrices of the int8
