@@ -65,16 +65,16 @@ def _time_ms(fn, reps: int = 3) -> float:
 
 @torch.inference_mode()
 def tune_methods(prefiller, chunk_tokens: int) -> LinearMethods:
-    """Time FUSED and DEQUANT_GEMM for each distinct weight shape of the model (the LM head included, for
-    all-position logits) at the buckets up to chunk_tokens; the faster wins per bucket."""
+    """Time FUSED and DEQUANT_GEMM for each distinct weight shape of the layers at the buckets up to
+    chunk_tokens; the faster wins per bucket. (Not the LM head: prefill multiplies it for one row, with the
+    decode GEMV, except for all-position logits, which take the FUSED default.)"""
     from ..kernels.quant_matmul import quant_matmul
 
     weights = prefiller.weights
     device = weights.output_norm.device
     buckets = [b for b in TUNING_BUCKETS if b < chunk_tokens] + [chunk_tokens]
-    used = [weights.output, *(w for layer in weights.layers
-                              for w in (*layer.qkv, layer.attn_output, *layer.gate_up, layer.ffn_down))]
-    distinct = {shape_key(w): w for w in used}  # the embedding is only gathered from, never multiplied
+    used = [w for layer in weights.layers for w in (*layer.qkv, layer.attn_output, *layer.gate_up, layer.ffn_down)]
+    distinct = {shape_key(w): w for w in used}
     methods = LinearMethods()
     for key, w in distinct.items():
         entries = []
