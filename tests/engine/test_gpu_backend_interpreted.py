@@ -125,6 +125,29 @@ def test_both_prefill_gemm_methods_give_the_same_logits(pair):
     assert torch.equal(dequant.argmax(-1), fused.argmax(-1))
 
 
+def test_an_f16_model_takes_the_vendor_gemm_on_its_own_weights(tmp_path):
+    """F16 matrices need no dequantization: the vendor-GEMM method multiplies the stored weight directly."""
+    from replayllm.runner.prefill_tuning import DEQUANT_GEMM, LinearMethods, shape_key
+
+    path = write_synthetic_model("tiny", "f16", tmp_path / "tiny-f16.gguf", progress=False)
+    reference = LLM(path, device="cpu", progress=False, max_context=32)
+    backend = GPUBackend(reference.model_file, 32, mode="eager", progress=False, device=torch.device("cpu"))
+    try:
+        ids = [1, 40, 300, 7, 99]
+        fused = backend.logits(ids)
+        shapes = {shape_key(w) for w in backend.prefiller.weights.matrices()}
+        backend.prefiller.methods = LinearMethods({key: [(2048, DEQUANT_GEMM, 0.0, 0.0)] for key in shapes})
+        vendor = backend.logits(ids)
+        assert backend.prefiller.scratch is None  # no F16 weight was copied
+        expected = reference.logits(ids)
+        for got in (fused, vendor):
+            assert ((got - expected).abs().max() / expected.abs().max()).item() < LOGIT_TOLERANCE
+            assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    finally:
+        backend.close()
+        reference.close()
+
+
 def test_int8_activations_keep_greedy_decode_on_the_reference(pair, monkeypatch):
     """Experimental int8 activations for the Q4_K matrices: each greedy token is the reference's argmax or
     within 2e-2 of the logit scale of it (the int8 rounding of the activations, ~1e-3 of each product)."""

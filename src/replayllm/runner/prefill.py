@@ -12,6 +12,7 @@ chunk size on the device and keeps the faster (prefill_tuning).
 from __future__ import annotations
 
 import torch
+from gguf import GGMLQuantizationType
 
 from ..kernels import (
     dequantize_into,
@@ -112,24 +113,30 @@ class Prefiller:
     def dequant_gemm(self, x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None,
                      accumulate: bool) -> None:
         """out (+)= x @ W^T (+ bias) through the f16 scratch: W dequantized a slice of rows at a time, each slice
-        multiplied by the vendor GEMM."""
-        if self.scratch is None:
-            largest = max(m.n_rows * m.n_cols for m in self.weights.matrices())
-            widest = max(m.n_cols for m in self.weights.matrices())
-            # At least one row of the widest matrix; a small model's largest matrix fits whole.
-            self.scratch = torch.empty(max(min(largest, SCRATCH_BYTES // 2), widest), dtype=torch.float16,
-                                       device=x.device)
+        multiplied by the vendor GEMM. An F16 weight is already what the vendor GEMM wants: no copy."""
         x16 = x.to(torch.float16)
-        rows_per_slice = min(w.n_rows, self.scratch.numel() // w.n_cols)
-        for row in range(0, w.n_rows, rows_per_slice):
-            n = min(rows_per_slice, w.n_rows - row)
-            weight = self.scratch[: n * w.n_cols].view(n, w.n_cols)
-            dequantize_into(w, weight, row_start=row)
-            product = x16 @ weight.t()  # [T, n] f16
-            target = out[:, row:row + n]
-            if accumulate:
-                target += product
-            else:
-                target.copy_(product)
+        if w.ggml_type == GGMLQuantizationType.F16:
+            _store(out, x16 @ w.qs.t(), accumulate)
+        else:
+            if self.scratch is None:
+                largest = max(m.n_rows * m.n_cols for m in self.weights.matrices())
+                widest = max(m.n_cols for m in self.weights.matrices())
+                # At least one row of the widest matrix; a small model's largest matrix fits whole.
+                self.scratch = torch.empty(max(min(largest, SCRATCH_BYTES // 2), widest), dtype=torch.float16,
+                                           device=x.device)
+            rows_per_slice = min(w.n_rows, self.scratch.numel() // w.n_cols)
+            for row in range(0, w.n_rows, rows_per_slice):
+                n = min(rows_per_slice, w.n_rows - row)
+                weight = self.scratch[: n * w.n_cols].view(n, w.n_cols)
+                dequantize_into(w, weight, row_start=row)
+                _store(out[:, row:row + n], x16 @ weight.t(), accumulate)  # [T, n] f16 product
         if bias is not None:
             out += bias
+
+
+def _store(target: torch.Tensor, product: torch.Tensor, accumulate: bool) -> None:
+    """target (f32) = or += product (f16)."""
+    if accumulate:
+        target += product
+    else:
+        target.copy_(product)
