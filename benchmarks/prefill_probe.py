@@ -44,7 +44,7 @@ def main() -> None:
     (out / "prefill_methods.json").write_text(json.dumps(methods, indent=1))
     for m in methods:
         print(f"prefill method {m['type']} {m['n_rows']}x{m['n_cols']} rows {m['rows']}: {m['method']} "
-              f"(fused {m['fused_ms']} ms, dequant+gemm {m['dequant_gemm_ms']} ms)")
+              f"{m['config'] or ''} (fused {m['fused_ms']} ms, dequant+gemm {m['dequant_gemm_ms']} ms)")
     print(text.splitlines()[0])
     print("\n".join(table.splitlines()[:16]))
     llm.close()

@@ -107,14 +107,14 @@ def test_chunked_prefill_gives_the_same_logits_and_tokens(pair):
 def test_both_prefill_gemm_methods_give_the_same_logits(pair):
     """The per-shape choice between the quantized GEMM and dequantize + vendor GEMM must not change results
     beyond f32 summation order: force every shape to each method in turn."""
-    from replayllm.runner.prefill_tuning import DEQUANT_GEMM, LinearMethods, shape_key
+    from replayllm.runner.prefill_tuning import DEQUANT_GEMM, Choice, LinearMethods, shape_key
 
     _, backend = pair
     ids = [1, 40, 300, 7, 99, 12, 5]
     fused = backend.logits(ids)
     prefiller = backend.prefiller
     shapes = {shape_key(w) for w in prefiller.weights.matrices()}
-    prefiller.methods = LinearMethods({key: [(2048, DEQUANT_GEMM, 0.0, 0.0)] for key in shapes})
+    prefiller.methods = LinearMethods({key: [Choice(2048, DEQUANT_GEMM)] for key in shapes})
     try:
         dequant = backend.logits(ids)
     finally:
@@ -127,7 +127,7 @@ def test_both_prefill_gemm_methods_give_the_same_logits(pair):
 
 def test_an_f16_model_takes_the_vendor_gemm_on_its_own_weights(tmp_path):
     """F16 matrices need no dequantization: the vendor-GEMM method multiplies the stored weight directly."""
-    from replayllm.runner.prefill_tuning import DEQUANT_GEMM, LinearMethods, shape_key
+    from replayllm.runner.prefill_tuning import DEQUANT_GEMM, Choice, LinearMethods, shape_key
 
     path = write_synthetic_model("tiny", "f16", tmp_path / "tiny-f16.gguf", progress=False)
     reference = LLM(path, device="cpu", progress=False, max_context=32)
@@ -136,7 +136,7 @@ def test_an_f16_model_takes_the_vendor_gemm_on_its_own_weights(tmp_path):
         ids = [1, 40, 300, 7, 99]
         fused = backend.logits(ids)
         shapes = {shape_key(w) for w in backend.prefiller.weights.matrices()}
-        backend.prefiller.methods = LinearMethods({key: [(2048, DEQUANT_GEMM, 0.0, 0.0)] for key in shapes})
+        backend.prefiller.methods = LinearMethods({key: [Choice(2048, DEQUANT_GEMM)] for key in shapes})
         vendor = backend.logits(ids)
         assert backend.prefiller.scratch is None  # no F16 weight was copied
         expected = reference.logits(ids)

@@ -6,7 +6,8 @@ import torch
 from gguf import GGMLQuantizationType
 
 from replayllm.kernels import QuantWeight
-from replayllm.runner.prefill_tuning import DEQUANT_GEMM, FUSED, LinearMethods, shape_key
+from replayllm.kernels.quant_matmul import MatmulConfig
+from replayllm.runner.prefill_tuning import DEQUANT_GEMM, FUSED, Choice, LinearMethods, shape_key
 
 T = GGMLQuantizationType
 
@@ -17,15 +18,18 @@ def f16_weight(n_rows: int, n_cols: int) -> QuantWeight:
 
 def test_the_bucket_at_or_above_the_row_count_decides_and_the_last_covers_more():
     w = f16_weight(64, 32)
-    methods = LinearMethods({shape_key(w): [(16, FUSED, 1.0, 2.0), (128, DEQUANT_GEMM, 3.0, 2.5),
-                                            (2048, FUSED, 9.0, 9.5)]})
-    assert [methods.get(w, rows) for rows in (1, 16, 17, 128, 129, 2048, 5000)] == [
+    wide = MatmulConfig(block_m=128)
+    methods = LinearMethods({shape_key(w): [
+        Choice(16, FUSED, None, 1.0, 2.0), Choice(128, DEQUANT_GEMM, None, 3.0, 2.5),
+        Choice(2048, FUSED, wide, 9.0, 9.5)]})
+    assert [methods.get(w, rows).method for rows in (1, 16, 17, 128, 129, 2048, 5000)] == [
         FUSED, FUSED, DEQUANT_GEMM, DEQUANT_GEMM, FUSED, FUSED, FUSED]
+    assert methods.get(w, 1000).config == wide and methods.get(w, 5).config is None
 
 
 def test_unmeasured_shapes_use_the_fused_gemm_and_json_lists_every_entry():
     measured, other = f16_weight(64, 32), f16_weight(32, 64)
-    methods = LinearMethods({shape_key(measured): [(16, DEQUANT_GEMM, float("inf"), 0.5)]})
-    assert methods.get(other, 100) == FUSED
+    methods = LinearMethods({shape_key(measured): [Choice(16, DEQUANT_GEMM, None, float("inf"), 0.5)]})
+    assert methods.get(other, 100) == Choice(100, FUSED)
     assert methods.as_json() == [{"type": "F16", "n_rows": 64, "n_cols": 32, "rows": 16, "method": DEQUANT_GEMM,
-                                  "fused_ms": None, "dequant_gemm_ms": 0.5}]
+                                  "config": None, "fused_ms": None, "dequant_gemm_ms": 0.5}]

@@ -104,10 +104,11 @@ class Prefiller:
         for w in matrices:
             part = out[:, col:col + w.n_rows]
             part_bias = None if bias is None else bias[col:col + w.n_rows]
-            if self.methods.get(w, x.shape[0]) == DEQUANT_GEMM:
+            choice = self.methods.get(w, x.shape[0])
+            if choice.method == DEQUANT_GEMM:
                 self.dequant_gemm(x, w, part, part_bias, accumulate)
             else:
-                quant_matmul(x, w, part, bias=part_bias, accumulate=accumulate)
+                quant_matmul(x, w, part, bias=part_bias, accumulate=accumulate, config=choice.config)
             col += w.n_rows
 
     def dequant_gemm(self, x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None,

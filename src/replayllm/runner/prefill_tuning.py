@@ -10,43 +10,61 @@ or above it.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels.quant_matmul import MatmulConfig, quant_matmul
 from ..kernels.quant_weight import QuantWeight
 
 FUSED = "fused"
 DEQUANT_GEMM = "dequant_gemm"
-TUNING_BUCKETS = (16, 128, 512, 2048)  # prompt rows at which both methods are timed
+TUNING_BUCKETS = (16, 128, 512, 2048)  # prompt rows at which the methods are timed
+# The quantized GEMM's launch shapes tried: 64 or 128 activation rows a program (more rows decode each weight
+# fewer times, at the cost of registers).
+FUSED_CONFIGS = (MatmulConfig(), MatmulConfig(block_m=128))
 
 
 def shape_key(w: QuantWeight) -> tuple[str, int, int]:
     return (w.ggml_type.name, w.n_rows, w.n_cols)
 
 
+@dataclass(frozen=True)
+class Choice:
+    """For prompts of up to `rows` rows: `method` (FUSED with `config`, or DEQUANT_GEMM), and what was measured
+    (ms of the best fused shape, inf if none ran; ms of dequantize + vendor GEMM)."""
+
+    rows: int
+    method: str
+    config: MatmulConfig | None = None
+    fused_ms: float = float("nan")
+    dequant_ms: float = float("nan")
+
+
 @dataclass
 class LinearMethods:
-    """(type, n_rows, n_cols) -> [(bucket rows, method, fused ms, dequant ms)], buckets ascending. Shapes not
-    measured use FUSED."""
+    """(type, n_rows, n_cols) -> choices by ascending `rows`. Shapes not measured use FUSED at its default
+    launch shape."""
 
-    table: dict[tuple[str, int, int], list[tuple[int, str, float, float]]] = field(default_factory=dict)
+    table: dict[tuple[str, int, int], list[Choice]] = field(default_factory=dict)
 
-    def get(self, w: QuantWeight, rows: int) -> str:
-        entries = self.table.get(shape_key(w))
-        if not entries:
-            return FUSED
-        for bucket, method, _, _ in entries:
-            if rows <= bucket:
-                return method
-        return entries[-1][1]
+    def get(self, w: QuantWeight, rows: int) -> Choice:
+        choices = self.table.get(shape_key(w))
+        if not choices:
+            return Choice(rows, FUSED)
+        return next((c for c in choices if rows <= c.rows), choices[-1])
 
     def as_json(self) -> list[dict]:
-        return [{"type": k[0], "n_rows": k[1], "n_cols": k[2], "rows": bucket, "method": method,
-                 "fused_ms": round(fused, 4) if fused != float("inf") else None,
-                 "dequant_gemm_ms": round(dequant, 4)}
-                for k, entries in self.table.items() for bucket, method, fused, dequant in entries]
+        def ms(value: float) -> float | None:
+            return round(value, 4) if math.isfinite(value) else None
+
+        return [{"type": k[0], "n_rows": k[1], "n_cols": k[2], "rows": c.rows, "method": c.method,
+                 "config": None if c.config is None else dataclasses.asdict(c.config),
+                 "fused_ms": ms(c.fused_ms), "dequant_gemm_ms": ms(c.dequant_ms)}
+                for k, choices in self.table.items() for c in choices]
 
 
 def _time_ms(fn, reps: int = 3) -> float:
@@ -65,31 +83,35 @@ def _time_ms(fn, reps: int = 3) -> float:
 
 @torch.inference_mode()
 def tune_methods(prefiller, chunk_tokens: int) -> LinearMethods:
-    """Time FUSED and DEQUANT_GEMM for each distinct weight shape of the layers at the buckets up to
-    chunk_tokens; the faster wins per bucket. (Not the LM head: prefill multiplies it for one row, with the
-    decode GEMV, except for all-position logits, which take the FUSED default.)"""
-    from ..kernels.quant_matmul import quant_matmul
-
+    """Time FUSED (each of FUSED_CONFIGS) and DEQUANT_GEMM for each distinct weight shape of the layers at the
+    buckets up to chunk_tokens; the fastest wins per bucket. (Not the LM head: prefill multiplies it for one
+    row, with the decode GEMV, except for all-position logits, which take the FUSED default.)"""
     weights = prefiller.weights
     device = weights.output_norm.device
     buckets = [b for b in TUNING_BUCKETS if b < chunk_tokens] + [chunk_tokens]
-    used = [w for layer in weights.layers for w in (*layer.qkv, layer.attn_output, *layer.gate_up, layer.ffn_down)]
+    used = [w for layer in weights.layers
+            for w in (*layer.qkv, layer.attn_output, *layer.gate_up, layer.ffn_down)]
     distinct = {shape_key(w): w for w in used}
     methods = LinearMethods()
     for key, w in distinct.items():
-        entries = []
+        choices = []
         for rows in buckets:
             x = torch.randn(rows, w.n_cols, device=device)
             out = torch.empty(rows, w.n_rows, device=device)
             dequant = _time_ms(lambda: prefiller.dequant_gemm(x, w, out, None, False))
-            try:
-                fused = _time_ms(lambda: quant_matmul(x, w, out))
-            except Exception as exc:  # e.g. a launch shape this GPU cannot hold: the vendor GEMM does it all
-                warnings.warn(f"prefill: the quantized GEMM failed for {key} at {rows} rows ({exc!r:.200}); "
-                              f"using dequantize + GEMM there", stacklevel=2)
-                fused = float("inf")
-            entries.append((rows, FUSED if fused <= dequant else DEQUANT_GEMM, fused, dequant))
-        methods.table[key] = entries
-    if all(m == FUSED for entries in methods.table.values() for _, m, _, _ in entries):
+            fused, best = float("inf"), None
+            for cfg in FUSED_CONFIGS:
+                try:
+                    ms = _time_ms(lambda: quant_matmul(x, w, out, config=cfg))
+                except Exception as exc:  # e.g. a launch shape this GPU cannot hold: the others may still run
+                    warnings.warn(f"prefill: the quantized GEMM {cfg} failed for {key} at {rows} rows "
+                                  f"({exc!r:.200})", stacklevel=2)
+                    continue
+                if ms < fused:
+                    fused, best = ms, cfg
+            method = FUSED if fused <= dequant else DEQUANT_GEMM
+            choices.append(Choice(rows, method, best if method == FUSED else None, fused, dequant))
+        methods.table[key] = choices
+    if all(c.method == FUSED for choices in methods.table.values() for c in choices):
         prefiller.scratch = None  # the timing made it; nothing will use it
     return methods
