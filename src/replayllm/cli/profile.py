@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .generate import add_experimental_options
+
 
 def add_commands(sub) -> None:
     prof = sub.add_parser("profile", help="split each token's time into GPU work and host activities, per mode")
@@ -14,6 +16,7 @@ def add_commands(sub) -> None:
     prof.add_argument("-n", "--n-tokens", type=int, default=128, help="tokens per mode (after warm-up)")
     prof.add_argument("--json", help="write the results to this file")
     prof.add_argument("--png", help="draw the chart to this file")
+    add_experimental_options(prof)
     prof.add_argument("--quiet", "-q", action="store_true")
     prof.set_defaults(run=run_profile)
 
@@ -36,8 +39,8 @@ def run_profile(args: argparse.Namespace) -> int:
         raise InvalidParameterError("profile measures the GPU decode modes and needs a CUDA device")
     rows = []
     for path in args.models:
-        llm = LLM(path, device="cuda", mode="graph", progress=not args.quiet, max_context=min(
-            1024, _context(path)))
+        llm = LLM(path, device="cuda", mode="graph", progress=not args.quiet, max_context=min(1024, _context(path)),
+                  int8_activations=args.int8_activations, pdl=args.pdl)
         try:
             rows += profile_modes(llm, modes, args.n_tokens)
         finally:
