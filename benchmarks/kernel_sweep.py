@@ -3,7 +3,8 @@
 - prefill: quant_matmul (quantized GEMM) over a list of MatmulConfigs against dequantize-then-vendor-GEMM
   (the prefiller's fallback), for each weight type and shape of a 7B Q4_K_M model, at 128, 512 and 2048 rows;
 - decode: the int8-activation GEMV (quant_matvec_q8) over block_n / chunks / warps / stages, for each type it
-  supports, beside the default GEMV (quant_matvec), in GB/s of weights read (24 copies: nothing from L2).
+  supports, beside the default GEMV (quant_matvec), in GB/s of weights read (24 copies: nothing from L2);
+- decode attention over 32 layers' caches at 512 and 3840 tokens of context, per split size and tile.
 
 Writes --out/sweep.json (and sweep_gemm.json after every GEMM shape, in case the run is cut short) and prints
 a table per kernel with the best shape first. Figures are CUDA-event
@@ -124,11 +125,52 @@ def sweep_gemv(quick: bool) -> list[dict]:
     return results
 
 
+ATTENTION_CONTEXTS = (512, 3840)
+ATTENTION_SHAPES = [  # split_tokens (None: the engine's choice), block_n (None: largest), num_warps
+    (None, None, 4), (64, None, 4), (256, None, 4), (None, 32, 4), (None, None, 8), (64, 32, 4), (32, 32, 2)]
+
+
+def sweep_attention() -> list[dict]:
+    """Decode attention at llama2-7b's shape (32 q = kv heads, head_dim 128, 32 layers' caches) with 512 and
+    3840 tokens of context: GB/s of K and V read, per launch shape."""
+    from replayllm.kernels import DecodeAttentionWorkspace, paged_decode_attention
+
+    layers, heads, head_dim, page, capacity = 32, 32, 128, 16, 4096 + 16
+    pages = capacity // page
+    caches = [(torch.randn(pages, heads, page, head_dim, device="cuda").half(),
+               torch.randn(pages, heads, page, head_dim, device="cuda").half()) for _ in range(layers)]
+    table = torch.arange(pages, dtype=torch.int32, device="cuda")[None, :]
+    q = torch.randn(1, heads, head_dim, device="cuda")
+    out = torch.empty_like(q)
+    results = []
+    for context in ATTENTION_CONTEXTS:
+        positions = torch.full((1,), context, dtype=torch.int32, device="cuda")
+        kv_bytes = 2 * layers * heads * head_dim * 2 * (context + 1)
+        for split, block_n, warps in ATTENTION_SHAPES:
+            ws = DecodeAttentionWorkspace.create(1, heads, head_dim, capacity, "cuda", split_tokens=split)
+
+            def body():
+                for k, v in caches:
+                    paged_decode_attention(q, k, v, table, positions, head_dim ** -0.5, out, ws, block_n=block_n,
+                                           num_warps=warps)
+            entry = {"context": context, "split_tokens": ws.split_tokens, "block_n": block_n, "num_warps": warps}
+            try:
+                ms = time_graph_replay(body)
+                entry |= {"us_per_step": 1e3 * ms, "gbps": kv_bytes / (ms * 1e-3) / 1e9}
+            except Exception as exc:  # a shape that does not compile or fit: recorded
+                entry["error"] = repr(exc)[:300]
+            results.append(entry)
+        ok = sorted((r for r in results if r["context"] == context and "gbps" in r), key=lambda r: -r["gbps"])
+        print(f"attention @{context}: default {results[-len(ATTENTION_SHAPES)].get('gbps', float('nan')):.0f} GB/s;"
+              f" best {ok[0] if ok else None}", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true", help="a few shapes and configs only")
-    parser.add_argument("--only", choices=["gemm", "gemv"], default=None)
+    parser.add_argument("--only", choices=["gemm", "gemv", "attention"], default=None)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,6 +178,8 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(0)}
     if args.only in (None, "gemv"):
         result["gemv"] = sweep_gemv(args.quick)
+    if args.only in (None, "attention"):
+        result["attention"] = sweep_attention()
     if args.only in (None, "gemm"):
         result["gemm"] = sweep_gemm(args.quick, out)
     result["seconds"] = time.perf_counter() - started

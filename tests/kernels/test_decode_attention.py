@@ -131,6 +131,17 @@ def test_int8_copy_equals_quantize_activations_of_the_output(head_dim):
     assert torch.equal(fused.scale, separate.scale) and torch.equal(fused.block_sum, separate.block_sum)
 
 
+@pytest.mark.parametrize("block_n, num_warps", [(16, 2), (32, 8)])
+def test_other_launch_shapes_give_the_same_result(block_n, num_warps):
+    args = _setup([9, 70], 4, 2, 32, 4, 96, seed=13)
+    workspace = DecodeAttentionWorkspace.create(2, 4, 32, 96, DEVICE, split_tokens=32)
+    out = torch.full(args[0].shape, float("nan"), device=DEVICE)
+    paged_decode_attention(*args, 0.3, out, workspace, block_n=block_n, num_warps=num_warps)
+    assert _relative_error(out, paged_decode_attention_reference(*args, 0.3)) < TOLERANCE
+    with pytest.raises(ValueError, match="block_n must be 16, 32 or 64"):
+        paged_decode_attention(*args, 0.3, out, workspace, block_n=64)  # larger than a 32-token split
+
+
 def test_int8_copy_needs_heads_of_whole_blocks():
     from replayllm.kernels.int8_activations import ActivationQ8
 

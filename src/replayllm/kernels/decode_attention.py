@@ -195,13 +195,14 @@ class DecodeAttentionWorkspace:
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            page_table: torch.Tensor, positions: torch.Tensor, scale: float, out: torch.Tensor,
                            workspace: DecodeAttentionWorkspace, *, out_q8: ActivationQ8 | None = None,
-                           pdl: bool = False) -> torch.Tensor:
+                           pdl: bool = False, block_n: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """out [B, Hq, Dh] f32 = softmax(scale * q k^T) v over tokens 0..positions[b] of each sequence b.
 
     q [B, Hq, Dh] f32 (rotated); k_cache, v_cache [pages, Hkv, page_size, Dh] f16 with Hq % Hkv == 0;
     page_table [B, max_pages] int32; positions [B] int32. With `out_q8` (Dh a multiple of 32), the merge also
     writes out, viewed as [B, Hq * Dh], quantized to int8 in blocks of 32, as quantize_activations would.
-    Returns `out`."""
+    `block_n` (tokens a tile; None: the largest that fits, up to 64) and `num_warps` are the split kernel's
+    launch shape, for tuning. Returns `out`."""
     check_tensor("q", q, torch.float32, (None, None, None), layout="rows")
     batch, num_q_heads, head_dim = q.shape
     check_tensor("out", out, torch.float32, (batch, num_q_heads, head_dim), layout="rows")
@@ -233,13 +234,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     group_size = num_q_heads // num_kv_heads
     block_d = max(16, next_power_of_2(head_dim))
+    largest_tile = min(MAX_TILE_TOKENS, ws.split_tokens, MAX_TILE_ELEMENTS // block_d)
+    if block_n is None:
+        block_n = largest_tile
+    elif block_n not in (16, 32, 64) or block_n > ws.split_tokens:
+        raise ValueError(f"block_n must be 16, 32 or 64 and at most split_tokens ({ws.split_tokens}), got {block_n!r}")
+    if num_warps not in (1, 2, 4, 8):
+        raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {num_warps!r}")
     _paged_decode_attention_kernel[(batch * num_kv_heads, ws.num_splits)](
         q, k_cache, v_cache, page_table, positions, ws.part_max, ws.part_sum, ws.part_acc,
         q.stride(0), q.stride(1), page_table.stride(0), float(scale) * math.log2(math.e),
         NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits, BLOCK_G=max(16, next_power_of_2(group_size)),
-        BLOCK_D=block_d, BLOCK_N=min(MAX_TILE_TOKENS, ws.split_tokens, MAX_TILE_ELEMENTS // block_d),
-        num_warps=4, **launch_options(pdl))
+        BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps, **launch_options(pdl))
     q8, q8_scale, q8_sum = (out_q8.q, out_q8.scale, out_q8.block_sum) if out_q8 is not None else (out, out, out)
     _merge_splits_kernel[(batch, num_q_heads)](
         ws.part_max, ws.part_sum, ws.part_acc, positions, out, out.stride(0), out.stride(1),
