@@ -5,9 +5,10 @@ down shape (4096 x 11008) in Q6_K, 24 copies of each so that nothing is served f
 - probe.json: per type, achieved GB/s (CUDA events over graph replays), registers and spills per thread, and
   shared memory of the compiled kernel; the same for the experimental int8-activation Q4_K kernel
   (kernels/quant_matvec_q8.py), with its difference from the default kernel's result;
-- `<type>-<i>.cubin` of the compiled kernel (disassemble with `cuobjdump --dump-sass`; the GPU
-  suite's `probe` mode does it there and also runs this script under Nsight Compute).
-Usage: python benchmarks/gemv_probe.py --out DIR [--launches N]
+- with --cubins, `<type>-<i>.cubin` of the compiled kernel (disassemble with `cuobjdump --dump-sass`; off in
+  the GPU suite's `probe` mode, which brings back at most 8 files and compiles the SASS locally instead with
+  benchmarks/gemv_sass.py). The suite also runs this script under Nsight Compute (--launches).
+Usage: python benchmarks/gemv_probe.py --out DIR [--launches N] [--cubins]
 """
 
 from __future__ import annotations
@@ -33,10 +34,9 @@ def random_weight(ggml_type: GGMLQuantizationType, n_rows: int, n_cols: int, see
     return pack_weight(ggml_type, random_gguf_rows(ggml_type, n_rows, n_cols, seed), n_cols).to(device)
 
 
-def compiled_facts(kernel, out: Path, name: str) -> list[dict]:
+def compiled_facts(kernel, out: Path, name: str, write_cubins: bool = False) -> list[dict]:
     """Registers, spills and shared memory of every compiled variant of `kernel` (its caches are cleared before
-    each type, so these are that type's); each variant's cubin to a file (the suite turns it into SASS; at most
-    8 files come back from a call, so no PTX). Triton's caches are internal
+    each type, so these are that type's); with write_cubins each variant's cubin to a file. Triton's caches are internal
     and change between versions: any failure is recorded, never raised."""
     facts = []
     try:
@@ -45,13 +45,14 @@ def compiled_facts(kernel, out: Path, name: str) -> list[dict]:
             compiled._init_handles()
             facts.append({"n_regs": compiled.n_regs, "n_spills": compiled.n_spills,
                           "shared_bytes": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps})
-            (out / f"{name}-{i}.cubin").write_bytes(compiled.asm["cubin"])
+            if write_cubins:
+                (out / f"{name}-{i}.cubin").write_bytes(compiled.asm["cubin"])
     except Exception as exc:  # introspection only: the timings stand without it
         facts.append({"introspection_error": repr(exc)})
     return facts
 
 
-def probe_q8(weights, x, y, out: Path) -> dict:
+def probe_q8(weights, x, y, out: Path, write_cubins: bool = False) -> dict:
     """The experimental int8-activation Q4_K kernel on the same weights: its GB/s (quantizing the activations
     once per launch included, as the decode step would), and its agreement with the default kernel."""
     from replayllm.kernels.int8_activations import ActivationQ8, quantize_activations
@@ -74,13 +75,14 @@ def probe_q8(weights, x, y, out: Path) -> dict:
     nbytes = sum(w.nbytes for w in weights)
     return {"us_per_launch": 1e3 * ms / len(weights), "gbps": nbytes / (ms * 1e-3) / 1e9,
             "relative_difference_to_default_kernel": agreement,
-            "compiled": compiled_facts(_kquant_matvec_q8_kernel, out, "Q4_K-q8")}
+            "compiled": compiled_facts(_kquant_matvec_q8_kernel, out, "Q4_K-q8", write_cubins)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--launches", type=int, default=0, help="just run N launches of each (for ncu)")
+    parser.add_argument("--cubins", action="store_true", help="also write each compiled kernel's cubin")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,10 +114,11 @@ def main() -> None:
         nbytes = sum(w.nbytes for w in weights)
         results[ggml_type.name] = {"shape": [n_rows, n_cols], "us_per_launch": 1e3 * ms / COPIES,
                                    "gbps": nbytes / (ms * 1e-3) / 1e9,
-                                   "compiled": compiled_facts(_quant_matvec_kernel, out, ggml_type.name)}
+                                   "compiled": compiled_facts(_quant_matvec_kernel, out, ggml_type.name,
+                                                              args.cubins)}
         print(ggml_type.name, results[ggml_type.name], flush=True)
         if ggml_type == T.Q4_K:
-            results["Q4_K-int8-activations"] = probe_q8(weights, x, y, out)
+            results["Q4_K-int8-activations"] = probe_q8(weights, x, y, out, args.cubins)
             print("Q4_K-int8-activations", results["Q4_K-int8-activations"], flush=True)
         del weights
     if results:

@@ -4,11 +4,12 @@
 # benchmarks/results/latest/ without $OUT), and print a short summary last.
 #   usage: bash benchmarks/gpu_suite.sh [stage|probe|tests|full|types] [BENCH_DEADLINE_S]
 #     stage  keep the first half of the default model (.carry/a/smol.part00) in /tmp for a second run on the same host
-#     probe  the decode GEMV's evidence: benchmarks/gemv_probe.py (GB/s, registers, spills; the experimental
-#            int8-activation Q4_K kernel beside the default), their SASS (cuobjdump), Nsight Compute's view
-#            (throughput, occupancy, warp stalls) of both; launch-shape sweeps of the int8 GEMV and the
-#            prefill GEMM (benchmarks/kernel_sweep.py); and where a 7B pp512 spends its time
-#            (benchmarks/prefill_probe.py, the torch profiler's kernel table)
+#     probe  the new kernels' tests; the decode GEMV's evidence: benchmarks/gemv_probe.py (GB/s, registers,
+#            spills; the int8-activation Q4_K kernel beside the default), Nsight Compute's view of the int8
+#            one (throughput, occupancy, warp stalls); launch-shape sweeps of the int8 GEMVs, decode attention
+#            and the prefill GEMM (benchmarks/kernel_sweep.py); and where a 7B pp512 spends its time
+#            (benchmarks/prefill_probe.py: the torch profiler's kernel table, the tuned GEMM methods).
+#            Exactly 8 files under $OUT, the most a call brings back.
 #     tests  the gpu-marked tests only
 #     full   the tests, then benchmarks/run_gpu_benchmarks.py, which starts no stage past BENCH_DEADLINE_S
 #            seconds (default 330) so that a run under a wall-clock limit still brings results back
@@ -56,18 +57,15 @@ if [ "$MODE" = probe ]; then
   python3 -m pytest -q -p no:cacheprovider tests/kernels/test_quant_matvec_q8.py tests/kernels/test_quant_matmul.py \
     tests/kernels/test_prefill_attention.py 2>&1 | tail -n 3 | tee -a "$LOG"
   python3 benchmarks/gemv_probe.py --out "$OUT" 2>&1 | tee -a "$LOG"
-  for cubin in "$OUT"/*.cubin; do
-    cuobjdump --dump-sass "$cubin" > "${cubin%.cubin}.sass" 2>&1 && rm "$cubin"
-  done
   # Clocks left as they are (--clock-control none); of the 6 int8-activation launches (Q4_K) the 5th and 6th.
   ncu --clock-control none --kernel-name regex:_matvec_q8_kernel --launch-skip 4 --launch-count 2 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
     python3 benchmarks/gemv_probe.py --out /tmp/probe-ncu-q8 --launches 6 > "$OUT/ncu_q8.txt" 2>&1
   python3 benchmarks/kernel_sweep.py --out "$OUT" --only gemv 2>&1 | tee -a "$LOG"
-  python3 benchmarks/kernel_sweep.py --out "$OUT/attention" --only attention 2>&1 | tee -a "$LOG"
+  python3 benchmarks/kernel_sweep.py --out "$OUT" --only attention 2>&1 | tee -a "$LOG"
   wait "$synth_pid"
   python3 benchmarks/prefill_probe.py "$q7" --out "$OUT" 2>&1 | tee -a "$LOG"
-  timeout "${SWEEP_GEMM_S:-240}" python3 benchmarks/kernel_sweep.py --out "$OUT/gemm" --only gemm 2>&1 | tee -a "$LOG"
+  timeout "${SWEEP_GEMM_S:-240}" python3 benchmarks/kernel_sweep.py --out "$OUT" --only gemm 2>&1 | tee -a "$LOG"
   echo "==== summary ===="; head -n 1 "$LOG"
   grep -E '^Q[0-9]|-token prefill|^gemm|^gemv|^attention|^ +next|^sweep|passed|failed|^prefill' "$LOG"
   grep -E 'Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Theoretical Occupancy|Duration' \

@@ -6,8 +6,8 @@
   supports, beside the default GEMV (quant_matvec), in GB/s of weights read (24 copies: nothing from L2);
 - decode attention over 32 layers' caches at 512 and 3840 tokens of context, per split size and tile.
 
-Writes --out/sweep.json (and sweep_gemm.json after every GEMM shape, in case the run is cut short) and prints
-a table per kernel with the best shape first. Figures are CUDA-event
+Writes --out/sweep_<part>.json for each part run (gemv, attention, gemm; the GEMM file after every shape, in
+case the run is cut short) and prints the best shape per kernel. Figures are CUDA-event
 medians (graph replays for the GEMVs). Usage: python benchmarks/kernel_sweep.py --out DIR [--quick]
 """
 
@@ -82,7 +82,8 @@ def sweep_gemm(quick: bool, out_dir: Path) -> list[dict]:
                   f"best fused {best['ms'] if best else float('nan'):.3f} ms "
                   f"({best['tflops'] if best else 0:.0f} TFLOP/s) {best['config'] if best else ''}", flush=True)
             rows_out.append(entry)
-            (out_dir / "sweep_gemm.json").write_text(json.dumps(rows_out, indent=1))  # kept if cut short
+            (out_dir / "sweep_gemm.json").write_text(json.dumps(
+                {"device": torch.cuda.get_device_name(0), "gemm": rows_out}, indent=1))  # kept if cut short
     return rows_out
 
 
@@ -175,16 +176,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    result = {"device": torch.cuda.get_device_name(0)}
-    if args.only in (None, "gemv"):
-        result["gemv"] = sweep_gemv(args.quick)
-    if args.only in (None, "attention"):
-        result["attention"] = sweep_attention()
+    device = torch.cuda.get_device_name(0)
+    for part, run in (("gemv", lambda: sweep_gemv(args.quick)), ("attention", sweep_attention)):
+        if args.only in (None, part):
+            (out / f"sweep_{part}.json").write_text(json.dumps({"device": device, part: run()}, indent=1))
     if args.only in (None, "gemm"):
-        result["gemm"] = sweep_gemm(args.quick, out)
-    result["seconds"] = time.perf_counter() - started
-    (out / "sweep.json").write_text(json.dumps(result, indent=1))
-    print(f"sweep done in {result['seconds']:.0f} s", flush=True)
+        sweep_gemm(args.quick, out)  # writes sweep_gemm.json as it goes
+    print(f"sweep done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
