@@ -125,6 +125,17 @@ def _row_block(n_rows, n_batch, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _step_chunks(step, n_chunks, C: tl.constexpr):
+    """The C chunks of a step: `ok` [1, C] (inside the row), and their indices as [1, C] and [1, C, 1], clamped to
+    the last chunk: chunks past the row's end re-read it (no masked loads, no zero fills), and the caller zeroes
+    their scales with `ok`."""
+    c = step * C + tl.arange(0, C)  # [C]
+    ok = (c < n_chunks)[None, :]
+    c = tl.minimum(c, n_chunks - 1)
+    return ok, c[None, :], c[None, :, None]
+
+
+@triton.jit
 def _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS: tl.constexpr,
                 ACCUMULATE: tl.constexpr):
     """out[batch, rows] (+)= result [BLOCK_N] (+ bias[rows]), rows past n_rows masked off."""
@@ -166,12 +177,8 @@ def _q4_matvec_q8_kernel(
     srow = batch.to(tl.int64) * stride_xs
     acc = tl.zeros([BLOCK_N, C], dtype=tl.float32)  # reduced over blocks once, after the loop
     for step in range(n_steps):
-        # Blocks past the row's end re-read the last one (no masked loads, no zero fills) and get d = m = 0.
-        c = step * C + tl.arange(0, C)  # [C]
-        ok = (c < n_chunks)[None, :]
-        c = tl.minimum(c, n_chunks - 1)
-        c2 = c[None, :]  # [1, C]
-        c3 = c[None, :, None]  # [1, C, 1]
+        # Blocks past the row's end get d = m = 0.
+        ok, c2, c3 = _step_chunks(step, n_chunks, C)  # [1, C], [1, C], [1, C, 1]
         w = tl.load(qs_ptr + src3 * stride_qw + 4 * c3 + u)  # [BLOCK_N, C, 4]
         x = xrow + 8 * c3 + u + 0 * src3  # at the tile's full shape, so it takes the quant words' layout
         x_lo = tl.load(x)
@@ -225,12 +232,8 @@ def _kquant_matvec_q8_kernel(
     srow = batch.to(tl.int64) * stride_xs
     acc = tl.zeros([BLOCK_N, C], dtype=tl.float32)  # reduced over chunks once, after the loop
     for step in range(n_steps):
-        # Chunks past the row's end re-read the last one (no masked loads, no zero fills) and get d = dmin = 0.
-        c = step * C + tl.arange(0, C)  # [C]
-        ok = (c < n_chunks)[None, :]
-        c = tl.minimum(c, n_chunks - 1)
-        c2 = c[None, :]  # [1, C]
-        c3 = c[None, :, None]  # [1, C, 1]
+        # Chunks past the row's end get d = dmin = 0.
+        ok, c2, c3 = _step_chunks(step, n_chunks, C)  # [1, C], [1, C], [1, C, 1]
         qs = qs_ptr + src3 * stride_qw + 8 * c3 + u  # [BLOCK_N, C, 4]
         qh = qh_ptr + qh_row + 8 * (c3 // 4) + u
         x = xrow + 16 * c3 + u + 0 * src3  # at the tile's full shape, so it takes the quant words' layout
