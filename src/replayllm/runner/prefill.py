@@ -11,6 +11,8 @@ chunk size on the device and keeps the faster (prefill_tuning).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from gguf import GGMLQuantizationType
 
@@ -29,9 +31,38 @@ from ..models import ModelConfig
 from .decode_step import RopeTables, head_norms
 from .kv_cache import PagedKVCache
 from .prefill_tuning import DEQUANT_GEMM, LinearMethods
-from .weights import DeviceWeights
+from .weights import DeviceWeights, LayerWeights
 
 SCRATCH_BYTES = 64 * 2**20  # the f16 dequantization scratch: rows of a weight at a time, never the whole LM head
+
+
+@dataclass
+class _ChunkBuffers:
+    """One chunk's activations, made per call (prefill is not on the per-token path)."""
+
+    positions: torch.Tensor  # [T] int32
+    page_table: torch.Tensor  # [T, max_pages] int32: the sequence's row for each token, as the rope kernel reads
+    x: torch.Tensor  # [T, D] f32 residual stream
+    h: torch.Tensor  # [T, D] f32 normalised input of the next projection
+    qkv: torch.Tensor  # [T, (Hq + 2 Hkv) Dh] f32
+    attn: torch.Tensor  # [T, Hq, Dh] f32
+    gate_up: torch.Tensor  # [T, 2F] f32
+    act: torch.Tensor  # [T, F] f32
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, token_ids: torch.Tensor, page_table_row: torch.Tensor,
+                 start: int) -> _ChunkBuffers:
+        T, device = token_ids.shape[0], token_ids.device
+
+        def f32(*shape):
+            return torch.empty(shape, dtype=torch.float32, device=device)
+
+        return cls(positions=torch.arange(start, start + T, dtype=torch.int32, device=device),
+                   page_table=page_table_row.unsqueeze(0).expand(T, -1).contiguous(),
+                   x=f32(T, cfg.hidden_size), h=f32(T, cfg.hidden_size),
+                   qkv=f32(T, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim),
+                   attn=f32(T, cfg.num_heads, cfg.head_dim), gate_up=f32(T, 2 * cfg.intermediate_size),
+                   act=f32(T, cfg.intermediate_size))
 
 
 class Prefiller:
@@ -45,8 +76,8 @@ class Prefiller:
         return 0 if self.scratch is None else self.scratch.numel() * self.scratch.element_size()
 
     def tune(self, chunk_tokens: int) -> LinearMethods:
-        """Measure both ways of multiplying for every weight shape at a few chunk sizes up to chunk_tokens (on
-        the device; a second or so) and keep the faster one per (shape, size)."""
+        """Measure the ways of multiplying for every weight shape at a few chunk sizes up to chunk_tokens (on the
+        device, once, at load) and keep the fastest per (shape, size)."""
         from .prefill_tuning import tune_methods
 
         self.methods = tune_methods(self, chunk_tokens)
@@ -57,44 +88,43 @@ class Prefiller:
             all_logits: bool = False) -> torch.Tensor:
         """token_ids [T] int64 on the device, at positions start..start+T-1 of the sequence whose pages are
         `page_table_row` [max_pages] int32. Returns f32 logits [T, vocab] if `all_logits` else [1, vocab]."""
-        cfg, T = self.config, token_ids.shape[0]
-        device = token_ids.device
-        Hq, Hkv, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        positions = torch.arange(start, start + T, dtype=torch.int32, device=device)
-        page_table = page_table_row.unsqueeze(0).expand(T, -1).contiguous()  # the rope kernel's [T, max_pages]
-        x = torch.empty(T, cfg.hidden_size, dtype=torch.float32, device=device)  # the residual stream
-        gather_rows(self.weights.token_embd, token_ids, x)
-        h = torch.empty_like(x)
-        qkv = torch.empty(T, (Hq + 2 * Hkv) * Dh, dtype=torch.float32, device=device)
-        attn = torch.empty(T, Hq, Dh, dtype=torch.float32, device=device)
-        gate_up = torch.empty(T, 2 * cfg.intermediate_size, dtype=torch.float32, device=device)
-        act = torch.empty(T, cfg.intermediate_size, dtype=torch.float32, device=device)
+        bufs = _ChunkBuffers.allocate(self.config, token_ids, page_table_row, start)
+        gather_rows(self.weights.token_embd, token_ids, bufs.x)
         for i, layer in enumerate(self.weights.layers):
-            rmsnorm(x, layer.attn_norm, cfg.rms_norm_eps, h)
-            self.linear(h, layer.qkv, qkv, layer.qkv_bias)
-            q = qkv[:, :Hq * Dh].view(T, Hq, Dh)  # views of the qkv row: the kernels take row strides
-            k = qkv[:, Hq * Dh:(Hq + Hkv) * Dh].view(T, Hkv, Dh)
-            v = qkv[:, (Hq + Hkv) * Dh:].view(T, Hkv, Dh)
-            if layer.q_norm is not None:  # per-head norms work on whole heads in place
-                q, k = q.contiguous(), k.contiguous()
-                head_norms(cfg, layer, q, k)
-            rope_and_cache_write(q, k, v, self.rope.cos, self.rope.sin, positions, self.cache.k[i],
-                                 self.cache.v[i], page_table, neox=cfg.rope_neox)
-            paged_prefill_attention(q, self.cache.k[i], self.cache.v[i], page_table_row, start, attn)
-            self.linear(attn.view(T, Hq * Dh), [layer.attn_output], x, accumulate=True)
-            rmsnorm(x, layer.ffn_norm, cfg.rms_norm_eps, h)
-            self.linear(h, layer.gate_up, gate_up)
-            silu_mul(gate_up, act)
-            self.linear(act, [layer.ffn_down], x, accumulate=True)
-        last = x if all_logits else x[-1:]
+            self._attention_block(i, layer, bufs, page_table_row, start)
+            self._mlp_block(layer, bufs)
+        last = bufs.x if all_logits else bufs.x[-1:]
         normed = torch.empty_like(last)
-        rmsnorm(last, self.weights.output_norm, cfg.rms_norm_eps, normed)
-        logits = torch.empty(last.shape[0], self.weights.output.n_rows, dtype=torch.float32, device=device)
+        rmsnorm(last, self.weights.output_norm, self.config.rms_norm_eps, normed)
+        logits = torch.empty(last.shape[0], self.weights.output.n_rows, dtype=torch.float32, device=last.device)
         if all_logits:
             self.linear(normed, [self.weights.output], logits)
         else:  # one row: the decode GEMV reads the LM head once, no tensor-core tile to fill
             quant_matvec(normed, self.weights.output, logits)
         return logits
+
+    def _attention_block(self, i: int, layer: LayerWeights, bufs: _ChunkBuffers, page_table_row: torch.Tensor,
+                         start: int) -> None:
+        cfg = self.config
+        T, Hq, Hkv, Dh = bufs.x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        rmsnorm(bufs.x, layer.attn_norm, cfg.rms_norm_eps, bufs.h)
+        self.linear(bufs.h, layer.qkv, bufs.qkv, layer.qkv_bias)
+        q = bufs.qkv[:, :Hq * Dh].view(T, Hq, Dh)  # views of the qkv row: the kernels take row strides
+        k = bufs.qkv[:, Hq * Dh:(Hq + Hkv) * Dh].view(T, Hkv, Dh)
+        v = bufs.qkv[:, (Hq + Hkv) * Dh:].view(T, Hkv, Dh)
+        if layer.q_norm is not None:  # per-head norms work on whole heads in place
+            q, k = q.contiguous(), k.contiguous()
+            head_norms(cfg, layer, q, k)
+        rope_and_cache_write(q, k, v, self.rope.cos, self.rope.sin, bufs.positions, self.cache.k[i],
+                             self.cache.v[i], bufs.page_table, neox=cfg.rope_neox)
+        paged_prefill_attention(q, self.cache.k[i], self.cache.v[i], page_table_row, start, bufs.attn)
+        self.linear(bufs.attn.view(T, Hq * Dh), [layer.attn_output], bufs.x, accumulate=True)
+
+    def _mlp_block(self, layer: LayerWeights, bufs: _ChunkBuffers) -> None:
+        rmsnorm(bufs.x, layer.ffn_norm, self.config.rms_norm_eps, bufs.h)
+        self.linear(bufs.h, layer.gate_up, bufs.gate_up)
+        silu_mul(bufs.gate_up, bufs.act)
+        self.linear(bufs.act, [layer.ffn_down], bufs.x, accumulate=True)
 
     def linear(self, x: torch.Tensor, matrices: list[QuantWeight], out: torch.Tensor,
                bias: torch.Tensor | None = None, accumulate: bool = False) -> None:
