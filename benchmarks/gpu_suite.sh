@@ -61,11 +61,11 @@ if [ "$MODE" = probe ]; then
   ncu --clock-control none --kernel-name regex:_matvec_q8_kernel --launch-skip 4 --launch-count 2 \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
     python3 benchmarks/gemv_probe.py --out /tmp/probe-ncu-q8 --launches 6 > "$OUT/ncu_q8.txt" 2>&1
-  python3 benchmarks/kernel_sweep.py --out "$OUT" --only gemv 2>&1 | tee -a "$LOG"
+  timeout 150 python3 benchmarks/kernel_sweep.py --out "$OUT" --only gemv 2>&1 | tee -a "$LOG"
   python3 benchmarks/kernel_sweep.py --out "$OUT" --only attention 2>&1 | tee -a "$LOG"
   wait "$synth_pid"
   python3 benchmarks/prefill_probe.py "$q7" --out "$OUT" 2>&1 | tee -a "$LOG"
-  timeout "${SWEEP_GEMM_S:-240}" python3 benchmarks/kernel_sweep.py --out "$OUT" --only gemm 2>&1 | tee -a "$LOG"
+  timeout "${SWEEP_GEMM_S:-180}" python3 benchmarks/kernel_sweep.py --out "$OUT" --only gemm 2>&1 | tee -a "$LOG"
   echo "==== summary ===="; head -n 1 "$LOG"
   grep -E '^Q[0-9]|-token prefill|^gemm|^gemv|^attention|^ +next|^sweep|passed|failed|^prefill' "$LOG"
   grep -E 'Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Theoretical Occupancy|Duration' \
