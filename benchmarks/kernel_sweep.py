@@ -6,8 +6,8 @@
   supports, beside the default GEMV (quant_matvec), in GB/s of weights read (24 copies: nothing from L2);
 - decode attention over 32 layers' caches at 512 and 3840 tokens of context, per split size and tile.
 
-Writes --out/sweep_<part>.json for each part run (gemv, attention, gemm; the GEMM file after every shape, in
-case the run is cut short) and prints the best shape per kernel. Figures are CUDA-event
+Writes --out/sweep_<part>.json for each part run (gemv, attention, gemm), rewritten after every shape in case
+the run is cut short, and prints the best shape per kernel. Figures are CUDA-event
 medians (graph replays for the GEMVs). Usage: python benchmarks/kernel_sweep.py --out DIR [--quick]
 """
 
@@ -43,6 +43,12 @@ COPIES = 24
 
 def weight(ggml_type, n_rows, n_cols, seed):
     return pack_weight(ggml_type, random_gguf_rows(ggml_type, n_rows, n_cols, seed), n_cols).to("cuda")
+
+
+def _save(out_dir: Path, part: str, rows: list[dict]) -> None:
+    """out_dir/sweep_<part>.json, rewritten after every shape so that a run cut short keeps what it measured."""
+    (out_dir / f"sweep_{part}.json").write_text(json.dumps({"device": torch.cuda.get_device_name(0), part: rows},
+                                                           indent=1))
 
 
 def sweep_gemm(quick: bool, out_dir: Path) -> list[dict]:
@@ -81,12 +87,11 @@ def sweep_gemm(quick: bool, out_dir: Path) -> list[dict]:
                   f"best fused {best['ms'] if best else float('nan'):.3f} ms "
                   f"({best['tflops'] if best else 0:.0f} TFLOP/s) {best['config'] if best else ''}", flush=True)
             rows_out.append(entry)
-            (out_dir / "sweep_gemm.json").write_text(json.dumps(
-                {"device": torch.cuda.get_device_name(0), "gemm": rows_out}, indent=1))  # kept if cut short
+            _save(out_dir, "gemm", rows_out)
     return rows_out
 
 
-def sweep_gemv(quick: bool) -> list[dict]:
+def sweep_gemv(quick: bool, out_dir: Path) -> list[dict]:
     from replayllm.kernels.int8_activations import ActivationQ8, quantize_activations
     from replayllm.kernels.quant_matvec_q8 import quant_matvec_q8
 
@@ -122,6 +127,7 @@ def sweep_gemv(quick: bool) -> list[dict]:
         for q in ok[1:4]:
             print(f"     next {q}", flush=True)
         results.append(entry)
+        _save(out_dir, "gemv", results)
     return results
 
 
@@ -130,7 +136,7 @@ ATTENTION_SHAPES = [  # split_tokens (None: the engine's choice), block_n (None:
     (None, None, 4), (64, None, 4), (256, None, 4), (None, 32, 4), (None, None, 8), (64, 32, 4), (32, 32, 2)]
 
 
-def sweep_attention() -> list[dict]:
+def sweep_attention(out_dir: Path) -> list[dict]:
     """Decode attention at llama2-7b's shape (32 q = kv heads, head_dim 128, 32 layers' caches) with 512 and
     3840 tokens of context: GB/s of K and V read, per launch shape."""
     from replayllm.kernels import DecodeAttentionWorkspace, paged_decode_attention
@@ -160,6 +166,7 @@ def sweep_attention() -> list[dict]:
             except Exception as exc:  # a shape that does not compile or fit: recorded
                 entry["error"] = repr(exc)[:300]
             results.append(entry)
+            _save(out_dir, "attention", results)
         ok = sorted((r for r in results if r["context"] == context and "gbps" in r), key=lambda r: -r["gbps"])
         print(f"attention @{context}: default {results[-len(ATTENTION_SHAPES)].get('gbps', float('nan')):.0f} GB/s;"
               f" best {ok[0] if ok else None}", flush=True)
@@ -175,12 +182,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    device = torch.cuda.get_device_name(0)
-    for part, run in (("gemv", lambda: sweep_gemv(args.quick)), ("attention", sweep_attention)):
-        if args.only in (None, part):
-            (out / f"sweep_{part}.json").write_text(json.dumps({"device": device, part: run()}, indent=1))
+    if args.only in (None, "gemv"):
+        sweep_gemv(args.quick, out)
+    if args.only in (None, "attention"):
+        sweep_attention(out)
     if args.only in (None, "gemm"):
-        sweep_gemm(args.quick, out)  # writes sweep_gemm.json as it goes
+        sweep_gemm(args.quick, out)
     print(f"sweep done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
