@@ -1,4 +1,4 @@
-"""Launch-shape sweeps of the two kernels whose shape matters most, at llama2-7b's real shapes, in one GPU call:
+"""Launch-shape sweeps of the kernels whose shape matters most, at llama2-7b's real shapes, in one GPU call:
 
 - prefill: quant_matmul (quantized GEMM) over a list of MatmulConfigs against dequantize-then-vendor-GEMM
   (the prefiller's fallback), for each weight type and shape of a 7B Q4_K_M model, at 128, 512 and 2048 rows;
@@ -8,8 +8,8 @@
 - decode attention over 32 layers' caches at 512 and 3840 tokens of context, per split size and tile.
 
 Writes --out/sweep_<part>.json for each part run (gemv, attention, gemm), rewritten after every shape in case
-the run is cut short, and prints the best shape per kernel. Figures are CUDA-event
-medians (graph replays for the GEMVs). Usage: python benchmarks/kernel_sweep.py --out DIR [--quick]
+the run is cut short, and prints the best shape per kernel. Figures are CUDA-event medians (graph replays for the
+GEMVs and attention). Usage: python benchmarks/kernel_sweep.py --out DIR [--quick] [--only gemv|attention|gemm]
 """
 
 from __future__ import annotations
