@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType
 from replayllm.bench.kernel_bench import time_graph_replay
 from replayllm.kernels import pack_weight, quant_matvec
 from replayllm.kernels.quant_matmul import MatmulConfig, quant_matmul
-from replayllm.runner.prefill_tuning import _time_ms
+from replayllm.runner.prefill_tuning import time_ms
 from replayllm.synth.random_rows import random_gguf_rows
 
 T = GGMLQuantizationType
@@ -53,7 +53,7 @@ def _save(out_dir: Path, part: str, rows: list[dict]) -> None:
 
 
 def sweep_gemm(quick: bool, out_dir: Path) -> list[dict]:
-    from replayllm.kernels import dequantize_into
+    from replayllm.runner.prefill import dequant_gemm
 
     rows_out = []
     scratch = torch.empty(64 * 2**20 // 2, dtype=torch.float16, device="cuda")  # the prefiller's size
@@ -64,19 +64,11 @@ def sweep_gemm(quick: bool, out_dir: Path) -> list[dict]:
             out = torch.empty(m, n_rows, device="cuda")
             flop = 2.0 * m * n_rows * n_cols
 
-            def dequant_gemm():
-                x16 = x.to(torch.float16)
-                per = min(n_rows, scratch.numel() // n_cols)
-                for r in range(0, n_rows, per):
-                    n = min(per, n_rows - r)
-                    wt = scratch[: n * n_cols].view(n, n_cols)
-                    dequantize_into(w, wt, row_start=r)
-                    out[:, r:r + n].copy_(x16 @ wt.t())
-            entry = {"type": ggml_type.name, "n_rows": n_rows, "n_cols": n_cols, "rows": m,
-                     "dequant_gemm_ms": _time_ms(dequant_gemm, reps=5), "fused": []}
+            entry = {"type": ggml_type.name, "n_rows": n_rows, "n_cols": n_cols, "rows": m, "fused": [],
+                     "dequant_gemm_ms": time_ms(lambda: dequant_gemm(x, w, out, scratch), reps=5)}
             for cfg in GEMM_CONFIGS[:3] if quick else GEMM_CONFIGS:
                 try:
-                    ms = _time_ms(lambda: quant_matmul(x, w, out, config=cfg), reps=5)
+                    ms = time_ms(lambda: quant_matmul(x, w, out, config=cfg), reps=5)
                     entry["fused"].append({"config": cfg.__dict__, "ms": ms, "tflops": flop / ms / 1e9})
                 except Exception as exc:  # a shape that does not compile (shared memory, registers): recorded
                     entry["fused"].append({"config": cfg.__dict__, "error": repr(exc)[:300]})

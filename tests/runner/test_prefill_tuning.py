@@ -25,6 +25,7 @@ def test_the_bucket_at_or_above_the_row_count_decides_and_the_last_covers_more()
     assert [methods.get(w, rows).method for rows in (1, 16, 17, 128, 129, 2048, 5000)] == [
         FUSED, FUSED, DEQUANT_GEMM, DEQUANT_GEMM, FUSED, FUSED, FUSED]
     assert methods.get(w, 1000).config == wide and methods.get(w, 5).config is None
+    assert methods.uses(DEQUANT_GEMM) and not LinearMethods({shape_key(w): [Choice(16, FUSED)]}).uses(DEQUANT_GEMM)
 
 
 def test_unmeasured_shapes_use_the_fused_gemm_and_json_lists_every_entry():

@@ -109,14 +109,17 @@ class GPUBackend(Backend):
         """Experimental: Q4_0/Q4_1/Q4_K/Q5_K/Q6_K/Q8_0 matrices multiply int8-quantized activations
         (kernels/quant_matvec_q8.py). Recaptures the current mode's graphs, which bake the choice in."""
         self._enable_int8(enabled)
-        self._graphs.clear()
-        self.set_mode(self.mode.name)
+        self._recapture()
 
     def set_pdl(self, enabled: bool) -> None:
         """Experimental: launch every decode-step kernel with programmatic dependent launch (kernels/pdl.py), so
         each kernel's launch overlaps the end of the one before. Needs compute capability 9.0 (Hopper) or later.
         Recaptures the current mode's graphs, which bake the choice in."""
         self._enable_pdl(enabled)
+        self._recapture()
+
+    def _recapture(self) -> None:
+        """Drop the captured graphs (they bake in the step's options) and capture the current mode's again."""
         self._graphs.clear()
         self.set_mode(self.mode.name)
 
@@ -128,8 +131,8 @@ class GPUBackend(Backend):
 
     def _enable_int8(self, enabled: bool) -> None:
         if enabled and not self.bufs.can_use_int8_activations:
-            raise InvalidParameterError("int8 activations need every projection's input width to be a multiple "
-                                        "of 32")
+            raise InvalidParameterError("int8 activations need every projection's input width and the head "
+                                        "dimension to be multiples of 32")
         self.bufs.int8_activations = bool(enabled)
 
     def set_mode(self, mode: str) -> None:

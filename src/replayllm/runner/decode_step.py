@@ -21,7 +21,7 @@ from ..kernels import (
     rope_and_cache_write,
     silu_mul,
 )
-from ..kernels.int8_activations import ACTIVATION_BLOCK, ActivationQ8, quantize_activations
+from ..kernels.int8_activations import ACTIVATION_BLOCK, ActivationQ8
 from ..kernels.quant_matvec_q8 import SUPPORTED_TYPES as INT8_ACTIVATION_TYPES, quant_matvec_q8
 from ..kernels.quant_weight import QuantWeight
 from ..models import ModelConfig
@@ -50,7 +50,7 @@ class StepBuffers:
     attention_workspace: DecodeAttentionWorkspace
     # Experimental (kernels/quant_matvec_q8.py): int8 copies of the projection inputs, used by the matrices of
     # its SUPPORTED_TYPES while `int8_activations` is set (read when the step is captured). None where a width
-    # is not a multiple of the activation block.
+    # (or, for attn_q8, the head dimension) is not a multiple of the activation block.
     h_q8: ActivationQ8 | None = None
     attn_q8: ActivationQ8 | None = None
     act_q8: ActivationQ8 | None = None
@@ -81,13 +81,19 @@ class StepBuffers:
             attn=f32(B, Hq, Dh), gate_up=f32(B, 2 * config.intermediate_size),
             act=f32(B, config.intermediate_size), logits=f32(B, config.vocab_size),
             attention_workspace=DecodeAttentionWorkspace.create(B, Hq, Dh, max_context_tokens, device),
-            h_q8=_q8(B, config.hidden_size, device), attn_q8=_q8(B, Hq * Dh, device),
-            act_q8=_q8(B, config.intermediate_size, device),
+            # The attention merge quantizes each head on its own: its blocks of 32 must not straddle heads.
+            h_q8=_q8(B, config.hidden_size, device), act_q8=_q8(B, config.intermediate_size, device),
+            attn_q8=_q8(B, Hq * Dh, device) if Dh % ACTIVATION_BLOCK == 0 else None,
         )
 
     @property
     def can_use_int8_activations(self) -> bool:
         return None not in (self.h_q8, self.attn_q8, self.act_q8)
+
+    def int8_inputs(self) -> tuple[ActivationQ8 | None, ActivationQ8 | None, ActivationQ8 | None]:
+        """(h_q8, attn_q8, act_q8) while the step runs with int8 activations, else Nones: the copies the norm,
+        attention and SiLU kernels write and the GEMVs read."""
+        return (self.h_q8, self.attn_q8, self.act_q8) if self.int8_activations else (None, None, None)
 
 
 def _q8(batch: int, width: int, device: torch.device) -> ActivationQ8 | None:
@@ -107,7 +113,7 @@ def decode_step(config: ModelConfig, weights: DeviceWeights, cache: PagedKVCache
     for i, layer in enumerate(weights.layers):
         _attention_block(config, layer, cache.k[i], cache.v[i], rope, bufs)
         _mlp_block(config, layer, bufs)
-    h_q8 = bufs.h_q8 if bufs.int8_activations else None
+    h_q8, _, _ = bufs.int8_inputs()
     rmsnorm(bufs.x, weights.output_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
     project(bufs.h, [weights.output], bufs.logits, None, h_q8, pdl=bufs.pdl)
     return bufs.logits
@@ -115,7 +121,7 @@ def decode_step(config: ModelConfig, weights: DeviceWeights, cache: PagedKVCache
 
 def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      rope: RopeTables, bufs: StepBuffers) -> None:
-    h_q8 = bufs.h_q8 if bufs.int8_activations else None  # written by the norm's own launch
+    h_q8, attn_q8, _ = bufs.int8_inputs()
     rmsnorm(bufs.x, layer.attn_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
     project(bufs.h, layer.qkv, bufs.qkv, layer.qkv_bias, h_q8, pdl=bufs.pdl)
     if bufs.batch_size > 1:
@@ -127,14 +133,11 @@ def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Te
     head_norms(config, layer, bufs.q, bufs.k, pdl=bufs.pdl)
     rope_and_cache_write(bufs.q, bufs.k, bufs.v, rope.cos, rope.sin, bufs.positions, k_cache, v_cache,
                          bufs.page_table, neox=config.rope_neox, pdl=bufs.pdl)
-    # The attention merge writes the int8 copy itself where each head is whole activation blocks.
-    merge_q8 = bufs.attn_q8 if bufs.int8_activations and config.head_dim % ACTIVATION_BLOCK == 0 else None
     paged_decode_attention(bufs.q, k_cache, v_cache, bufs.page_table, bufs.positions,
-                           config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace, out_q8=merge_q8,
+                           config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace, out_q8=attn_q8,
                            pdl=bufs.pdl)
-    attn = bufs.attn.view(bufs.batch_size, -1)
-    attn_q8 = merge_q8 if merge_q8 is not None else _int8_copy(bufs, attn, bufs.attn_q8)
-    project(attn, [layer.attn_output], bufs.x, None, attn_q8, accumulate=True, pdl=bufs.pdl)
+    project(bufs.attn.view(bufs.batch_size, -1), [layer.attn_output], bufs.x, None, attn_q8, accumulate=True,
+            pdl=bufs.pdl)
 
 
 def head_norms(config: ModelConfig, layer: LayerWeights, q: torch.Tensor, k: torch.Tensor, *,
@@ -149,19 +152,11 @@ def head_norms(config: ModelConfig, layer: LayerWeights, q: torch.Tensor, k: tor
 
 
 def _mlp_block(config: ModelConfig, layer: LayerWeights, bufs: StepBuffers) -> None:
-    h_q8, act_q8 = (bufs.h_q8, bufs.act_q8) if bufs.int8_activations else (None, None)
+    h_q8, _, act_q8 = bufs.int8_inputs()
     rmsnorm(bufs.x, layer.ffn_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
     project(bufs.h, layer.gate_up, bufs.gate_up, None, h_q8, pdl=bufs.pdl)
     silu_mul(bufs.gate_up, bufs.act, act_q8, pdl=bufs.pdl)  # the int8 copy from the same launch
     project(bufs.act, [layer.ffn_down], bufs.x, None, act_q8, accumulate=True, pdl=bufs.pdl)
-
-
-def _int8_copy(bufs: StepBuffers, x: torch.Tensor, xq: ActivationQ8 | None) -> ActivationQ8 | None:
-    """x quantized into xq when the step runs with int8 activations, else None (only for an attention output
-    whose heads are not whole activation blocks: the norm, SiLU and attention kernels quantize their own)."""
-    if not bufs.int8_activations:
-        return None
-    return quantize_activations(x, xq, pdl=bufs.pdl)
 
 
 def project(x: torch.Tensor, matrices: list[QuantWeight], out: torch.Tensor, bias: torch.Tensor | None,

@@ -71,16 +71,14 @@ class Prefiller:
         self.methods = LinearMethods()  # every shape FUSED until `tune` has measured
         self.scratch: torch.Tensor | None = None  # made only if some shape is faster through the vendor GEMM
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.scratch is None else self.scratch.numel() * self.scratch.element_size()
-
     def tune(self, chunk_tokens: int) -> LinearMethods:
         """Measure the ways of multiplying for every weight shape at a few chunk sizes up to chunk_tokens (on the
         device, once, at load) and keep the fastest per (shape, size)."""
         from .prefill_tuning import tune_methods
 
         self.methods = tune_methods(self, chunk_tokens)
+        if not self.methods.uses(DEQUANT_GEMM):
+            self.scratch = None  # the timing made it; nothing will use it
         return self.methods
 
     @torch.inference_mode()
@@ -143,26 +141,32 @@ class Prefiller:
 
     def dequant_gemm(self, x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None,
                      accumulate: bool) -> None:
-        """out (+)= x @ W^T (+ bias) through the f16 scratch: W dequantized a slice of rows at a time, each slice
-        multiplied by the vendor GEMM. An F16 weight is already what the vendor GEMM wants: no copy."""
-        x16 = x.to(torch.float16)
-        if w.ggml_type == GGMLQuantizationType.F16:
-            _store(out, x16 @ w.qs.t(), accumulate)
-        else:
-            if self.scratch is None:
-                largest = max(m.n_rows * m.n_cols for m in self.weights.matrices())
-                widest = max(m.n_cols for m in self.weights.matrices())
-                # At least one row of the widest matrix; a small model's largest matrix fits whole.
-                self.scratch = torch.empty(max(min(largest, SCRATCH_BYTES // 2), widest), dtype=torch.float16,
-                                           device=x.device)
-            rows_per_slice = min(w.n_rows, self.scratch.numel() // w.n_cols)
-            for row in range(0, w.n_rows, rows_per_slice):
-                n = min(rows_per_slice, w.n_rows - row)
-                weight = self.scratch[: n * w.n_cols].view(n, w.n_cols)
-                dequantize_into(w, weight, row_start=row)
-                _store(out[:, row:row + n], x16 @ weight.t(), accumulate)  # [T, n] f16 product
-        if bias is not None:
-            out += bias
+        """dequant_gemm through this prefiller's scratch, made on first use: at least one row of the widest
+        matrix, SCRATCH_BYTES at most (a small model's largest matrix fits whole)."""
+        if self.scratch is None and w.ggml_type != GGMLQuantizationType.F16:
+            largest = max(m.n_rows * m.n_cols for m in self.weights.matrices())
+            widest = max(m.n_cols for m in self.weights.matrices())
+            self.scratch = torch.empty(max(min(largest, SCRATCH_BYTES // 2), widest), dtype=torch.float16,
+                                       device=x.device)
+        dequant_gemm(x, w, out, self.scratch, bias, accumulate)
+
+
+def dequant_gemm(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, scratch: torch.Tensor | None,
+                 bias: torch.Tensor | None = None, accumulate: bool = False) -> None:
+    """out (+)= x @ W^T (+ bias) through an f16 scratch: W dequantized a slice of rows at a time, each slice
+    multiplied by the vendor GEMM. An F16 weight is already what the vendor GEMM wants: no copy, no scratch."""
+    x16 = x.to(torch.float16)
+    if w.ggml_type == GGMLQuantizationType.F16:
+        _store(out, x16 @ w.qs.t(), accumulate)
+    else:
+        rows_per_slice = min(w.n_rows, scratch.numel() // w.n_cols)
+        for row in range(0, w.n_rows, rows_per_slice):
+            n = min(rows_per_slice, w.n_rows - row)
+            weight = scratch[: n * w.n_cols].view(n, w.n_cols)
+            dequantize_into(w, weight, row_start=row)
+            _store(out[:, row:row + n], x16 @ weight.t(), accumulate)  # [T, n] f16 product
+    if bias is not None:
+        out += bias
 
 
 def _store(target: torch.Tensor, product: torch.Tensor, accumulate: bool) -> None:

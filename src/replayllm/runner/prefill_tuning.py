@@ -57,6 +57,9 @@ class LinearMethods:
             return Choice(rows, FUSED)
         return next((c for c in choices if rows <= c.rows), choices[-1])
 
+    def uses(self, method: str) -> bool:
+        return any(c.method == method for choices in self.table.values() for c in choices)
+
     def as_json(self) -> list[dict]:
         def ms(value: float) -> float | None:
             return round(value, 4) if math.isfinite(value) else None
@@ -67,7 +70,7 @@ class LinearMethods:
                 for k, choices in self.table.items() for c in choices]
 
 
-def _time_ms(fn, reps: int = 3) -> float:
+def time_ms(fn, reps: int = 3) -> float:
     """Median CUDA-event time of fn() after one warm-up call (which also compiles)."""
     fn()
     times = []
@@ -98,11 +101,11 @@ def tune_methods(prefiller, chunk_tokens: int) -> LinearMethods:
         for rows in buckets:
             x = torch.randn(rows, w.n_cols, device=device)
             out = torch.empty(rows, w.n_rows, device=device)
-            dequant = _time_ms(lambda: prefiller.dequant_gemm(x, w, out, None, False))
+            dequant = time_ms(lambda: prefiller.dequant_gemm(x, w, out, None, False))
             fused, best = float("inf"), None
             for cfg in FUSED_CONFIGS:
                 try:
-                    ms = _time_ms(lambda: quant_matmul(x, w, out, config=cfg))
+                    ms = time_ms(lambda: quant_matmul(x, w, out, config=cfg))
                 except Exception as exc:  # e.g. a launch shape this GPU cannot hold: the others may still run
                     warnings.warn(f"prefill: the quantized GEMM {cfg} failed for {key} at {rows} rows "
                                   f"({exc!r:.200})", stacklevel=2)
@@ -112,6 +115,4 @@ def tune_methods(prefiller, chunk_tokens: int) -> LinearMethods:
             method = FUSED if fused <= dequant else DEQUANT_GEMM
             choices.append(Choice(rows, method, best if method == FUSED else None, fused, dequant))
         methods.table[key] = choices
-    if all(c.method == FUSED for choices in methods.table.values() for c in choices):
-        prefiller.scratch = None  # the timing made it; nothing will use it
     return methods
