@@ -34,3 +34,29 @@ def test_unmeasured_shapes_use_the_fused_gemm_and_json_lists_every_entry():
     assert methods.get(other, 100) == Choice(100, FUSED)
     assert methods.as_json() == [{"type": "F16", "n_rows": 64, "n_cols": 32, "rows": 16, "method": DEQUANT_GEMM,
                                   "config": None, "fused_ms": None, "dequant_gemm_ms": 0.5}]
+
+
+def test_tuning_times_every_layer_shape_at_every_bucket(tiny_model_path):
+    """tune_methods on the CPU (wall-clock timing, the interpreter's kernels): one choice per layer shape and
+    bucket, each a method that was timed, and the fused shapes' configs among FUSED_CONFIGS."""
+    from replayllm import LLM
+    from replayllm.engine.gpu_backend import GPUBackend
+    from replayllm.runner.prefill_tuning import FUSED_CONFIGS, tune_methods
+
+    llm = LLM(tiny_model_path, device="cpu", progress=False, max_context=64)
+    backend = GPUBackend(llm.model_file, 64, mode="eager", progress=False, device=torch.device("cpu"))
+    try:
+        prefiller = backend.prefiller
+        methods = tune_methods(prefiller, 24)
+        layer_shapes = {shape_key(w) for w in prefiller.weights.layer_matrices()}
+        assert set(methods.table) == layer_shapes
+        for choices in methods.table.values():
+            assert [c.rows for c in choices] == [16, 24]
+            for c in choices:
+                assert c.fused_ms > 0 and c.dequant_ms > 0
+                assert (c.method == FUSED) == (c.fused_ms <= c.dequant_ms)
+                assert (c.config in FUSED_CONFIGS) if c.method == FUSED else c.config is None
+        assert len(methods.as_json()) == 2 * len(layer_shapes)
+    finally:
+        backend.close()
+        llm.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -70,11 +71,17 @@ class LinearMethods:
                 for k, choices in self.table.items() for c in choices]
 
 
-def time_ms(fn, reps: int = 3) -> float:
-    """Median CUDA-event time of fn() after one warm-up call (which also compiles)."""
+def time_ms(fn, reps: int = 3, device: torch.device | str = "cuda") -> float:
+    """Median time of fn() after one warm-up call (which also compiles): CUDA events on a GPU, the wall clock
+    elsewhere (only for tests: the choices are meant to be measured on the device that runs them)."""
     fn()
     times = []
     for _ in range(reps):
+        if torch.device(device).type != "cuda":
+            started = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - started))
+            continue
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
         fn()
@@ -92,20 +99,18 @@ def tune_methods(prefiller, chunk_tokens: int) -> LinearMethods:
     weights = prefiller.weights
     device = weights.output_norm.device
     buckets = [b for b in TUNING_BUCKETS if b < chunk_tokens] + [chunk_tokens]
-    used = [w for layer in weights.layers
-            for w in (*layer.qkv, layer.attn_output, *layer.gate_up, layer.ffn_down)]
-    distinct = {shape_key(w): w for w in used}
+    distinct = {shape_key(w): w for w in weights.layer_matrices()}
     methods = LinearMethods()
     for key, w in distinct.items():
         choices = []
         for rows in buckets:
             x = torch.randn(rows, w.n_cols, device=device)
             out = torch.empty(rows, w.n_rows, device=device)
-            dequant = time_ms(lambda: prefiller.dequant_gemm(x, w, out, None, False))
+            dequant = time_ms(lambda: prefiller.dequant_gemm(x, w, out, None, False), device=device)
             fused, best = float("inf"), None
             for cfg in FUSED_CONFIGS:
                 try:
-                    ms = time_ms(lambda: quant_matmul(x, w, out, config=cfg))
+                    ms = time_ms(lambda: quant_matmul(x, w, out, config=cfg), device=device)
                 except Exception as exc:  # e.g. a launch shape this GPU cannot hold: the others may still run
                     warnings.warn(f"prefill: the quantized GEMM {cfg} failed for {key} at {rows} rows "
                                   f"({exc!r:.200})", stacklevel=2)

@@ -50,6 +50,10 @@ class DeviceWeights:
         yield self.token_embd
         if self.output is not self.token_embd:
             yield self.output
+        yield from self.layer_matrices()
+
+    def layer_matrices(self):
+        """The layers' projections, in order: the matrices a pass multiplies for every token."""
         for layer in self.layers:
             yield from (*layer.qkv, layer.attn_output, *layer.gate_up, layer.ffn_down)
 
