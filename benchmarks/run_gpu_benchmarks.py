@@ -295,7 +295,7 @@ def draw_profile(run: Run) -> None:
 
 def other_types(run: Run) -> None:
     """The decode-speed targets' other 7B files, F16 and Q8_0 (written here, one after the other: ~13 and ~7 GB):
-    tg128 and pp512 in graph mode (and Q8_0 with int8 activations), graph == eager on 16 greedy tokens."""
+    tg128 and pp512 in graph mode (and with the experimental options that apply), graph == eager on 16 greedy tokens."""
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     for quant in ("f16", "q8_0"):
         path = SYNTH_DIR / f"llama2-7b-{quant}.gguf"
@@ -307,11 +307,17 @@ def other_types(run: Run) -> None:
             continue
         run.stage(f"bench llama2-7b {quant}", bench, run, llm, [BenchTest("tg", 128), BenchTest("pp", 512)],
                   ["graph"], 2)
-        if quant == "q8_0":
-            llm.backend.set_int8_activations(True)
-            run.stage(f"bench llama2-7b {quant} int8 activations", bench, run, llm, [BenchTest("tg", 128)],
-                      ["graph"], 2)
-            llm.backend.set_int8_activations(False)
+        # The experimental decode options that apply: int8 activations to Q8_0 only (F16 has no int8 GEMV).
+        variants = ((True, False), (True, True)) if quant == "q8_0" else ((False, True),)
+        for int8, pdl in variants:
+            llm.backend.set_int8_activations(int8)
+            llm.backend.set_pdl(pdl)
+            try:
+                run.stage(f"bench llama2-7b {quant} int8 {int8} PDL {pdl}", bench, run, llm,
+                          [BenchTest("tg", 128)], ["graph"], 2)
+            finally:
+                llm.backend.set_int8_activations(False)
+                llm.backend.set_pdl(False)
         tokens = {}
         for mode in ("graph", "eager"):
             llm.backend.set_mode(mode)
