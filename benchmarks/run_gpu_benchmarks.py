@@ -9,8 +9,10 @@ after the deadline is skipped (and says so), so a run under a wall-clock limit s
    memory report), correctness against the fp32 torch reference run on the GPU, bench (pp512, tg128, tg128 deep
    in the context, 4-step graphs), profile of every decode mode.
 2. llama2-13b Q4_K_M (written in the background once the 7B profile is done): bench and profile.
-3. llama2-7b Q4_K_M loaded again: start-up with Triton's kernel cache warm, then a sweep of matvec launch
-   shapes at its real shapes (the data for tuning).
+3. llama2-7b Q4_K_M loaded again: start-up with Triton's kernel cache warm.
+4. A 16k-token prompt on a 16k-context model.
+Between 1 and 2: the default model's greedy agreement with the fp32 reference on chat prompts, for the default
+and the int8-activation paths.
 With --only types: llama2-7b F16 and Q8_0 (written here), bench and graph == eager; a run of its own.
 """
 
@@ -109,7 +111,8 @@ def load(run: Run, key: str, path: Path, mode: str = "graph") -> LLM:
             "weights_gib": b.memory.weights_bytes / gib, "kv_cache_gib": b.memory.kv_cache_bytes / gib,
             "workspace_gib": b.memory.workspace_bytes / gib, "total_gib": b.memory.total_bytes / gib,
             "peak_allocated_gib": torch.cuda.max_memory_allocated() / gib,
-            "reserved_gib": torch.cuda.memory_reserved() / gib, "context_tokens": CONTEXT}
+            "reserved_gib": torch.cuda.memory_reserved() / gib, "context_tokens": CONTEXT,
+            "prefill_scratch_gib": 0.0 if b.prefiller.scratch is None else b.prefiller.scratch.nbytes / gib}
     run.results[key] = info
     run.summary.append(f"    {key}: ready in {total:.1f} s (weights loaded in {b.load_seconds:.1f} s); {b.memory}; "
                        f"peak allocated {info['peak_allocated_gib']:.2f} GiB")
@@ -117,56 +120,151 @@ def load(run: Run, key: str, path: Path, mode: str = "graph") -> LLM:
 
 
 def correctness(run: Run, llm: LLM, path: Path) -> None:
-    """GPU (graph and eager) against the fp32 reference on the GPU: logits, and 32 greedy tokens on 3 prompts."""
+    """GPU (graph and eager, PDL on and off) against the fp32 reference on the GPU: logits, and 32 greedy tokens
+    on 3 prompts. The int8-activation path is scored against both the fp32 reference and the int8 reference (the
+    fp32 reference with the int8 path's products, models/int8_reference.py)."""
     from replayllm.engine.reference_backend import ReferenceBackend
 
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, llm.config.vocab_size, (n,), generator=gen).tolist() for n in (16, 5, 40)]
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    b = llm.backend
+    pdl_default = b.bufs.pdl
     tokens = {}
     for mode in ("graph", "eager"):
-        llm.backend.set_mode(mode)
+        b.set_mode(mode)
         tokens[mode] = [llm.generate([p], params)[0].token_ids for p in prompts]
-    llm.backend.set_mode("graph")
-    llm.backend.set_int8_activations(True)  # experimental: Q4_K/Q6_K/Q8_0 matrices on int8 activations
-    tokens["graph-int8"] = [llm.generate([p], params)[0].token_ids for p in prompts]
-    llm.backend.set_int8_activations(False)
-    llm.backend.set_pdl(True)  # experimental: the same kernels launched with PDL, so the same tokens
-    tokens["graph-pdl"] = [llm.generate([p], params)[0].token_ids for p in prompts]
-    llm.backend.set_pdl(False)
+    b.set_mode("graph")
+    b.set_pdl(not pdl_default)
+    tokens["graph-pdl-switched"] = [llm.generate([p], params)[0].token_ids for p in prompts]
+    b.set_pdl(pdl_default)
     gpu_logits = llm.logits(prompts[0])
+    decode = {"default": b.decode_logits(prompts[2] + tokens["graph"][2], len(prompts[2]))}
+    b.set_int8_activations(True)
+    try:
+        tokens["graph-int8"] = [llm.generate([p], params)[0].token_ids for p in prompts]
+        decode["int8"] = b.decode_logits(prompts[2] + tokens["graph"][2], len(prompts[2]))
+    finally:
+        b.set_int8_activations(False)
     reference = ReferenceBackend(llm.model_file, 256, progress=False, device="cuda")
     try:
         ref_logits = reference.logits(prompts[0])
         ref_tokens = [list(reference.generate_ids(p, params, 0, 32)) for p in prompts]
         agreements = [greedy_agreement(reference.logits(p + t), len(p), t) for p, t in zip(prompts, tokens["graph"])]
         int8 = [greedy_agreement(reference.logits(p + t), len(p), t) for p, t in zip(prompts, tokens["graph-int8"])]
+        int8_vs_int8_ref = [greedy_agreement(reference.int8_reference_logits(p + t, len(p)), len(p), t)
+                            for p, t in zip(prompts, tokens["graph-int8"])]
+        teacher = prompts[2] + tokens["graph"][2]
+        decode_ref = reference.logits(teacher)[len(prompts[2]):]
+        decode_int8_ref = reference.int8_reference_logits(teacher, len(prompts[2]))[len(prompts[2]):]
     finally:
         del reference
         torch.cuda.empty_cache()
-    rel = ((gpu_logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
+
+    def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+        return ((a - ref).abs().max() / ref.abs().max()).item()
+
     result = {
         "model": str(path.name), "metric": "max |gpu - ref| / max |ref| over the prefill logit matrix",
-        "max_rel_logit_error": rel, "tolerance": LOGIT_TOLERANCE,
+        "max_rel_logit_error": rel(gpu_logits, ref_logits), "tolerance": LOGIT_TOLERANCE,
         "argmax_equal_every_position": bool(torch.equal(gpu_logits.argmax(-1), ref_logits.argmax(-1))),
         "greedy_32_identical_to_reference": [t == r for t, r in zip(tokens["graph"], ref_tokens)],
         "greedy_32_max_relative_shortfall": [a.max_relative_shortfall for a in agreements],
         "greedy_32_first_divergence": [a.first_divergence for a in agreements],
         "graph_equals_eager": tokens["graph"] == tokens["eager"],
-        "graph_pdl_equals_graph": tokens["graph-pdl"] == tokens["graph"],
+        "pdl_default": pdl_default,
+        "graph_pdl_switched_equals_graph": tokens["graph-pdl-switched"] == tokens["graph"],
+        "decode_step_metric": "max |step - ref| / max |ref| over 32 teacher-forced decode steps' logits",
+        "decode_step_rel_error_default_vs_fp32": rel(decode["default"], decode_ref),
+        "decode_step_rel_error_int8_vs_fp32": rel(decode["int8"], decode_ref),
+        "decode_step_rel_error_int8_vs_int8_reference": rel(decode["int8"], decode_int8_ref),
+        "decode_step_rel_error_int8_reference_vs_fp32": rel(decode_int8_ref, decode_ref),
         "int8_greedy_32_identical_to_reference": [t == r for t, r in zip(tokens["graph-int8"], ref_tokens)],
+        "int8_greedy_32_first_divergence": [a.first_divergence for a in int8],
         "int8_greedy_32_max_relative_shortfall": [a.max_relative_shortfall for a in int8],
-        "tokens_graph": tokens["graph"], "tokens_reference": ref_tokens,
+        "int8_greedy_32_max_relative_shortfall_vs_int8_reference":
+            [a.max_relative_shortfall for a in int8_vs_int8_ref],
+        "tokens_graph": tokens["graph"], "tokens_reference": ref_tokens, "tokens_int8": tokens["graph-int8"],
     }
     run.results["correctness_7b"] = result
     run.summary.append(
-        f"    7B correctness: max rel logit err {rel:.2e} (tol {LOGIT_TOLERANCE}), argmax equal "
-        f"{result['argmax_equal_every_position']}, greedy32 identical {result['greedy_32_identical_to_reference']}, "
-        f"max rel shortfall {max(result['greedy_32_max_relative_shortfall']):.1e}, graph==eager "
-        f"{result['graph_equals_eager']}, graph with PDL == graph {result['graph_pdl_equals_graph']}; "
-        f"int8 activations: greedy32 identical "
-        f"{result['int8_greedy_32_identical_to_reference']}, max rel shortfall "
-        f"{max(result['int8_greedy_32_max_relative_shortfall']):.1e}")
+        f"    7B correctness: max rel logit err {result['max_rel_logit_error']:.2e} (tol {LOGIT_TOLERANCE}), argmax "
+        f"equal {result['argmax_equal_every_position']}, greedy32 identical "
+        f"{result['greedy_32_identical_to_reference']}, max rel shortfall "
+        f"{max(result['greedy_32_max_relative_shortfall']):.1e}, graph==eager {result['graph_equals_eager']}, "
+        f"PDL on/off same tokens {result['graph_pdl_switched_equals_graph']}; decode-step logit err default "
+        f"{result['decode_step_rel_error_default_vs_fp32']:.1e}, int8 {result['decode_step_rel_error_int8_vs_fp32']:.1e} "
+        f"(int8 reference vs fp32 {result['decode_step_rel_error_int8_reference_vs_fp32']:.1e}, int8 vs int8 "
+        f"reference {result['decode_step_rel_error_int8_vs_int8_reference']:.1e}); int8 greedy32 first divergence "
+        f"{result['int8_greedy_32_first_divergence']}, max rel shortfall vs fp32 "
+        f"{max(result['int8_greedy_32_max_relative_shortfall']):.1e}, vs int8 reference "
+        f"{max(result['int8_greedy_32_max_relative_shortfall_vs_int8_reference']):.1e}")
+
+
+CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+                "Explain what a CUDA graph is in two sentences.", "List three prime numbers greater than 50."]
+
+
+def default_model_agreement(run: Run) -> None:
+    """The default (real) model: 48 greedy tokens of 4 chat prompts from the default path and the int8 path,
+    each against the fp32 reference: where they first differ from it, and the int8 tokens' largest shortfall
+    under the fp32 and the int8 reference."""
+    from replayllm.default_model import DEFAULT_MODEL, cache_dir
+    from replayllm.engine.reference_backend import ReferenceBackend
+
+    path = cache_dir() / "models" / DEFAULT_MODEL.file_name  # staged by gpu_suite.sh: this host has no network
+    if not path.is_file():
+        raise FileNotFoundError(f"the default model is not here ({path.name}): stage both halves first")
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    rows = []
+    with LLM(path, device="cuda", max_context=512, progress=False) as llm:
+        prompts = [llm.chat_prompt_ids([{"role": "user", "content": m}]) for m in CHAT_PROMPTS]
+        default = [llm.generate([p], params)[0].token_ids for p in prompts]
+        llm.backend.set_int8_activations(True)
+        int8 = [llm.generate([p], params)[0].token_ids for p in prompts]
+        llm.backend.set_int8_activations(False)
+        reference = ReferenceBackend(llm.model_file, 512, progress=False, device="cuda")
+        for p, d, q in zip(prompts, default, int8):
+            ref = list(reference.generate_ids(p, params, 0, 48))
+            rows.append({
+                "prompt_tokens": len(p),
+                "default_first_difference": next((i for i, (a, r) in enumerate(zip(d, ref)) if a != r), None),
+                "int8_first_difference": next((i for i, (a, r) in enumerate(zip(q, ref)) if a != r), None),
+                "int8_max_relative_shortfall_vs_fp32":
+                    greedy_agreement(reference.logits(p + q), len(p), q).max_relative_shortfall,
+                "int8_max_relative_shortfall_vs_int8_reference":
+                    greedy_agreement(reference.int8_reference_logits(p + q, len(p)), len(p), q).max_relative_shortfall,
+            })
+        del reference
+    run.results["default_model_agreement"] = {"tokens": 48, "prompts": CHAT_PROMPTS, "rows": rows}
+    run.summary.append(
+        "    default model, 48 greedy tokens of 4 chat prompts, first difference from the fp32 reference (None: "
+        f"none): default path {[r['default_first_difference'] for r in rows]}, int8 "
+        f"{[r['int8_first_difference'] for r in rows]}; int8 max rel shortfall vs fp32 "
+        f"{max(r['int8_max_relative_shortfall_vs_fp32'] for r in rows):.1e}, vs int8 reference "
+        f"{max(r['int8_max_relative_shortfall_vs_int8_reference'] for r in rows):.1e}")
+
+
+def prefill_breakdown(run: Run, llm: LLM, key: str, n_tokens: int = 512) -> None:
+    """Where one n-token prefill's time goes: wall time, GPU time, the top GPU kernels, the tuned methods."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = [random.Random(0).randrange(3, llm.config.vocab_size) for _ in range(n_tokens)]
+    for _ in range(2):
+        llm.backend.prefill_only(ids, 2048)
+    started = time.perf_counter()
+    llm.backend.prefill_only(ids, 2048)
+    wall_ms = 1e3 * (time.perf_counter() - started)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        llm.backend.prefill_only(ids, 2048)
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
+    top = [{"kernel": e.key[:90], "ms": e.self_device_time_total / 1e3, "calls": e.count} for e in events[:10]]
+    run.results[key] = {"tokens": n_tokens, "wall_ms": wall_ms, "gpu_ms": gpu_ms, "top_kernels": top,
+                        "methods": llm.backend.prefiller.methods.as_json()}
+    run.summary.append(f"    {key}: {n_tokens}-token prefill {wall_ms:.1f} ms wall, {gpu_ms:.1f} ms GPU; top: " +
+                       ", ".join(f"{t['kernel'][:40]} {t['ms']:.2f} ms x{t['calls']}" for t in top[:5]))
 
 
 def bench(run: Run, llm: LLM, tests: list[BenchTest], modes: list[str], reps: int) -> None:
@@ -182,16 +280,20 @@ def bench(run: Run, llm: LLM, tests: list[BenchTest], modes: list[str], reps: in
 
 
 def bench_variants(run: Run, llm: LLM) -> None:
-    """tg128 with the experimental decode options, beside the default: int8 activations (Q4_K/Q6_K/Q8_0 GEMVs
-    on dp4a), programmatic dependent launch, and both; each row's backend name says which."""
-    for int8, pdl in ((True, False), (False, True), (True, True)):
+    """tg128 with the decode options against the default (PDL on where the GPU has it, f32 activations): PDL
+    off, int8 activations, and both; each row's backend name says which. Then int8 + PDL deep in the context
+    (the depth target for the fast path, whose attention is a larger share of its step)."""
+    pdl_default = llm.backend.bufs.pdl
+    for int8, pdl in ((False, not pdl_default), (True, pdl_default), (True, not pdl_default)):
         llm.backend.set_int8_activations(int8)
         llm.backend.set_pdl(pdl)
         try:
             bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
+            if int8 and pdl:
+                bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
         finally:
             llm.backend.set_int8_activations(False)
-            llm.backend.set_pdl(False)
+            llm.backend.set_pdl(pdl_default)
 
 
 def time_to_first_token(backend, prompt_ids: list[int]) -> float:
@@ -257,34 +359,6 @@ def kernels(run: Run, llm: LLM) -> None:
     run.summary.append(kernel_table(rows, step_us, run.results["copy_gbps"]))
 
 
-# (block_n, num_warps, max_groups, num_stages); the first is the engine's default. An earlier sweep (2026-12-01,
-# H200) found every (block_n, warps) near the default no faster and 8 groups slower than 16: this one tries
-# more groups per step and software pipelining.
-SWEEP = [(8, 4, 16, 1), (8, 4, 32, 1), (4, 4, 32, 1), (8, 8, 32, 1), (16, 8, 64, 1), (8, 4, 16, 2),
-         (8, 4, 16, 3), (4, 4, 16, 2)]
-
-
-def sweep(run: Run, llm: LLM) -> None:
-    """Matvec launch shapes (block_n, num_warps, max_groups) at the 7B shapes: the data for tuning."""
-    from replayllm.bench.kernel_bench import kernel_rows
-    from replayllm.kernels import MatvecConfig
-
-    results = run.results.setdefault("matvec_sweep_7b", [])
-    for block_n, warps, groups, stages in SWEEP:
-        if time.perf_counter() > run.deadline + 30:
-            break
-        cfg = MatvecConfig(block_n=block_n, block_b=1, max_groups=groups, num_warps=warps, num_stages=stages)
-        rows = kernel_rows(llm.backend, 0, config=cfg, attention=False)
-        results.append({"block_n": block_n, "num_warps": warps, "max_groups": groups, "num_stages": stages,
-                        "gbps": {r.kernel: r.gbps for r in rows}})
-        run.flush()
-    best = {k: max(results, key=lambda r: r["gbps"][k]) for k in results[0]["gbps"]}
-    run.summary.append("    matvec sweep, best per kernel: " + "; ".join(
-        f"{k} {b['gbps'][k]:.0f} GB/s at (block_n {b['block_n']}, warps {b['num_warps']}, groups {b['max_groups']}, "
-        f"stages {b['num_stages']})"
-        f" vs default {results[0]['gbps'][k]:.0f}" for k, b in best.items()))
-
-
 def draw_profile(run: Run) -> None:
     from replayllm.bench.chart import draw
 
@@ -307,8 +381,11 @@ def other_types(run: Run) -> None:
             continue
         run.stage(f"bench llama2-7b {quant}", bench, run, llm, [BenchTest("tg", 128), BenchTest("pp", 512)],
                   ["graph"], 2)
-        # The experimental decode options that apply: int8 activations to Q8_0 only (F16 has no int8 GEMV).
-        variants = ((True, False), (True, True)) if quant == "q8_0" else ((False, True),)
+        # The decode options that apply, against the default (PDL on where the GPU has it): PDL off; for Q8_0
+        # also int8 activations with PDL on and off (F16 has no int8 GEMV).
+        pdl_default = llm.backend.bufs.pdl
+        variants = [(False, not pdl_default)] + ([(True, pdl_default), (True, not pdl_default)] if quant == "q8_0"
+                                                 else [])
         for int8, pdl in variants:
             llm.backend.set_int8_activations(int8)
             llm.backend.set_pdl(pdl)
@@ -317,7 +394,7 @@ def other_types(run: Run) -> None:
                           [BenchTest("tg", 128)], ["graph"], 2)
             finally:
                 llm.backend.set_int8_activations(False)
-                llm.backend.set_pdl(False)
+                llm.backend.set_pdl(pdl_default)
         tokens = {}
         for mode in ("graph", "eager"):
             llm.backend.set_mode(mode)
@@ -365,11 +442,13 @@ def main() -> None:
             run.stage("bench llama2-7b Q4_K_M deep + multi-step", bench, run, llm,
                       [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
             run.stage("bench llama2-7b Q4_K_M 4-step", bench, run, llm, [BenchTest("tg", 128)], ["graph-4step"], 2)
-            run.stage("bench llama2-7b Q4_K_M int8 activations / PDL (experimental)", bench_variants, run, llm)
+            run.stage("bench llama2-7b Q4_K_M PDL / int8 activations", bench_variants, run, llm)
             run.stage("time to first token llama2-7b Q4_K_M, 4095-token prompt", ttft_7b, run, llm)
+            run.stage("prefill breakdown llama2-7b Q4_K_M", prefill_breakdown, run, llm, "prefill_7b")
             llm.close()
             del llm
             torch.cuda.empty_cache()
+    run.stage("default model: greedy agreement of the default and int8 paths", default_model_agreement, run)
     q13 = SYNTH_DIR / "llama2-13b-q4_k_m.gguf"
     if q13.exists() or run.stage("wait for llama2-13b q4_k_m", wait_for, q13, 90):
         llm = run.stage("load llama2-13b Q4_K_M", load, run, "startup_13b", q13)
@@ -377,13 +456,13 @@ def main() -> None:
             run.stage("bench llama2-13b Q4_K_M", bench, run, llm, [BenchTest("tg", 128), BenchTest("pp", 512)],
                       ["graph"], 2)
             run.stage("profile llama2-13b Q4_K_M", profile, run, llm, ("eager", "graph"), 64)
+            run.stage("prefill breakdown llama2-13b Q4_K_M", prefill_breakdown, run, llm, "prefill_13b")
             llm.close()
             del llm
             torch.cuda.empty_cache()
     if q7:
         llm = run.stage("load llama2-7b Q4_K_M again (warm kernel cache)", load, run, "startup_7b_warm", q7)
         if llm:
-            run.stage("matvec launch-shape sweep llama2-7b", sweep, run, llm)
             llm.close()
     run.stage("16,000-token prompt on a 16k-context model", long_prompt, run)
     if run.profile_rows:

@@ -63,6 +63,12 @@ def test_gpu_only_options_on_the_cpu_are_one_line_errors(capsys, tiny_model_path
     assert_user_error(code, err, "GPU decode option")
 
 
+def test_pdl_can_be_turned_off_anywhere(capsys, tiny_model_path):
+    code, out, _ = run(capsys, "generate", "hello", "--model", str(tiny_model_path), "--device", "cpu",
+                       "--no-pdl", "--max-tokens", "2", "--quiet")
+    assert code == 0 and out
+
+
 def test_missing_and_corrupt_files_are_one_line_errors(capsys, tmp_path):
     code, _, err = run(capsys, "generate", "x", "--model", str(tmp_path / "nope.gguf"), "--device", "cpu")
     assert_user_error(code, err, "no such file")

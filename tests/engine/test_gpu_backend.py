@@ -171,14 +171,17 @@ def test_programmatic_dependent_launch_changes_no_token(models):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
     _, _, graph, eager = models
+    assert graph.backend.bufs.pdl and eager.backend.bufs.pdl  # the default where the GPU has it
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    expected = graph.generate([PROMPTS[3]], params)[0].token_ids
     for llm in (graph, eager):
-        llm.backend.set_pdl(True)
+        llm.backend.set_pdl(False)
     try:
-        assert graph.backend.name.endswith("-pdl")
-        assert graph.generate([PROMPTS[3]], params)[0].token_ids == expected
+        assert not graph.backend.name.endswith("-pdl")
+        expected = graph.generate([PROMPTS[3]], params)[0].token_ids
         assert eager.generate([PROMPTS[3]], params)[0].token_ids == expected
     finally:
         for llm in (graph, eager):
-            llm.backend.set_pdl(False)
+            llm.backend.set_pdl(True)
+    assert graph.backend.name.endswith("-pdl")
+    assert graph.generate([PROMPTS[3]], params)[0].token_ids == expected
+    assert eager.generate([PROMPTS[3]], params)[0].token_ids == expected

@@ -172,6 +172,53 @@ def test_int8_activations_keep_greedy_decode_on_the_reference(pair, monkeypatch)
     assert agreement.is_within(2e-2), agreement
 
 
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+DECODE_IDS = [1, 17, 230, 5, 99, 42]  # 4 prompt tokens, 2 decode steps: the interpreter is slow
+
+
+def test_decode_step_logits_match_the_reference(pair):
+    """Teacher forcing through the decode step (decode_logits): every step's logits against the reference's row
+    for that position, with the prefill's metric and tolerance, and the same argmax."""
+    reference, backend = pair
+    expected = reference.logits(DECODE_IDS)[4:]
+    actual = backend.decode_logits(DECODE_IDS, 4)
+    assert actual.shape == expected.shape == (len(DECODE_IDS) - 4, reference.config.vocab_size)
+    assert _relative_error(actual, expected) < LOGIT_TOLERANCE
+    assert torch.equal(actual.argmax(-1), expected.argmax(-1))
+
+
+def test_int8_decode_steps_err_by_the_int8_rounding_only(pair):
+    """The int8 path's decode-step logits against the fp32 reference and against the int8 reference (the fp32
+    reference with the int8 path's products): a wrong kernel errs by the order of the logits, the rounding by
+    ~2e-2 on this model. The int8 path is no closer to the int8 reference than to fp32: upstream f16 differences
+    flip the rounding of values near a half step, a difference of the rounding's own size, so both errors are
+    bounded by twice the rounding's effect."""
+    reference, backend = pair
+    fp32 = reference.logits(DECODE_IDS)[4:]
+    int8_reference = reference.backend.int8_reference_logits(DECODE_IDS, 4)[4:]
+    backend.set_int8_activations(True)
+    try:
+        actual = backend.decode_logits(DECODE_IDS, 4)
+    finally:
+        backend.set_int8_activations(False)
+    rounding = _relative_error(int8_reference, fp32)
+    assert 1e-3 < rounding < 5e-2
+    assert _relative_error(actual, int8_reference) < 2 * rounding
+    assert _relative_error(actual, fp32) < 2 * rounding
+
+
+@pytest.mark.parametrize("prompt_tokens", [0, len(DECODE_IDS)])
+def test_decode_logits_needs_a_prompt_and_a_token_after_it(pair, prompt_tokens):
+    from replayllm.errors import InvalidParameterError
+
+    _, backend = pair
+    with pytest.raises(InvalidParameterError, match="prompt_tokens"):
+        backend.decode_logits(DECODE_IDS, prompt_tokens)
+
+
 def test_programmatic_dependent_launch_is_refused_without_a_hopper_gpu(pair):
     from replayllm.errors import InvalidParameterError
 

@@ -79,6 +79,10 @@ def test_user_errors_are_clear(tiny, tmp_path):
         LLM(tmp_path / "missing.gguf", device="tpu")
     with pytest.raises(InvalidParameterError, match="max_context"):
         LLM(tiny.model_file.path, device="cpu", max_context=10**6, progress=False)
+    for option in ({"pdl": "yes"}, {"int8_activations": None}, {"int8_activations": 1}):
+        with pytest.raises(InvalidParameterError, match="must be True or False"):
+            LLM(tiny.model_file.path, device="cpu", progress=False, **option)
+    LLM(tiny.model_file.path, device="cpu", progress=False, pdl=False).close()  # off is fine anywhere
 
 
 @pytest.mark.slow

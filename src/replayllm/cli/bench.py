@@ -9,7 +9,7 @@ import sys
 from tqdm import tqdm
 
 from ..errors import InvalidParameterError
-from .generate import add_experimental_options
+from .generate import add_decode_options
 
 
 def add_commands(sub) -> None:
@@ -22,7 +22,7 @@ def add_commands(sub) -> None:
     bench.add_argument("-b", "--batch-size", type=int, default=2048, help="prompt chunk size")
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     bench.add_argument("--mode", default="graph", help="GPU decode mode (see generate --help)")
-    add_experimental_options(bench)
+    add_decode_options(bench)
     bench.add_argument("--json", help="write all results and the environment to this file")
     bench.add_argument("--quiet", "-q", action="store_true")
     bench.set_defaults(run=run_bench)

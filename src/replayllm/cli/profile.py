@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .generate import add_experimental_options
+from .generate import add_decode_options
 
 
 def add_commands(sub) -> None:
@@ -16,7 +16,7 @@ def add_commands(sub) -> None:
     prof.add_argument("-n", "--n-tokens", type=int, default=128, help="tokens per mode (after warm-up)")
     prof.add_argument("--json", help="write the results to this file")
     prof.add_argument("--png", help="draw the chart to this file")
-    add_experimental_options(prof)
+    add_decode_options(prof)
     prof.add_argument("--quiet", "-q", action="store_true")
     prof.set_defaults(run=run_profile)
 

@@ -56,7 +56,7 @@ class MemoryReport:
 class GPUBackend(Backend):
     def __init__(self, model_file: ModelFile, max_context_tokens: int, mode: str = "graph",
                  progress: bool = True, device: torch.device | None = None, int8_activations: bool = False,
-                 pdl: bool = False):
+                 pdl: bool | None = None):
         started = time.perf_counter()
         self.config = config = model_file.config
         self.max_context_tokens = max_context_tokens
@@ -89,7 +89,7 @@ class GPUBackend(Backend):
         self.load_seconds = time.perf_counter() - started
         if int8_activations:
             self._enable_int8(True)
-        self._enable_pdl(pdl)
+        self._enable_pdl(self.supports_pdl if pdl is None else pdl)  # None: on wherever the GPU has it
         self.set_mode(mode)
         self.startup_seconds = time.perf_counter() - started
         workspace = _allocated(self.device) - base - weights_bytes - self.cache.nbytes if self.is_cuda else 0
@@ -111,10 +111,16 @@ class GPUBackend(Backend):
         self._enable_int8(enabled)
         self._recapture()
 
+    @property
+    def supports_pdl(self) -> bool:
+        """Programmatic dependent launch needs compute capability 9.0 (Hopper) or later."""
+        return self.is_cuda and torch.cuda.get_device_capability(self.device)[0] >= 9
+
     def set_pdl(self, enabled: bool) -> None:
-        """Experimental: launch every decode-step kernel with programmatic dependent launch (kernels/pdl.py), so
-        each kernel's launch overlaps the end of the one before. Needs compute capability 9.0 (Hopper) or later.
-        Recaptures the current mode's graphs, which bake the choice in."""
+        """Launch every decode-step kernel with programmatic dependent launch (kernels/pdl.py), so each kernel's
+        launch overlaps the end of the one before; on by default where `supports_pdl`. The tokens are the same
+        either way (each kernel waits for the one before it before touching memory). Recaptures the current
+        mode's graphs, which bake the choice in."""
         self._enable_pdl(enabled)
         self._recapture()
 
@@ -124,7 +130,7 @@ class GPUBackend(Backend):
         self.set_mode(self.mode.name)
 
     def _enable_pdl(self, enabled: bool) -> None:
-        if enabled and not (self.is_cuda and torch.cuda.get_device_capability(self.device)[0] >= 9):
+        if enabled and not self.supports_pdl:
             raise InvalidParameterError("programmatic dependent launch needs a GPU of compute capability 9.0 or "
                                         "later (Hopper)")
         self.bufs.pdl = bool(enabled)
@@ -201,6 +207,25 @@ class GPUBackend(Backend):
             self._prefill_chunks(ids, chunk_tokens)
             if self.is_cuda:
                 torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def decode_logits(self, token_ids: list[int], prompt_tokens: int) -> torch.Tensor:
+        """Teacher forcing through the decode step, for checks against the reference: prefill
+        token_ids[:prompt_tokens], then one eager decode step (the graph's kernels, launched one by one) for each
+        later token. Returns [len(token_ids) - prompt_tokens, vocab] f32 on the host: row i is the step's logits
+        after token_ids[prompt_tokens + i], the reference's row prompt_tokens + i."""
+        if not 1 <= prompt_tokens < len(token_ids):
+            raise InvalidParameterError(f"prompt_tokens must be in [1, {len(token_ids) - 1}], got {prompt_tokens}")
+        rows = []
+        with self.sequence(len(token_ids)):
+            ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+            self._prefill_chunks(ids[:prompt_tokens], self.prefill_chunk_tokens)
+            self.bufs.positions.fill_(prompt_tokens)
+            for i in range(prompt_tokens, len(token_ids)):
+                self.bufs.tokens.copy_(ids[i:i + 1])
+                rows.append(self._step(self.bufs)[:1].to("cpu", torch.float32, copy=True))  # copy: bufs.logits is reused
+                self.bufs.positions.add_(1)
+        return torch.cat(rows)
 
     # ---- decoding ---------------------------------------------------------------------------------------
 

@@ -32,14 +32,16 @@ class LLM:
     `mode`: GPU decode mode, "graph" (replayed CUDA graph, sampling on the GPU) or "eager" (every kernel
     launched each token, logits sampled on the host: the baseline the graph mode is measured against);
     also "graph-host-sampling" and "graph-Nstep" (N steps per graph), see engine/decode_mode.py.
-    `int8_activations` (GPU, experimental): matrices of the types quant_matvec_q8 supports multiply int8-quantized
-    activations at decode. `pdl` (GPU of compute capability 9.0+, experimental): the decode step's kernels are
-    launched with programmatic dependent launch (kernels/pdl.py).
+    `int8_activations` (GPU, off by default): matrices of the types quant_matvec_q8 supports multiply
+    int8-quantized activations at decode: about twice the decode speed, at the price of a rounding error that
+    changes greedy tokens after some dozens (see README). `pdl` (GPU): launch the decode step's kernels with
+    programmatic dependent launch (kernels/pdl.py); None (default) turns it on where the GPU has it (compute
+    capability 9.0+); the tokens are the same either way.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", *,
                  max_context: int | None = None, mode: str = "graph", progress: bool = True,
-                 int8_activations: bool = False, pdl: bool = False):
+                 int8_activations: bool = False, pdl: bool | None = None):
         if device not in DEVICES:
             raise InvalidParameterError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         DecodeMode.parse(mode)  # an unknown mode fails before anything loads
@@ -50,12 +52,14 @@ class LLM:
         self.max_context_tokens = _resolve_max_context(max_context, self.config.max_context_tokens)
         self.device = _resolve_device(device)
         for name, value in (("int8_activations", int8_activations), ("pdl", pdl)):
+            if not isinstance(value, bool) and not (name == "pdl" and value is None):
+                raise InvalidParameterError(f"{name} must be True or False, got {value!r}")
             if value and self.device != "cuda":
                 raise InvalidParameterError(f"{name} is a GPU decode option; use device='cuda'")
         self.backend = self._make_backend(mode, progress, int8_activations, pdl)
         self.last_output: GenerationOutput | None = None
 
-    def _make_backend(self, mode: str, progress: bool, int8_activations: bool, pdl: bool) -> Backend:
+    def _make_backend(self, mode: str, progress: bool, int8_activations: bool, pdl: bool | None) -> Backend:
         if self.device == "cpu":
             from .reference_backend import ReferenceBackend
 

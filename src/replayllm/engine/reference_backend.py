@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ..gguf import dequantize
 from ..models import get_architecture
+from ..models.int8_reference import Int8Products, storage_key
 from ..sampling import SamplerState, SamplingParams, sampler_for
 from .backend import Backend
 from .model_file import ModelFile
@@ -27,6 +28,9 @@ class ReferenceBackend(Backend):
         self.config = model_file.config
         self.max_context_tokens = max_context_tokens
         gguf_file = model_file.gguf
+        self._gguf = gguf_file
+        self._names_by_storage: dict[int, str] = {}
+        self._int8_weights = None  # packed on first use by int8_reference_logits
         total = sum(gguf_file.tensors[n].nbytes for n in gguf_file.tensors)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress,
                    leave=False)
@@ -39,6 +43,7 @@ class ReferenceBackend(Backend):
             if weight is None:
                 weight = torch.from_numpy(dequantize(info, gguf_file.tensor_data(name))).to(self.device)
             bar.update(info.nbytes)
+            self._names_by_storage[storage_key(weight)] = name  # for int8_reference_logits
             return weight
 
         with bar:
@@ -48,6 +53,32 @@ class ReferenceBackend(Backend):
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         cache = self.model.new_kv_cache(len(token_ids))
         return self.model(torch.tensor(token_ids, dtype=torch.long, device=self.device), 0, cache).cpu()
+
+    def int8_reference_logits(self, token_ids: list[int], first_row: int = 0) -> torch.Tensor:
+        """logits() with the int8 decode path's products from row `first_row` on, for every weight of a type the
+        int8 GEMVs take (models/int8_reference.py): the reference that path is checked against. The weights are
+        packed again, once, on first use."""
+        if self._int8_weights is None:
+            self._int8_weights = self._packed_int8_weights()
+        mode = Int8Products(self._int8_weights, first_row)
+        with mode:
+            logits = self.logits(token_ids)
+        if first_row < len(token_ids) and self._int8_weights and mode.int8_products == 0:
+            raise RuntimeError("int8 reference: no weight product went through the int8 path")
+        return logits
+
+    def _packed_int8_weights(self) -> dict:
+        from ..kernels.quant_matvec_q8 import SUPPORTED_TYPES
+        from ..kernels.quant_weight import pack_weight
+
+        packed = {}
+        for key, name in self._names_by_storage.items():
+            info = self._gguf.tensors[name]
+            if info.ggml_type in SUPPORTED_TYPES and len(info.shape) == 2:
+                n_cols, n_rows = info.shape
+                raw = self._gguf.tensor_data(name).reshape(n_rows, -1)
+                packed[key] = pack_weight(info.ggml_type, raw, n_cols).to(self.device)
+        return packed
 
     @torch.inference_mode()
     def prefill_only(self, token_ids: list[int], chunk_tokens: int) -> None:

@@ -386,18 +386,20 @@ def _launch_q80(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, 
 # type -> (launcher, weights per chunk).
 _KERNELS = {T.Q4_0: (_launch_q4, 32), T.Q4_1: (_launch_q4, 32), T.Q4_K: (_launch_kquant, 64),
             T.Q5_K: (_launch_kquant, 64), T.Q6_K: (_launch_q6k, 128), T.Q8_0: (_launch_q80, 32)}
-# Default launch shape, measured on an H200 at 4096 x 11008 and 11008 x 4096 for every type
-# (benchmarks/results/2026-12-01-h200-d/): 4 rows a program and 32 chunks a step were the fastest of the shapes
-# tried or within 10% of it everywhere (2.0-3.5 TB/s), up to 2x over 8 rows and 1,024 weights a step (more
-# programs a SM, more bytes in flight a thread).
-DEFAULT_BLOCK_N = 4
+# Default launch shape, measured on an H200 (benchmarks/results/2026-12-01-h200-f/sweep_gemv.json: random
+# weights at the 7B shapes, nothing served from L2): 2 rows a program, 32 chunks a step and 2 warps, against the
+# earlier 4 rows and 4 warps: Q4_K 3.04 vs 2.75 TB/s at 22016 x 4096 and 2.36 vs 2.24 at 4096 x 11008, Q8_0 2.72
+# vs 2.67, Q6_K 2.37 vs 2.39. Fewer rows a program give more programs to spread over the SMs and keep more
+# loads in flight per thread.
+DEFAULT_BLOCK_N = 2
 DEFAULT_CHUNKS = 32
+DEFAULT_NUM_WARPS = 2
 SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(_KERNELS)
 
 
 def quant_matvec_q8(xq: ActivationQ8, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None = None,
                     accumulate: bool = False, block_n: int = DEFAULT_BLOCK_N, chunks: int = DEFAULT_CHUNKS,
-                    num_warps: int = 4, num_stages: int = 1, pdl: bool = False) -> torch.Tensor:
+                    num_warps: int = DEFAULT_NUM_WARPS, num_stages: int = 1, pdl: bool = False) -> torch.Tensor:
     """out (+)= x @ W^T (+ bias) for a weight of one of SUPPORTED_TYPES (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0) and
     activations quantized by `quantize_activations`.
 
