@@ -60,3 +60,16 @@ def test_tuning_times_every_layer_shape_at_every_bucket(tiny_model_path):
     finally:
         backend.close()
         llm.close()
+
+
+def test_dequantized_slices_keep_the_vendor_gemm_aligned():
+    from replayllm.runner.prefill import SLICE_ALIGN, slice_rows
+
+    scratch = 32 * 2**20  # elements (64 MiB of f16)
+    assert slice_rows(8192, 4096, scratch) == 8192  # fits whole
+    for n_rows, n_cols in ((15360, 5120), (27648, 5120), (5120, 13824), (22016, 4096), (4096, 11008)):
+        rows = slice_rows(n_rows, n_cols, scratch)
+        assert rows % SLICE_ALIGN == 0 and 0 < rows * n_cols <= scratch
+        assert rows > scratch // n_cols - SLICE_ALIGN  # no more than one aligned step lost
+    assert slice_rows(100, 10**6, 5 * 10**7) == 50  # fewer than SLICE_ALIGN rows fit: as many as fit
+    assert slice_rows(10, 10**8, 10**7) == 1  # not even one row fits: one row (the scratch holds a row)

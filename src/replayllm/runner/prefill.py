@@ -159,7 +159,7 @@ def dequant_gemm(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, scratch: to
     if w.ggml_type == GGMLQuantizationType.F16:
         _store(out, x16 @ w.qs.t(), accumulate)
     else:
-        rows_per_slice = min(w.n_rows, scratch.numel() // w.n_cols)
+        rows_per_slice = slice_rows(w.n_rows, w.n_cols, scratch.numel())
         for row in range(0, w.n_rows, rows_per_slice):
             n = min(rows_per_slice, w.n_rows - row)
             weight = scratch[: n * w.n_cols].view(n, w.n_cols)
@@ -167,6 +167,20 @@ def dequant_gemm(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, scratch: to
             _store(out[:, row:row + n], x16 @ weight.t(), accumulate)  # [T, n] f16 product
     if bias is not None:
         out += bias
+
+
+SLICE_ALIGN = 128  # rows: a slice's product [T, n] with n a multiple of 128 keeps the vendor GEMM on its fast kernels
+
+
+def slice_rows(n_rows: int, n_cols: int, scratch_elements: int) -> int:
+    """Rows of a weight dequantized (and multiplied) at a time: as many as the scratch holds, rounded down to a
+    multiple of SLICE_ALIGN when more than that fit. The rounding matters: on an H200, 13B's 5120- and
+    13824-wide matrices gave slices of 6553 and 2427 rows, odd widths that sent cuBLAS to a kernel 4-5x slower
+    (benchmarks/NOTES.md)."""
+    fit = max(1, scratch_elements // n_cols)
+    if fit >= n_rows:
+        return n_rows
+    return fit - fit % SLICE_ALIGN if fit >= SLICE_ALIGN else fit
 
 
 def _store(target: torch.Tensor, product: torch.Tensor, accumulate: bool) -> None:
