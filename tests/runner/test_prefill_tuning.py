@@ -73,3 +73,56 @@ def test_dequantized_slices_keep_the_vendor_gemm_aligned():
         assert rows > scratch // n_cols - SLICE_ALIGN  # no more than one aligned step lost
     assert slice_rows(100, 10**6, 5 * 10**7) == 50  # fewer than SLICE_ALIGN rows fit: as many as fit
     assert slice_rows(10, 10**8, 10**7) == 1  # not even one row fits: one row (the scratch holds a row)
+
+
+def test_the_tuning_cache_round_trips_and_survives_a_bad_file(tmp_path):
+    import json
+    import warnings
+
+    from replayllm.runner.prefill_tuning import TuningCache
+
+    path = tmp_path / "sub" / "gpu.json"
+    cache = TuningCache(path)  # no file yet: empty, no warning
+    key = ("Q4_K", 4096, 11008)
+    fused = Choice(128, FUSED, MatmulConfig(block_m=128), 0.25, 0.5)
+    vendor = Choice(512, DEQUANT_GEMM, None, 2.0, 0.75)
+    cache.put(key, fused)
+    cache.put(key, vendor)
+    cache.save()
+    again = TuningCache(path)
+    assert again.get(key, 128) == fused and again.get(key, 512) == vendor and again.get(key, 16) is None
+    assert not again.changed
+    entries = json.loads(path.read_text())["entries"]
+    entries["Q4_K:4096x11008:512"]["method"] = "warp-drive"  # a malformed entry is measured again
+    path.write_text(json.dumps({"version": TuningCache.VERSION, "entries": entries}))
+    assert TuningCache(path).get(key, 512) is None and TuningCache(path).get(key, 128) == fused
+    path.write_text("{not json")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        broken = TuningCache(path)
+    assert broken.entries == {} and any("unreadable" in str(w.message) for w in caught)
+
+
+def test_tuning_with_a_cache_measures_each_shape_once(tiny_model_path, tmp_path, monkeypatch):
+    """A second tuning against the same cache times nothing and makes the same choices: two loads of a model
+    pick the same methods, so their prefills agree bit for bit."""
+    from replayllm import LLM
+    from replayllm.engine.gpu_backend import GPUBackend
+    from replayllm.runner import prefill_tuning
+    from replayllm.runner.prefill_tuning import TuningCache, tune_methods
+
+    llm = LLM(tiny_model_path, device="cpu", progress=False, max_context=64)
+    backend = GPUBackend(llm.model_file, 64, mode="eager", progress=False, device=torch.device("cpu"))
+    try:
+        path = tmp_path / "tuning.json"
+        first = tune_methods(backend.prefiller, 24, TuningCache(path))
+        timed = []
+        real = prefill_tuning.time_ms
+        monkeypatch.setattr(prefill_tuning, "time_ms", lambda *a, **k: timed.append(1) or real(*a, **k))
+        second = tune_methods(backend.prefiller, 24, TuningCache(path))
+        assert timed == [] and second.table == first.table
+        third = tune_methods(backend.prefiller, 40, TuningCache(path))  # a new bucket (40 rows) is measured
+        assert timed and all(c.rows in (16, 40) for cs in third.table.values() for c in cs)
+    finally:
+        backend.close()
+        llm.close()

@@ -17,15 +17,18 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from ..default_model import cache_dir
 from ..errors import InvalidParameterError
 from ..gguf import dequantize
 from ..runner.decode_step import RopeTables, StepBuffers, decode_step
 from ..runner.graph import DecodeGraph
 from ..runner.kv_cache import PagedKVCache
 from ..runner.prefill import Prefiller
+from ..runner.prefill_tuning import TuningCache
 from ..runner.weights import load_device_weights
 from ..sampling import SamplerState, SamplingParams, sampler_for
 from .backend import Backend
@@ -82,7 +85,7 @@ class GPUBackend(Backend):
                                          self.cache.max_pages_per_seq * self.cache.page_size, self.device)
         self.prefiller = Prefiller(config, self.weights, self.cache, self.rope)
         if self.is_cuda:
-            self.prefiller.tune(self.prefill_chunk_tokens)
+            self.prefiller.tune(self.prefill_chunk_tokens, TuningCache(_tuning_cache_path(self.device)))
         self.device_sampler = SamplerState.create(1, config.vocab_size, self.device)
         self.host_sampler = SamplerState.create(1, config.vocab_size, torch.device("cpu"))
         self._graphs: dict[tuple[int, bool, bool], DecodeGraph] = {}
@@ -354,6 +357,17 @@ class GPUBackend(Backend):
         self.weights = self.cache = self.bufs = self.prefiller = None
         if self.is_cuda:
             torch.cuda.empty_cache()
+
+
+def _tuning_cache_path(device: torch.device) -> Path:
+    """One prefill tuning file per GPU model and software versions (a new driver, torch or Triton measures
+    again), under the user's replayllm cache folder."""
+    import triton
+
+    name = torch.cuda.get_device_name(device)
+    key = f"{name}-torch{torch.__version__}-triton{triton.__version__}-cuda{torch.version.cuda}"
+    safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in key)
+    return cache_dir() / "prefill-tuning" / f"{safe}.json"
 
 
 def _allocated(device: torch.device) -> int:

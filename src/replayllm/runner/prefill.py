@@ -71,14 +71,16 @@ class Prefiller:
         self.methods = LinearMethods()  # every shape FUSED until `tune` has measured
         self.scratch: torch.Tensor | None = None  # made only if some shape is faster through the vendor GEMM
 
-    def tune(self, chunk_tokens: int) -> LinearMethods:
+    def tune(self, chunk_tokens: int, cache=None) -> LinearMethods:
         """Measure the ways of multiplying for every weight shape at a few chunk sizes up to chunk_tokens (on the
-        device, once, at load) and keep the fastest per (shape, size)."""
+        device, once, at load) and keep the fastest per (shape, size); `cache` (a TuningCache) keeps them."""
         from .prefill_tuning import tune_methods
 
-        self.methods = tune_methods(self, chunk_tokens)
+        self.methods = tune_methods(self, chunk_tokens, cache)
         if not self.methods.uses(DEQUANT_GEMM):
             self.scratch = None  # the timing made it; nothing will use it
+        else:
+            self._ensure_scratch()  # made at load even when the cache spared the timing: the memory report counts it
         return self.methods
 
     @torch.inference_mode()
@@ -143,12 +145,17 @@ class Prefiller:
                      accumulate: bool) -> None:
         """dequant_gemm through this prefiller's scratch, made on first use: at least one row of the widest
         matrix, SCRATCH_BYTES at most (a small model's largest matrix fits whole)."""
-        if self.scratch is None and w.ggml_type != GGMLQuantizationType.F16:
-            largest = max(m.n_rows * m.n_cols for m in self.weights.matrices())
-            widest = max(m.n_cols for m in self.weights.matrices())
-            self.scratch = torch.empty(max(min(largest, SCRATCH_BYTES // 2), widest), dtype=torch.float16,
-                                       device=x.device)
+        if w.ggml_type != GGMLQuantizationType.F16:
+            self._ensure_scratch()
         dequant_gemm(x, w, out, self.scratch, bias, accumulate)
+
+    def _ensure_scratch(self) -> None:
+        quantized = [m for m in self.weights.matrices() if m.ggml_type != GGMLQuantizationType.F16]
+        if self.scratch is None and quantized:
+            largest = max(m.n_rows * m.n_cols for m in quantized)
+            widest = max(m.n_cols for m in quantized)
+            self.scratch = torch.empty(max(min(largest, SCRATCH_BYTES // 2), widest), dtype=torch.float16,
+                                       device=self.weights.output_norm.device)
 
 
 def dequant_gemm(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, scratch: torch.Tensor | None,

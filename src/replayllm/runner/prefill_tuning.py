@@ -6,15 +6,23 @@ number of prompt rows: the vendor GEMM is the faster multiplier, but expanding t
 and a read of 2 bytes a weight, which only many rows amortise. `tune_methods` times both, once, for every
 distinct weight shape at a few row counts (buckets), and `LinearMethods` answers for any T from the bucket at
 or above it.
+
+The choices are kept in a `TuningCache` file per GPU and software versions, so a model loaded again (in this
+process or a later one) reuses them. That makes loading faster, and it keeps two loads of a model on one GPU
+bit-identical: timings that are close could otherwise pick different methods, whose f16 roundings differ.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -71,6 +79,61 @@ class LinearMethods:
                 for k, choices in self.table.items() for c in choices]
 
 
+class TuningCache:
+    """Measured choices by (type, n_rows, n_cols, rows), in a JSON file. A missing or unreadable file is an empty
+    cache (a warning for the latter: the choices are measured again and the file rewritten); writes replace the
+    file atomically, so a reader never sees half of one."""
+
+    VERSION = 1
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.entries: dict[str, dict] = {}
+        self.changed = False
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("version") == self.VERSION and isinstance(data.get("entries"), dict):
+                self.entries = data["entries"]
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, AttributeError) as exc:
+            warnings.warn(f"prefill tuning cache {self.path} is unreadable ({exc!r:.100}); measuring again",
+                          stacklevel=2)
+
+    @staticmethod
+    def _key(key: tuple[str, int, int], rows: int) -> str:
+        return f"{key[0]}:{key[1]}x{key[2]}:{rows}"
+
+    def get(self, key: tuple[str, int, int], rows: int) -> Choice | None:
+        entry = self.entries.get(self._key(key, rows))
+        try:
+            config = None if entry["config"] is None else MatmulConfig(**entry["config"])
+            choice = Choice(rows, entry["method"], config, float(entry["fused_ms"]), float(entry["dequant_ms"]))
+        except (TypeError, KeyError, ValueError):
+            return None  # absent or malformed: measure it
+        if choice.method not in (FUSED, DEQUANT_GEMM) or (choice.method == FUSED) != (config is not None):
+            return None
+        return choice
+
+    def put(self, key: tuple[str, int, int], choice: Choice) -> None:
+        self.entries[self._key(key, choice.rows)] = {
+            "method": choice.method, "config": None if choice.config is None else dataclasses.asdict(choice.config),
+            "fused_ms": choice.fused_ms, "dequant_ms": choice.dequant_ms}
+        self.changed = True
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as f:
+                json.dump({"version": self.VERSION, "entries": self.entries}, f, indent=1)
+            os.replace(f.name, self.path)
+            self.changed = False
+        except OSError as exc:  # a read-only cache folder costs a re-measurement next time, nothing else
+            warnings.warn(f"could not write the prefill tuning cache {self.path} ({exc!r:.100})", stacklevel=2)
+
+
 def time_ms(fn, reps: int = 3, device: torch.device | str = "cuda") -> float:
     """Median time of fn() after one warm-up call (which also compiles): CUDA events on a GPU, the wall clock
     elsewhere (only for tests: the choices are meant to be measured on the device that runs them)."""
@@ -92,10 +155,11 @@ def time_ms(fn, reps: int = 3, device: torch.device | str = "cuda") -> float:
 
 
 @torch.inference_mode()
-def tune_methods(prefiller, chunk_tokens: int) -> LinearMethods:
+def tune_methods(prefiller, chunk_tokens: int, cache: TuningCache | None = None) -> LinearMethods:
     """Time FUSED (each of FUSED_CONFIGS) and DEQUANT_GEMM for each distinct weight shape of the layers at the
-    buckets up to chunk_tokens; the fastest wins per bucket. (Not the LM head: prefill multiplies it for one
-    row, with the decode GEMV, except for all-position logits, which take the FUSED default.)"""
+    buckets up to chunk_tokens; the fastest wins per bucket. Choices found in `cache` are not measured again; new
+    ones are added to it and saved. (Not the LM head: prefill multiplies it for one row, with the decode GEMV,
+    except for all-position logits, which take the FUSED default.)"""
     weights = prefiller.weights
     device = weights.output_norm.device
     buckets = [b for b in TUNING_BUCKETS if b < chunk_tokens] + [chunk_tokens]
@@ -104,6 +168,10 @@ def tune_methods(prefiller, chunk_tokens: int) -> LinearMethods:
     for key, w in distinct.items():
         choices = []
         for rows in buckets:
+            cached = cache.get(key, rows) if cache is not None else None
+            if cached is not None:
+                choices.append(cached)
+                continue
             x = torch.randn(rows, w.n_cols, device=device)
             out = torch.empty(rows, w.n_rows, device=device)
             dequant = time_ms(lambda: prefiller.dequant_gemm(x, w, out, None, False), device=device)
@@ -119,5 +187,9 @@ def tune_methods(prefiller, chunk_tokens: int) -> LinearMethods:
                     fused, best = ms, cfg
             method = FUSED if fused <= dequant else DEQUANT_GEMM
             choices.append(Choice(rows, method, best if method == FUSED else None, fused, dequant))
+            if cache is not None:
+                cache.put(key, choices[-1])
         methods.table[key] = choices
+    if cache is not None:
+        cache.save()
     return methods
