@@ -226,7 +226,8 @@ class GPUBackend(Backend):
             self.bufs.positions.fill_(prompt_tokens)
             for i in range(prompt_tokens, len(token_ids)):
                 self.bufs.tokens.copy_(ids[i:i + 1])
-                rows.append(self._step(self.bufs)[:1].to("cpu", torch.float32, copy=True))  # copy: bufs.logits is reused
+                logits = self._step(self.bufs)[:1]
+                rows.append(logits.to("cpu", torch.float32, copy=True))  # a copy: bufs.logits is overwritten
                 self.bufs.positions.add_(1)
         return torch.cat(rows)
 
@@ -360,7 +361,7 @@ class GPUBackend(Backend):
 
 
 def _tuning_cache_path(device: torch.device) -> Path:
-    """One prefill tuning file per GPU model and software versions (a new driver, torch or Triton measures
+    """One prefill tuning file per GPU model and software versions (a new torch, Triton or CUDA measures
     again), under the user's replayllm cache folder."""
     import triton
 
