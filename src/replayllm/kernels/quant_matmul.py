@@ -1,7 +1,8 @@
 """out = x @ W^T for a prompt's many activation rows against a GGUF-quantized W: prefill's projections.
 
 At prefill the product is compute-bound (hundreds of rows share every weight), so the weights go through the
-tensor cores: a program owns BLOCK_N weight rows and BLOCK_M activation rows and walks K in steps of S groups
+tensor cores: this is quant_matvec's kernel on its tensor-core path, with BLOCK_M activation rows a program and
+f16 products. A program owns BLOCK_N weight rows and BLOCK_M activation rows and walks K in steps of S groups
 (quant_dequant's group decoding). Each step's weights are decoded to f32 in registers, rounded once to f16 --
 the same values `dequantize_into` writes for the vendor GEMM -- and meet the activations, also rounded to f16,
 in `tl.dot` with f32 accumulation. So the weights are read in their quantized form (4.5-6.6 bits each) instead
@@ -20,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 import triton
-import triton.language as tl
 
 from ._tensor_checks import check_powers_of_two, check_same_device, check_tensor
 from .quant_dequant import plan_steps, weight_args
-from .quant_matvec import _rows_dot_x_tc, _store_tile
+from .pdl import launch_options
+from .quant_matvec import _quant_matvec_kernel
 from .quant_weight import FLOAT_TYPES, QuantWeight
 
 
@@ -47,27 +48,6 @@ class MatmulConfig:
                              f"{self.block_m}")
         if self.num_stages < 1:
             raise ValueError(f"MatmulConfig.num_stages must be >= 1, got {self.num_stages}")
-
-
-@triton.jit
-def _quant_matmul_kernel(
-    x_ptr, out_ptr, bias_ptr,
-    qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, stride_qs, stride_qh, stride_sc, stride_d,
-    n_rows, n_cols, n_groups, n_m, n_steps, stride_xm, stride_om,
-    QTYPE: tl.constexpr, IS_FLOAT: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
-):
-    # x [n_m, n_cols] f32/f16; out [n_m, n_rows] f32; out[m, n] (+)= sum_k x[m, k] W[n, k] (+ bias[n]).
-    n_m_tiles = tl.cdiv(n_m, BLOCK_M)
-    row_block = tl.program_id(0) // n_m_tiles
-    m_tile = tl.program_id(0) % n_m_tiles
-    rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    src = tl.minimum(rows, n_rows - 1).to(tl.int64)  # the tail re-reads the last row; never stored
-    m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    acc = _rows_dot_x_tc(x_ptr, stride_xm, m, n_m, src, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
-                         stride_qs, stride_qh, stride_sc, stride_d, n_cols, n_groups, n_steps,
-                         QTYPE, IS_FLOAT, S, W, BLOCK_N, BLOCK_M, True)  # [BLOCK_N, BLOCK_M]
-    _store_tile(acc, rows, m, n_rows, n_m, out_ptr, stride_om, bias_ptr, HAS_BIAS, ACCUMULATE)
 
 
 def quant_matmul(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None = None,
@@ -93,12 +73,13 @@ def quant_matmul(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch
     cfg = config or MatmulConfig()
     plan = plan_steps(w, cfg.max_groups)
     grid = (triton.cdiv(w.n_rows, cfg.block_n) * triton.cdiv(n_m, cfg.block_m),)
-    _quant_matmul_kernel[grid](
+    # The decode GEMV's kernel on its tensor-core path, with block_m activation rows a program and f16 products.
+    _quant_matvec_kernel[grid](
         x, out, bias if bias is not None else out, *weight_args(w),
         w.n_rows, w.n_cols, plan.n_groups, n_m, plan.n_steps, x.stride(0), out.stride(0),
         QTYPE=int(w.ggml_type), IS_FLOAT=w.ggml_type in FLOAT_TYPES, S=plan.groups, W=plan.width,
-        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_N=cfg.block_n, BLOCK_B=cfg.block_m, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
+        F16_PRODUCT=True, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(False))
     return out
 
 

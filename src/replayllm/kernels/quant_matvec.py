@@ -178,10 +178,11 @@ def _quant_matvec_kernel(
     n_rows, n_cols, n_groups, n_batch, n_steps, stride_xb, stride_ob,
     QTYPE: tl.constexpr, IS_FLOAT: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    F16_PRODUCT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     _pdl_wait(USE_PDL)
     # out[b, n] (+)= sum_k x[b, k] * W[n, k] (+ bias[n]) for this program's BLOCK_N rows n and BLOCK_B rows b.
+    # F16_PRODUCT (tensor-core path only): one f16 dot a part, for prefill's GEMM (kernels/quant_matmul).
     # Batch tiles vary fastest in launch order: the programs sharing a row block run side by side, so when
     # there are several (CUDA-core path, B > 1) all but the first find the weights in L2.
     n_batch_tiles = tl.cdiv(n_batch, BLOCK_B)
@@ -198,7 +199,7 @@ def _quant_matvec_kernel(
     else:
         acc = _rows_dot_x_tc(x_ptr, stride_xb, batch, n_batch, src, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr,
                              dm_ptr, stride_qs, stride_qh, stride_sc, stride_d, n_cols, n_groups,
-                             n_steps, QTYPE, IS_FLOAT, S, W, BLOCK_N, BLOCK_B, False)  # [BLOCK_N, BLOCK_B]
+                             n_steps, QTYPE, IS_FLOAT, S, W, BLOCK_N, BLOCK_B, F16_PRODUCT)  # [BLOCK_N, BLOCK_B]
     _store_tile(acc, rows, batch, n_rows, n_batch, out_ptr, stride_ob, bias_ptr, HAS_BIAS, ACCUMULATE)
 
 
@@ -234,7 +235,7 @@ def quant_matvec(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch
         w.n_rows, w.n_cols, plan.n_groups, batch, plan.n_steps, x.stride(0), out.stride(0),
         QTYPE=int(w.ggml_type), IS_FLOAT=w.ggml_type in FLOAT_TYPES, S=plan.groups, W=plan.width,
         BLOCK_N=cfg.block_n, BLOCK_B=cfg.block_b, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(pdl))
+        F16_PRODUCT=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(pdl))
     return out
 
 
