@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._tensor_checks import check_same_device, check_tensor
-from .int8_activations import ActivationQ8, _quantize_blocks, check_activation_q8
+from .int8_activations import ActivationQ8, _store_int8_row, check_activation_q8, q8_launch_args, q8_tensors
 from .pdl import _pdl_wait, launch_options
 
 BLOCK_F = 512  # a multiple of ACTIVATION_BLOCK: each program quantizes whole blocks
@@ -34,11 +34,8 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, q_ptr, q_scale_ptr, q_sum_ptr, ffn_si
     act = gate * tl.sigmoid(gate) * up  # zero past ffn_size
     tl.store(out_ptr + row * out_row_stride + cols, act, mask=mask)
     if QUANTIZE:
-        blocks = tl.program_id(1) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)  # [BLOCK / 32]
-        in_block = blocks[:, None] * 32 + tl.arange(0, 32)[None, :]  # [BLOCK / 32, 32]
-        _quantize_blocks(tl.reshape(act, [BLOCK // 32, 32]), q_ptr + row * q_row_stride + in_block,
-                         q_scale_ptr + row * q_scale_row_stride + blocks, q_sum_ptr + row * q_scale_row_stride + blocks,
-                         blocks * 32 < ffn_size)
+        _store_int8_row(act, tl.program_id(1) * (BLOCK // 32), ffn_size, q_ptr + row * q_row_stride,
+                        q_scale_ptr + row * q_scale_row_stride, q_sum_ptr + row * q_scale_row_stride, BLOCK // 32)
 
 
 def silu_mul(gate_up: torch.Tensor, out: torch.Tensor, out_q8: ActivationQ8 | None = None, *,
@@ -51,16 +48,14 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor, out_q8: ActivationQ8 | No
         raise ValueError(f"gate_up: width must be even (gate | up), got {width}")
     ffn_size = width // 2
     check_tensor("out", out, torch.float32, (batch, ffn_size), layout="rows")
-    tensors = {"gate_up": gate_up, "out": out}
     if out_q8 is not None:
         check_activation_q8("out_q8", out_q8, batch, ffn_size)
-        tensors |= {"out_q8.q": out_q8.q, "out_q8.scale": out_q8.scale, "out_q8.block_sum": out_q8.block_sum}
-    check_same_device(**tensors)
+    check_same_device(gate_up=gate_up, out=out, **q8_tensors("out_q8", out_q8))
     if batch == 0 or ffn_size == 0:
         return out
-    q, q_scale, q_sum = (out_q8.q, out_q8.scale, out_q8.block_sum) if out_q8 is not None else (out, out, out)
+    q, q_scale, q_sum, q_row_stride, q_scale_row_stride = q8_launch_args(out_q8, out)
     _silu_mul_kernel[(batch, triton.cdiv(ffn_size, BLOCK_F))](
-        gate_up, out, q, q_scale, q_sum, ffn_size, gate_up.stride(0), out.stride(0), q.stride(0), q_scale.stride(0),
+        gate_up, out, q, q_scale, q_sum, ffn_size, gate_up.stride(0), out.stride(0), q_row_stride, q_scale_row_stride,
         QUANTIZE=out_q8 is not None, BLOCK=BLOCK_F, num_warps=4, **launch_options(pdl))
     return out
 

@@ -28,7 +28,8 @@ import triton.language as tl
 
 from ..errors import InvalidParameterError
 from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
-from .int8_activations import ACTIVATION_BLOCK, ActivationQ8, _quantize_blocks, check_activation_q8
+from .int8_activations import (ACTIVATION_BLOCK, ActivationQ8, _store_int8_row, check_activation_q8,
+                               q8_launch_args, q8_tensors)
 from .kv_cache import check_paged_cache, gather_paged_cache_reference
 from .pdl import _pdl_wait, launch_options
 
@@ -132,13 +133,9 @@ def _merge_splits_kernel(part_max_ptr, part_sum_ptr, part_acc_ptr, positions_ptr
     result = tl.sum(acc, axis=0) / tl.sum(total, axis=0)  # [BLOCK_D]; 0 past HEAD_DIM
     tl.store(out_ptr + row.to(tl.int64) * out_row_stride + head * out_head_stride + dims, result, mask=dim_mask)
     if QUANTIZE:
-        blocks = tl.arange(0, BLOCK_D // 32)  # [BLOCK_D / 32] within the head
-        in_block = head * HEAD_DIM + blocks[:, None] * 32 + tl.arange(0, 32)[None, :]  # [BLOCK_D / 32, 32]
-        first_block = head * (HEAD_DIM // 32)
-        _quantize_blocks(tl.reshape(result, [BLOCK_D // 32, 32]), q_ptr + row.to(tl.int64) * q_row_stride + in_block,
-                         q_scale_ptr + row.to(tl.int64) * q_scale_row_stride + first_block + blocks,
-                         q_sum_ptr + row.to(tl.int64) * q_scale_row_stride + first_block + blocks,
-                         blocks * 32 < HEAD_DIM)
+        r = row.to(tl.int64)
+        _store_int8_row(result, head * (HEAD_DIM // 32), (head + 1) * HEAD_DIM, q_ptr + r * q_row_stride,
+                        q_scale_ptr + r * q_scale_row_stride, q_sum_ptr + r * q_scale_row_stride, BLOCK_D // 32)
 
 
 @dataclass(frozen=True)
@@ -221,15 +218,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                          f"{page_table.shape[1] * page_size}")
     if head_dim > 256:
         raise ValueError(f"head_dim {head_dim} > 256 is not supported by the decode attention kernel")
-    tensors = dict(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, positions=positions, out=out,
-                   workspace=ws.part_acc)
     if out_q8 is not None:
         if head_dim % ACTIVATION_BLOCK:
             raise ValueError(f"out_q8: the int8 copy is made per head and needs head_dim a multiple of "
                              f"{ACTIVATION_BLOCK}, got {head_dim}")
         check_activation_q8("out_q8", out_q8, batch, num_q_heads * head_dim)
-        tensors |= {"out_q8.q": out_q8.q, "out_q8.scale": out_q8.scale, "out_q8.block_sum": out_q8.block_sum}
-    check_same_device(**tensors)
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, positions=positions, out=out,
+                      workspace=ws.part_acc, **q8_tensors("out_q8", out_q8))
     if batch == 0:
         return out
     group_size = num_q_heads // num_kv_heads
@@ -247,10 +242,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits, BLOCK_G=max(16, next_power_of_2(group_size)),
         BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps, **launch_options(pdl))
-    q8, q8_scale, q8_sum = (out_q8.q, out_q8.scale, out_q8.block_sum) if out_q8 is not None else (out, out, out)
     _merge_splits_kernel[(batch, num_q_heads)](
         ws.part_max, ws.part_sum, ws.part_acc, positions, out, out.stride(0), out.stride(1),
-        q8, q8_scale, q8_sum, q8.stride(0), q8_scale.stride(0),
+        *q8_launch_args(out_q8, out),
         NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits,
         BLOCK_S=min(16, next_power_of_2(ws.num_splits)), BLOCK_D=max(block_d, ACTIVATION_BLOCK),
         QUANTIZE=out_q8 is not None, num_warps=1, **launch_options(pdl))

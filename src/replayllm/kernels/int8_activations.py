@@ -39,6 +39,21 @@ class ActivationQ8:
                    torch.zeros(batch, blocks, dtype=torch.float32, device=device))
 
 
+def q8_launch_args(out_q8: ActivationQ8 | None, placeholder: torch.Tensor) -> tuple:
+    """(q, scale, block_sum, q's row stride, scale's row stride) for a kernel that may also write an int8 copy:
+    out_q8's, or `placeholder` five times over (never written: the kernel's QUANTIZE is off)."""
+    if out_q8 is None:
+        return placeholder, placeholder, placeholder, placeholder.stride(0), placeholder.stride(0)
+    return out_q8.q, out_q8.scale, out_q8.block_sum, out_q8.q.stride(0), out_q8.scale.stride(0)
+
+
+def q8_tensors(name: str, out_q8: ActivationQ8 | None) -> dict[str, torch.Tensor]:
+    """out_q8's tensors by name, for check_same_device (none without out_q8)."""
+    if out_q8 is None:
+        return {}
+    return {f"{name}.q": out_q8.q, f"{name}.scale": out_q8.scale, f"{name}.block_sum": out_q8.block_sum}
+
+
 def check_activation_q8(name: str, xq: ActivationQ8, batch: int, n_cols: int) -> None:
     """xq holds `batch` rows of `n_cols` values (contiguous, as `allocate` makes them)."""
     if n_cols % ACTIVATION_BLOCK:
@@ -59,6 +74,17 @@ def _quantize_blocks(x, q_ptrs, scale_ptrs, sum_ptrs, block_ok):
     tl.store(q_ptrs, q.to(tl.int8), mask=block_ok[:, None])
     tl.store(scale_ptrs, amax / 127.0, mask=block_ok)
     tl.store(sum_ptrs, tl.sum(x, axis=1), mask=block_ok)
+
+
+@triton.jit
+def _store_int8_row(values, first_block, end, q_row_ptr, scale_row_ptr, sum_row_ptr, N_BLOCKS: tl.constexpr):
+    """The epilogue of a kernel that writes an activation and its int8 copy in one launch: values [N_BLOCKS * 32]
+    f32 are blocks first_block.. of one row (zero past element `end`); q_row_ptr, scale_row_ptr, sum_row_ptr are
+    that row's starts in the copy. Blocks that start at or past `end` are not stored."""
+    blocks = first_block + tl.arange(0, N_BLOCKS)  # [N_BLOCKS]
+    in_block = blocks[:, None] * 32 + tl.arange(0, 32)[None, :]  # [N_BLOCKS, 32]
+    _quantize_blocks(tl.reshape(values, [N_BLOCKS, 32]), q_row_ptr + in_block, scale_row_ptr + blocks,
+                     sum_row_ptr + blocks, blocks * 32 < end)
 
 
 @triton.jit

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
-from .int8_activations import ACTIVATION_BLOCK, ActivationQ8, _quantize_blocks, check_activation_q8
+from .int8_activations import (ACTIVATION_BLOCK, ActivationQ8, _store_int8_row, check_activation_q8,
+                               q8_launch_args, q8_tensors)
 from .pdl import _pdl_wait, launch_options
 
 MAX_ROW_SIZE = 32768  # one row lives in registers; larger rows would spill
@@ -41,11 +42,8 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, q_ptr, q_scale_ptr
     y = x * inv_rms * weight  # zero past row_size
     tl.store(out_ptr + row * out_row_stride + cols, y, mask=mask)
     if QUANTIZE:
-        blocks = tl.arange(0, BLOCK_D // 32)  # [BLOCK_D / 32]
-        in_block = blocks[:, None] * 32 + tl.arange(0, 32)[None, :]  # [BLOCK_D / 32, 32]
-        _quantize_blocks(tl.reshape(y, [BLOCK_D // 32, 32]), q_ptr + row * q_row_stride + in_block,
-                         q_scale_ptr + row * q_scale_row_stride + blocks, q_sum_ptr + row * q_scale_row_stride + blocks,
-                         blocks * 32 < row_size)
+        _store_int8_row(y, 0, row_size, q_ptr + row * q_row_stride, q_scale_ptr + row * q_scale_row_stride,
+                        q_sum_ptr + row * q_scale_row_stride, BLOCK_D // 32)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor,
@@ -77,8 +75,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         tensors["residual"] = residual
     if out_q8 is not None:
         check_activation_q8("out_q8", out_q8, rows, row_size)
-        tensors |= {"out_q8.q": out_q8.q, "out_q8.scale": out_q8.scale, "out_q8.block_sum": out_q8.block_sum}
-    check_same_device(**tensors)
+    check_same_device(**tensors, **q8_tensors("out_q8", out_q8))
     if not 0 < row_size <= MAX_ROW_SIZE:
         raise ValueError(f"x: row size must be in 1..{MAX_ROW_SIZE}, got {row_size}")
     if not eps >= 0.0:
@@ -88,10 +85,10 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     block = next_power_of_2(row_size)
     has_residual = residual is not None
     residual_arg = residual if has_residual else x  # never read when HAS_RESIDUAL is False
-    q, q_scale, q_sum = (out_q8.q, out_q8.scale, out_q8.block_sum) if out_q8 is not None else (out, out, out)
+    q, q_scale, q_sum, q_row_stride, q_scale_row_stride = q8_launch_args(out_q8, out)
     _rmsnorm_kernel[(rows,)](
         x, residual_arg, weight, out, q, q_scale, q_sum, row_size, x.stride(0), residual_arg.stride(0),
-        out.stride(0), q.stride(0), q_scale.stride(0), float(eps), HAS_RESIDUAL=has_residual,
+        out.stride(0), q_row_stride, q_scale_row_stride, float(eps), HAS_RESIDUAL=has_residual,
         QUANTIZE=out_q8 is not None, BLOCK_D=max(block, ACTIVATION_BLOCK), num_warps=min(16, max(1, block // 256)),
         **launch_options(pdl))
 
