@@ -25,6 +25,7 @@ from gguf import GGMLQuantizationType
 from replayllm.bench.kernel_bench import time_graph_replay
 from replayllm.kernels import pack_weight, quant_matvec
 from replayllm.kernels.quant_matmul import MatmulConfig, quant_matmul
+from replayllm.kernels.quant_matvec_q8 import DEFAULT_BLOCK_N, DEFAULT_CHUNKS, DEFAULT_NUM_WARPS
 from replayllm.runner.prefill_tuning import time_ms
 from replayllm.synth.random_rows import random_gguf_rows
 
@@ -36,9 +37,9 @@ GEMM_CONFIGS = [MatmulConfig(*c) for c in [
     (128, 64, 2, 8, 2), (128, 128, 2, 8, 2), (128, 128, 1, 8, 3), (64, 128, 2, 4, 2), (128, 64, 1, 4, 3),
     (64, 64, 2, 4, 2), (256, 64, 1, 8, 2), (128, 128, 4, 8, 1), (128, 64, 2, 8, 3), (64, 128, 1, 4, 3)]]
 GEMV_SHAPES = [(T.Q4_K, 22016, 4096), (T.Q4_K, 4096, 11008), (T.Q6_K, 4096, 11008), (T.Q8_0, 4096, 4096)]
-GEMV_CONFIGS = [  # block_n, chunks, num_warps, num_stages; the first is the default (measured best, 2026-12-01)
-    (4, 32, 4, 1), (4, 64, 4, 1), (2, 32, 2, 1), (2, 64, 4, 1), (4, 32, 8, 1), (4, 16, 4, 1), (8, 32, 4, 1),
-    (4, 32, 4, 2), (2, 32, 4, 1), (8, 16, 4, 1)]
+GEMV_CONFIGS = [  # block_n, chunks, num_warps, num_stages; the first is the engine's default
+    (DEFAULT_BLOCK_N, DEFAULT_CHUNKS, DEFAULT_NUM_WARPS, 1), (4, 32, 4, 1), (4, 64, 4, 1), (2, 64, 4, 1),
+    (4, 32, 8, 1), (4, 16, 4, 1), (8, 32, 4, 1), (4, 32, 4, 2), (2, 32, 4, 1), (8, 16, 4, 1)]
 COPIES = 24
 
 
@@ -53,10 +54,10 @@ def _save(out_dir: Path, part: str, rows: list[dict]) -> None:
 
 
 def sweep_gemm(quick: bool, out_dir: Path) -> list[dict]:
-    from replayllm.runner.prefill import dequant_gemm
+    from replayllm.runner.prefill import SCRATCH_BYTES, dequant_gemm
 
     rows_out = []
-    scratch = torch.empty(64 * 2**20 // 2, dtype=torch.float16, device="cuda")  # the prefiller's size
+    scratch = torch.empty(SCRATCH_BYTES // 2, dtype=torch.float16, device="cuda")  # the prefiller's size
     for ggml_type, n_rows, n_cols in GEMM_SHAPES[:2] if quick else GEMM_SHAPES:
         w = weight(ggml_type, n_rows, n_cols, 0)
         for m in GEMM_ROWS:

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -119,6 +120,25 @@ def load(run: Run, key: str, path: Path, mode: str = "graph") -> LLM:
     return llm
 
 
+@contextmanager
+def decode_options(llm: LLM, int8: bool | None = None, pdl: bool | None = None):
+    """Inside: the backend with int8 activations and / or PDL set as given (None: as it was); on leaving, both as
+    they were. Each switch recaptures the decode graphs."""
+    b = llm.backend
+    before = (b.bufs.int8_activations, b.bufs.pdl)
+    try:
+        if int8 is not None:
+            b.set_int8_activations(int8)
+        if pdl is not None:
+            b.set_pdl(pdl)
+        yield
+    finally:
+        if b.bufs.int8_activations != before[0]:
+            b.set_int8_activations(before[0])
+        if b.bufs.pdl != before[1]:
+            b.set_pdl(before[1])
+
+
 def correctness(run: Run, llm: LLM, path: Path) -> None:
     """GPU (graph and eager, PDL on and off) against the fp32 reference on the GPU: logits, and 32 greedy tokens
     on 3 prompts. The int8-activation path is scored against both the fp32 reference and the int8 reference (the
@@ -135,17 +155,13 @@ def correctness(run: Run, llm: LLM, path: Path) -> None:
         b.set_mode(mode)
         tokens[mode] = [llm.generate([p], params)[0].token_ids for p in prompts]
     b.set_mode("graph")
-    b.set_pdl(not pdl_default)
-    tokens["graph-pdl-switched"] = [llm.generate([p], params)[0].token_ids for p in prompts]
-    b.set_pdl(pdl_default)
+    with decode_options(llm, pdl=not pdl_default):
+        tokens["graph-pdl-switched"] = [llm.generate([p], params)[0].token_ids for p in prompts]
     gpu_logits = llm.logits(prompts[0])
     decode = {"default": b.decode_logits(prompts[2] + tokens["graph"][2], len(prompts[2]))}
-    b.set_int8_activations(True)
-    try:
+    with decode_options(llm, int8=True):
         tokens["graph-int8"] = [llm.generate([p], params)[0].token_ids for p in prompts]
         decode["int8"] = b.decode_logits(prompts[2] + tokens["graph"][2], len(prompts[2]))
-    finally:
-        b.set_int8_activations(False)
     reference = ReferenceBackend(llm.model_file, 256, progress=False, device="cuda")
     try:
         ref_logits = reference.logits(prompts[0])
@@ -221,9 +237,8 @@ def default_model_agreement(run: Run) -> None:
     with LLM(path, device="cuda", max_context=512, progress=False) as llm:
         prompts = [llm.chat_prompt_ids([{"role": "user", "content": m}]) for m in CHAT_PROMPTS]
         default = [llm.generate([p], params)[0].token_ids for p in prompts]
-        llm.backend.set_int8_activations(True)
-        int8 = [llm.generate([p], params)[0].token_ids for p in prompts]
-        llm.backend.set_int8_activations(False)
+        with decode_options(llm, int8=True):
+            int8 = [llm.generate([p], params)[0].token_ids for p in prompts]
         reference = ReferenceBackend(llm.model_file, 512, progress=False, device="cuda")
         for p, d, q in zip(prompts, default, int8):
             ref = list(reference.generate_ids(p, params, 0, 48))
@@ -286,15 +301,10 @@ def bench_variants(run: Run, llm: LLM) -> None:
     (the depth target for the fast path, whose attention is a larger share of its step)."""
     pdl_default = llm.backend.bufs.pdl
     for int8, pdl in ((False, not pdl_default), (True, pdl_default), (True, not pdl_default)):
-        llm.backend.set_int8_activations(int8)
-        llm.backend.set_pdl(pdl)
-        try:
+        with decode_options(llm, int8, pdl):
             bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
             if int8 and pdl:
                 bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
-        finally:
-            llm.backend.set_int8_activations(False)
-            llm.backend.set_pdl(pdl_default)
 
 
 def time_to_first_token(backend, prompt_ids: list[int]) -> float:
@@ -388,14 +398,9 @@ def other_types(run: Run) -> None:
         variants = [(False, not pdl_default)] + ([(True, pdl_default), (True, not pdl_default)] if quant == "q8_0"
                                                  else [])
         for int8, pdl in variants:
-            llm.backend.set_int8_activations(int8)
-            llm.backend.set_pdl(pdl)
-            try:
+            with decode_options(llm, int8, pdl):
                 run.stage(f"bench llama2-7b {quant} int8 {int8} PDL {pdl}", bench, run, llm,
                           [BenchTest("tg", 128)], ["graph"], 2)
-            finally:
-                llm.backend.set_int8_activations(False)
-                llm.backend.set_pdl(pdl_default)
         tokens = {}
         for mode in ("graph", "eager"):
             llm.backend.set_mode(mode)

@@ -6,7 +6,8 @@ predecessor writes until `griddepcontrol.wait` returns (the predecessor has comp
 visible). The rule here is the simplest safe one: with USE_PDL every program of every kernel on the decode path
 waits first, unconditionally, then allows its own dependents to launch. Since each kernel completes only after
 its wait returned, completion is ordered along the whole chain, as without PDL; kernels without PDL (torch's)
-simply let their dependents start when they complete. Off by default (`GPUBackend(pdl=True)` turns it on).
+simply let their dependents start when they complete. The engine turns it on where the GPU has it
+(GPUBackend.supports_pdl).
 """
 
 from __future__ import annotations

@@ -48,15 +48,15 @@ class StepBuffers:
     act: torch.Tensor  # [B, F] f32
     logits: torch.Tensor  # [B, vocab] f32
     attention_workspace: DecodeAttentionWorkspace
-    # Experimental (kernels/quant_matvec_q8.py): int8 copies of the projection inputs, used by the matrices of
-    # its SUPPORTED_TYPES while `int8_activations` is set (read when the step is captured). None where a width
-    # (or, for attn_q8, the head dimension) is not a multiple of the activation block.
+    # Opt-in (kernels/quant_matvec_q8.py): int8 copies of the projection inputs, used by the matrices of its
+    # SUPPORTED_TYPES while `int8_activations` is set (read when the step is captured). None where a width (or,
+    # for attn_q8, the head dimension) is not a multiple of the activation block.
     h_q8: ActivationQ8 | None = None
     attn_q8: ActivationQ8 | None = None
     act_q8: ActivationQ8 | None = None
     int8_activations: bool = False
-    # Experimental (kernels/pdl.py): every kernel of the step launched with programmatic dependent launch
-    # (Hopper and later), read when the step is captured.
+    # kernels/pdl.py: every kernel of the step launched with programmatic dependent launch (Hopper and later;
+    # the engine's default there), read when the step is captured.
     pdl: bool = False
 
     @classmethod

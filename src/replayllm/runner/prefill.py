@@ -1,12 +1,12 @@
 """Prompt processing on the GPU: a chunk of prompt tokens through every layer at once, writing the paged KV
 cache that decode then reads.
 
-Each projection is one quantized GEMM (kernels/quant_matmul: the GGUF blocks decoded in registers for the
-tensor cores), with the residual add fused into the output projections; attention is one flash kernel over
-the paged cache (kernels/prefill_attention), so a chunk starting at `start` > 0 attends to everything already
-cached and sees exactly the f16 values decode will see. The other way to multiply -- dequantize the weight
-into an f16 scratch buffer, then the vendor GEMM -- is kept, and `tune` measures both per weight shape and
-chunk size on the device and keeps the faster (prefill_tuning).
+Each projection is multiplied one of two ways, whichever `tune` measured faster on the device for its weight
+shape and chunk size (prefill_tuning): the quantized GEMM (kernels/quant_matmul: the GGUF blocks decoded in
+registers for the tensor cores, the residual add fused), or the weight dequantized into an f16 scratch buffer a
+slice at a time and the vendor GEMM (on an H200 the second won everywhere, benchmarks/NOTES.md). Attention is
+one flash kernel over the paged cache (kernels/prefill_attention), so a chunk starting at `start` > 0 attends
+to everything already cached and sees exactly the f16 values decode will see.
 """
 
 from __future__ import annotations
@@ -150,8 +150,10 @@ class Prefiller:
         dequant_gemm(x, w, out, self.scratch, bias, accumulate)
 
     def _ensure_scratch(self) -> None:
+        if self.scratch is not None:  # checked first: dequant_gemm calls this for every matrix of a pass
+            return
         quantized = [m for m in self.weights.matrices() if m.ggml_type != GGMLQuantizationType.F16]
-        if self.scratch is None and quantized:
+        if quantized:
             largest = max(m.n_rows * m.n_cols for m in quantized)
             widest = max(m.n_cols for m in quantized)
             self.scratch = torch.empty(max(min(largest, SCRATCH_BYTES // 2), widest), dtype=torch.float16,
