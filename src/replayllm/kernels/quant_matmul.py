@@ -20,13 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from ._tensor_checks import check_powers_of_two, check_same_device, check_tensor
-from .quant_dequant import plan_steps, weight_args
-from .pdl import launch_options
-from .quant_matvec import _quant_matvec_kernel
-from .quant_weight import FLOAT_TYPES, QuantWeight
+from .quant_matvec import launch_rows_kernel
+from .quant_weight import QuantWeight
 
 
 @dataclass(frozen=True)
@@ -71,15 +68,9 @@ def quant_matmul(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch
     if n_m == 0:
         return out
     cfg = config or MatmulConfig()
-    plan = plan_steps(w, cfg.max_groups)
-    grid = (triton.cdiv(w.n_rows, cfg.block_n) * triton.cdiv(n_m, cfg.block_m),)
     # The decode GEMV's kernel on its tensor-core path, with block_m activation rows a program and f16 products.
-    _quant_matvec_kernel[grid](
-        x, out, bias if bias is not None else out, *weight_args(w),
-        w.n_rows, w.n_cols, plan.n_groups, n_m, plan.n_steps, x.stride(0), out.stride(0),
-        QTYPE=int(w.ggml_type), IS_FLOAT=w.ggml_type in FLOAT_TYPES, S=plan.groups, W=plan.width,
-        BLOCK_N=cfg.block_n, BLOCK_B=cfg.block_m, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
-        F16_PRODUCT=True, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(False))
+    launch_rows_kernel(x, w, out, bias, accumulate, cfg.block_n, cfg.block_m, cfg.max_groups, cfg.num_warps,
+                       cfg.num_stages, f16_product=True, pdl=False)
     return out
 
 

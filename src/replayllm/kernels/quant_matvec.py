@@ -226,17 +226,26 @@ def quant_matvec(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch
     Launches one kernel: no allocation, no host sync, so it can be captured in a CUDA graph.
     """
     _check_args(x, w, out, bias)
+    cfg = config or default_config(w, x.shape[0])
+    launch_rows_kernel(x, w, out, bias, accumulate, cfg.block_n, cfg.block_b, cfg.max_groups, cfg.num_warps,
+                       cfg.num_stages, f16_product=False, pdl=pdl)
+    return out
+
+
+def launch_rows_kernel(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None,
+                       accumulate: bool, block_n: int, block_b: int, max_groups: int, num_warps: int,
+                       num_stages: int, *, f16_product: bool, pdl: bool) -> None:
+    """The launch shared by quant_matvec and prefill's quant_matmul (arguments already checked): block_n weight
+    rows x block_b activation rows a program; f16_product only on the tensor-core path (block_b >= 16)."""
+    plan = plan_steps(w, max_groups)
     batch = x.shape[0]
-    cfg = config or default_config(w, batch)
-    plan = plan_steps(w, cfg.max_groups)
-    grid = (triton.cdiv(w.n_rows, cfg.block_n) * triton.cdiv(batch, cfg.block_b),)
+    grid = (triton.cdiv(w.n_rows, block_n) * triton.cdiv(batch, block_b),)
     _quant_matvec_kernel[grid](
         x, out, bias if bias is not None else out, *weight_args(w),
         w.n_rows, w.n_cols, plan.n_groups, batch, plan.n_steps, x.stride(0), out.stride(0),
         QTYPE=int(w.ggml_type), IS_FLOAT=w.ggml_type in FLOAT_TYPES, S=plan.groups, W=plan.width,
-        BLOCK_N=cfg.block_n, BLOCK_B=cfg.block_b, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
-        F16_PRODUCT=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(pdl))
-    return out
+        BLOCK_N=block_n, BLOCK_B=block_b, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
+        F16_PRODUCT=f16_product, num_warps=num_warps, num_stages=num_stages, **launch_options(pdl))
 
 
 def _check_args(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None) -> None:
