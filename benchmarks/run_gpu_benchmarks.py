@@ -113,10 +113,12 @@ def load(run: Run, key: str, path: Path, mode: str = "graph") -> LLM:
             "workspace_gib": b.memory.workspace_bytes / gib, "total_gib": b.memory.total_bytes / gib,
             "peak_allocated_gib": torch.cuda.max_memory_allocated() / gib,
             "reserved_gib": torch.cuda.memory_reserved() / gib, "context_tokens": CONTEXT,
-            "prefill_scratch_gib": 0.0 if b.prefiller.scratch is None else b.prefiller.scratch.nbytes / gib}
+            "prefill_scratch_gib": 0.0 if b.prefiller.scratch is None else b.prefiller.scratch.nbytes / gib,
+            "peak_after_gib": {phase: peak / gib for phase, peak in b.load_peaks.items()}}
     run.results[key] = info
+    phases = ", ".join(f"{phase} {peak:.2f}" for phase, peak in info["peak_after_gib"].items())
     run.summary.append(f"    {key}: ready in {total:.1f} s (weights loaded in {b.load_seconds:.1f} s); {b.memory}; "
-                       f"peak allocated {info['peak_allocated_gib']:.2f} GiB")
+                       f"peak allocated {info['peak_allocated_gib']:.2f} GiB (peak after {phases})")
     return llm
 
 
@@ -323,9 +325,14 @@ def time_to_first_token(backend, prompt_ids: list[int]) -> float:
 def ttft_7b(run: Run, llm: LLM) -> None:
     """Time to first token for a prompt filling the context (4095 tokens + 1 generated), median of 3."""
     ids = [random.Random(1).randrange(3, llm.config.vocab_size) for _ in range(CONTEXT - 1)]
-    times = sorted(time_to_first_token(llm.backend, ids) for _ in range(4))[:3]  # the first run warms up
+    time_to_first_token(llm.backend, ids)  # warms up
+    torch.cuda.reset_peak_memory_stats()
+    times = sorted(time_to_first_token(llm.backend, ids) for _ in range(3))
+    peak = torch.cuda.max_memory_allocated() / 2**30
     run.results["ttft_7b_4095_tokens_s"] = times[1]
-    run.summary.append(f"    7B time to first token, 4095-token prompt: {1e3 * times[1]:.0f} ms")
+    run.results["ttft_7b_peak_allocated_gib"] = peak
+    run.summary.append(f"    7B time to first token, 4095-token prompt: {1e3 * times[1]:.0f} ms; peak allocated "
+                       f"{peak:.2f} GiB")
 
 
 def long_prompt(run: Run) -> None:

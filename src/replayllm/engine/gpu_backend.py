@@ -68,7 +68,11 @@ class GPUBackend(Backend):
         self.tracer: TokenTracer | None = None
         self.prefill_chunk_tokens = PREFILL_CHUNK_TOKENS
         base = _allocated(self.device)
+        # The most allocated at the end of each load phase (torch's peak counter, never reset here): where a
+        # load's peak memory comes from.
+        self.load_peaks: dict[str, int] = {}
         self.weights = load_device_weights(model_file.gguf, config, self.device, progress)
+        self._note_peak("weights")
         weights_bytes = _allocated(self.device) - base if self.is_cuda else self.weights.nbytes
         # A multi-step graph runs whole replays, so its last one may step up to N - 1 positions past the
         # request's end: the cache, rope tables and attention workspace keep that much slack, so those
@@ -83,9 +87,11 @@ class GPUBackend(Backend):
         self.rope = RopeTables(cos.to(self.device), sin.to(self.device))
         self.bufs = StepBuffers.allocate(config, 1, self.cache.max_pages_per_seq,
                                          self.cache.max_pages_per_seq * self.cache.page_size, self.device)
+        self._note_peak("kv_cache")
         self.prefiller = Prefiller(config, self.weights, self.cache, self.rope)
         if self.is_cuda:
             self.prefiller.tune(self.prefill_chunk_tokens, TuningCache(_tuning_cache_path(self.device)))
+            self._note_peak("prefill_tuning")
         self.device_sampler = SamplerState.create(1, config.vocab_size, self.device)
         self.host_sampler = SamplerState.create(1, config.vocab_size, torch.device("cpu"))
         self._graphs: dict[tuple[int, bool, bool], DecodeGraph] = {}
@@ -94,6 +100,7 @@ class GPUBackend(Backend):
             self._enable_int8(True)
         self._enable_pdl(self.supports_pdl if pdl is None else pdl)  # None: on wherever the GPU has it
         self.set_mode(mode)
+        self._note_peak("graph_capture")
         self.startup_seconds = time.perf_counter() - started
         workspace = _allocated(self.device) - base - weights_bytes - self.cache.nbytes if self.is_cuda else 0
         self.memory = MemoryReport(weights_bytes, self.cache.nbytes, max(workspace, 0))
@@ -102,6 +109,10 @@ class GPUBackend(Backend):
                   f"(load {self.load_seconds:.1f} s)", file=sys.stderr)
         self._pinned = torch.zeros(PINNED_SLOTS, MAX_STEPS_PER_GRAPH, dtype=torch.int64, pin_memory=self.is_cuda)
         self._copied = [torch.cuda.Event() if self.is_cuda else None for _ in range(PINNED_SLOTS)]
+
+    def _note_peak(self, phase: str) -> None:
+        if self.is_cuda:
+            self.load_peaks[phase] = torch.cuda.max_memory_allocated(self.device)
 
     @property
     def name(self) -> str:
