@@ -13,6 +13,8 @@ from replayllm.kernels.quant_weight import (
     QuantWeight,
     decode_kquant_scales,
     dequantize_reference,
+    kquant_scales_mins,
+    pack_kquant_scales,
     pack_weight,
 )
 
@@ -59,9 +61,8 @@ def test_nbytes_is_the_quantized_size(ggml_type, gguf_rows):
     n_rows, n_cols = 4, 512
     raw = gguf_rows(ggml_type, n_rows, n_cols, seed=4)
     w = pack_weight(ggml_type, raw, n_cols)
-    # Q4_K/Q5_K keep their 6-bit scales decoded to bytes: 16 instead of 12 bytes per 256 weights.
-    extra = 4 * n_rows * (n_cols // 256) if ggml_type in (T.Q4_K, T.Q5_K) else 0
-    assert w.nbytes == raw.nbytes + extra
+    # Every type keeps its GGUF size: the K-quants' 6-bit scales stay packed at 12 bytes per 256 weights.
+    assert w.nbytes == raw.nbytes
 
 
 def test_decode_kquant_scales_matches_the_bit_layout():
@@ -75,6 +76,21 @@ def test_decode_kquant_scales_matches_the_bit_layout():
     got_scales, got_mins = decode_kquant_scales(packed)
     np.testing.assert_array_equal(got_scales, scales)
     np.testing.assert_array_equal(got_mins, mins)
+
+
+def test_kquant_scales_repack_round_trips_every_6bit_value():
+    # All 64 x 64 (scale, min) pairs, in rows of 8 sub-blocks (one super-block), so every bit of both bytes is hit.
+    sc, mn = np.meshgrid(np.arange(64, dtype=np.uint8), np.arange(64, dtype=np.uint8), indexing="ij")
+    scales, mins = sc.reshape(-1, 8), mn.reshape(-1, 8)
+    low, high = pack_kquant_scales(scales, mins)
+    assert low.shape == (512, 8) and high.shape == (512, 4)
+    n_rows = scales.shape[0]
+    w = QuantWeight(T.Q4_K, n_rows, 256, qs=torch.zeros(n_rows, 128, dtype=torch.uint8),
+                    scales=torch.from_numpy(low), scales_hi=torch.from_numpy(high),
+                    d=torch.zeros(n_rows, 1, dtype=torch.float16), dmin=torch.zeros(n_rows, 1, dtype=torch.float16))
+    got_scales, got_mins = kquant_scales_mins(w)
+    np.testing.assert_array_equal(got_scales.numpy(), scales)
+    np.testing.assert_array_equal(got_mins.numpy(), mins)
 
 
 def test_to_moves_every_field():

@@ -72,10 +72,23 @@ def weight_args(w: QuantWeight) -> tuple:
     qs = w.qs
     qh = w.qh if w.qh is not None else qs
     sc = w.scales if w.scales is not None else qs
-    mn = w.mins if w.mins is not None else sc
+    # The min slot: Q4_1's f16 mins, or the K-quants' packed top bits of scale and min (quant_weight).
+    mn = w.mins if w.mins is not None else w.scales_hi if w.scales_hi is not None else sc
     d = w.d if w.d is not None else qs
     dm = w.dmin if w.dmin is not None else d
     return qs, qh, sc, mn, d, dm, qs.stride(0), qh.stride(0), sc.stride(0), d.stride(0)
+
+
+@triton.jit
+def _kquant_scales(sc_ptr, hi_ptr, row_sc, row_hi, chunk, ok):
+    """The 6-bit scales and mins (sc_lo, m_lo, sc_hi, m_hi; int32) of sub-blocks 2*chunk and 2*chunk + 1 of a
+    Q4_K / Q5_K row, from the packed layout of quant_weight: `scales` bytes 2c, 2c+1 (low 4 bits of sc and m) and
+    `scales_hi` byte c (their top 2 bits). row_sc, row_hi: the row's offsets in the two tensors."""
+    lo0 = tl.load(sc_ptr + row_sc + 2 * chunk, mask=ok, other=0).to(tl.int32)
+    lo1 = tl.load(sc_ptr + row_sc + 2 * chunk + 1, mask=ok, other=0).to(tl.int32)
+    hi = tl.load(hi_ptr + row_hi + chunk, mask=ok, other=0).to(tl.int32)
+    return ((lo0 & 0x0F) | ((hi & 0x03) << 4), (lo0 >> 4) | ((hi & 0x0C) << 2),
+            (lo1 & 0x0F) | (hi & 0x30), (lo1 >> 4) | ((hi >> 6) << 4))
 
 
 @triton.jit
@@ -127,11 +140,12 @@ def _decode_quant(gg, r, j, n_groups, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_
             q_hi = q_hi | (((h >> (2 * chunk + 1)) & 1) << 4)
         d = tl.load(d_ptr + r * stride_d + gg // 4, mask=ok, other=0).to(tl.float32)
         dmin = tl.load(dm_ptr + r * stride_d + gg // 4, mask=ok, other=0).to(tl.float32)
-        sub = r * stride_sc + 2 * gg
-        scale_lo = d * tl.load(sc_ptr + sub, mask=ok, other=0).to(tl.float32)
-        scale_hi = d * tl.load(sc_ptr + sub + 1, mask=ok, other=0).to(tl.float32)
-        min_lo = dmin * tl.load(mn_ptr + sub, mask=ok, other=0).to(tl.float32)
-        min_hi = dmin * tl.load(mn_ptr + sub + 1, mask=ok, other=0).to(tl.float32)
+        # mn_ptr is the packed top bits (`scales_hi`, half as wide as `scales`).
+        sc_lo, m_lo, sc_hi, m_hi = _kquant_scales(sc_ptr, mn_ptr, r * stride_sc, r * (stride_sc // 2), gg, ok)
+        scale_lo = d * sc_lo.to(tl.float32)
+        scale_hi = d * sc_hi.to(tl.float32)
+        min_lo = dmin * m_lo.to(tl.float32)
+        min_hi = dmin * m_hi.to(tl.float32)
         k_lo = gg * 64
         k_hi = k_lo + 32
     else:  # Q6_K

@@ -46,6 +46,7 @@ from gguf import GGMLQuantizationType
 from ..errors import UnsupportedError
 from ._tensor_checks import check_same_device, check_tensor
 from .int8_activations import ACTIVATION_BLOCK, ActivationQ8
+from .quant_dequant import _kquant_scales
 from .quant_weight import QuantWeight
 from .pdl import _pdl_wait, launch_options
 
@@ -242,14 +243,14 @@ def _kquant_matvec_q8_kernel(
         s_lo, s_hi = _kquant_half_chunk(tl.load(qs), qh0, tl.load(x), tl.load(x + 8), bit, 0, 0, HAS_QH, USE_DP4A)
         s_lo, s_hi = _kquant_half_chunk(tl.load(qs + 4), qh1, tl.load(x + 4), tl.load(x + 12), bit, s_lo, s_hi,
                                         HAS_QH, USE_DP4A)
-        sub = src2 * stride_sc + 2 * c2  # [BLOCK_N, C]: sub-block 2c of each row
+        # Sub-blocks 2c and 2c + 1 of each row [BLOCK_N, C]; mn_ptr holds the scales' packed top bits.
+        sc_lo, m_lo, sc_hi, m_hi = _kquant_scales(sc_ptr, mn_ptr, src2 * stride_sc, src2 * (stride_sc // 2), c2, ok)
         # The 6-bit scale multiplies the integer sum (exact: |sum * sc| < 32 * 31 * 127 * 63 < 2**23).
-        s_lo = (tl.sum(s_lo, axis=2) * tl.load(sc_ptr + sub).to(tl.int32)).to(tl.float32)  # [BLOCK_N, C]
-        s_hi = (tl.sum(s_hi, axis=2) * tl.load(sc_ptr + sub + 1).to(tl.int32)).to(tl.float32)
+        s_lo = (tl.sum(s_lo, axis=2) * sc_lo).to(tl.float32)  # [BLOCK_N, C]
+        s_hi = (tl.sum(s_hi, axis=2) * sc_hi).to(tl.float32)
         xs = xs_ptr + srow + 2 * c2 + 0 * src2
         xsum = xsum_ptr + srow + 2 * c2 + 0 * src2
-        mins = (tl.load(mn_ptr + sub).to(tl.float32) * tl.load(xsum)
-                + tl.load(mn_ptr + sub + 1).to(tl.float32) * tl.load(xsum + 1))
+        mins = m_lo.to(tl.float32) * tl.load(xsum) + m_hi.to(tl.float32) * tl.load(xsum + 1)
         d = tl.where(ok, tl.load(d_ptr + src2 * stride_d + c2 // 4).to(tl.float32), 0.0)  # [BLOCK_N, C]
         dmin = tl.where(ok, tl.load(dm_ptr + src2 * stride_d + c2 // 4).to(tl.float32), 0.0)
         acc += d * (s_lo * tl.load(xs) + s_hi * tl.load(xs + 1)) - dmin * mins
@@ -359,7 +360,7 @@ def _launch_kquant(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeigh
     qs_words = w.qs.view(torch.int32)  # [n_rows, K / 8]
     qh_words = w.qh.view(torch.int32) if w.qh is not None else qs_words  # [n_rows, K / 32]; unread for Q4_K
     _kquant_matvec_q8_kernel[grid](
-        xq_words, xq.scale, xq.block_sum, out, bias, qs_words, qh_words, w.scales, w.mins, w.d, w.dmin,
+        xq_words, xq.scale, xq.block_sum, out, bias, qs_words, qh_words, w.scales, w.scales_hi, w.d, w.dmin,
         qs_words.stride(0), qh_words.stride(0), w.scales.stride(0), w.d.stride(0), xq_words.stride(0),
         xq.scale.stride(0), out.stride(0), w.n_rows, n_chunks, out.shape[0], n_steps, HAS_QH=w.qh is not None,
         **meta)
@@ -435,7 +436,7 @@ def quant_matvec_q8_reference(xq: ActivationQ8, w: QuantWeight) -> torch.Tensor:
     """What quant_matvec_q8 computes, in float64: the GGUF dequantized weights (`dequantize_reference`: exact
     for Q4_0 and Q8_0, rounded once to f32 for the others as GGUF does) times the quantized activations; for the
     types with a min (Q4_1, Q4_K, Q5_K) the min term is taken on the exact block sums. [B, n_rows]."""
-    from .quant_weight import dequantize_reference
+    from .quant_weight import dequantize_reference, kquant_scales_mins
 
     if w.ggml_type not in SUPPORTED_TYPES:
         raise UnsupportedError(f"quant_matvec_q8_reference: no kernel for {w.ggml_type.name}")
@@ -444,7 +445,7 @@ def quant_matvec_q8_reference(xq: ActivationQ8, w: QuantWeight) -> torch.Tensor:
     if w.ggml_type == T.Q4_1:
         offset = w.mins.double()  # [N, K/32]: weight = q d + m
     elif w.ggml_type in (T.Q4_K, T.Q5_K):
-        offset = -w.dmin.double().repeat_interleave(8, dim=1) * w.mins.double()  # weight = q d sc - dmin m
+        offset = -w.dmin.double().repeat_interleave(8, dim=1) * kquant_scales_mins(w)[1].double()  # q d sc - dmin m
     else:
         return x_blocks.view(B, K) @ dequantize_reference(w).double().T
     # Split each weight into its scaled quant and its per-block offset, to apply the offset to the exact sums.
