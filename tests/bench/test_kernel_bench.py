@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from replayllm import LLM
@@ -22,14 +23,19 @@ def test_rows_cover_every_kernel_kind_with_the_bytes_it_reads(tiny_model_path, m
     backend = GPUBackend(llm.model_file, 64, mode="eager", progress=False, device=torch.device("cpu"))
     try:
         rows = kernel_bench.kernel_rows(backend, 20)
-        int8_rows = kernel_bench.kernel_rows(backend, 20, attention=False, int8=True)
+        int8_rows = kernel_bench.kernel_rows(backend, 20, attention=False, activations="int8")
+        wide_rows = kernel_bench.kernel_rows(backend, 20, attention=False, activations="16bit")
+        with pytest.raises(ValueError, match="activations must be one of"):
+            kernel_bench.kernel_rows(backend, 20, activations="fp8")
     finally:
         backend.close()
         llm.close()
     names = [r.kernel for r in rows]
-    assert names == ["qkv", "attn_output", "gate_up", "ffn_down", "lm_head", "attention@20"] and len(calls) == 11
+    assert names == ["qkv", "attn_output", "gate_up", "ffn_down", "lm_head", "attention@20"] and len(calls) == 16
     assert [r.kernel for r in int8_rows] == [f"{n} int8" for n in names[:5]]
+    assert [r.kernel for r in wide_rows] == [f"{n} 16bit" for n in names[:5]]
     assert [r.bytes_per_step for r in int8_rows] == [r.bytes_per_step for r in rows[:5]]
+    assert [r.bytes_per_step for r in wide_rows] == [r.bytes_per_step for r in rows[:5]]
     cfg = llm.config
     down = rows[3]
     assert down.launches_per_step == cfg.num_layers

@@ -115,19 +115,21 @@ def test_head_dim_not_a_power_of_two_and_page_size_one():
     assert _relative_error(out, paged_decode_attention_reference(*args, 0.2)) < TOLERANCE
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["int8", "16bit"])
 @pytest.mark.parametrize("head_dim", [32, 96])  # 96: the head's blocks do not fill BLOCK_D (128)
-def test_int8_copy_equals_quantize_activations_of_the_output(head_dim):
-    """The merge's int8 copy of out (as [B, Hq * Dh]) is bit for bit what quantize_activations makes of it."""
-    from replayllm.kernels.int8_activations import ActivationQ8, quantize_activations
+def test_quantized_copy_equals_quantize_activations_of_the_output(wide, head_dim):
+    """The merge's int8 or 16-bit copy of out (as [B, Hq * Dh]) is bit for bit what quantize_activations makes
+    of it."""
+    from replayllm.kernels.int8_activations import ActivationQ8, quantize_activations, wide_values
 
     args = _setup([5, 40], 4, 2, head_dim, 4, 64, seed=11, q_scale=2.0)
     workspace = DecodeAttentionWorkspace.create(2, 4, head_dim, 64, DEVICE, split_tokens=16)
     out = torch.full(args[0].shape, float("nan"), device=DEVICE)
-    fused = ActivationQ8.allocate(2, 4 * head_dim, DEVICE)
+    fused = ActivationQ8.allocate(2, 4 * head_dim, DEVICE, wide=wide)
     paged_decode_attention(*args, 0.3, out, workspace, out_q8=fused)
     assert _relative_error(out, paged_decode_attention_reference(*args, 0.3)) < TOLERANCE
-    separate = quantize_activations(out.view(2, -1), ActivationQ8.allocate(2, 4 * head_dim, DEVICE))
-    assert torch.equal(fused.q, separate.q) and fused.q.abs().max() == 127
+    separate = quantize_activations(out.view(2, -1), ActivationQ8.allocate(2, 4 * head_dim, DEVICE, wide=wide))
+    assert torch.equal(fused.q, separate.q) and wide_values(fused.q).abs().max() == (32512 if wide else 127)
     assert torch.equal(fused.scale, separate.scale) and torch.equal(fused.block_sum, separate.block_sum)
 
 

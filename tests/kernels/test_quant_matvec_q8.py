@@ -1,5 +1,5 @@
-"""The experimental int8-activation GEMVs (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0) and their activation quantizer,
-against float64 references."""
+"""The integer-dot GEMVs (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0) with int8 and 16-bit activations, and their
+activation quantizer, against float64 references."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ import torch
 from gguf import GGMLQuantizationType
 
 from replayllm.errors import UnsupportedError
-from replayllm.kernels.int8_activations import ActivationQ8, quantize_activations, quantize_activations_reference
+from replayllm.kernels.int8_activations import (
+    ActivationQ8,
+    quantize_activations,
+    quantize_activations_reference,
+    wide_values,
+)
 from replayllm.kernels.quant_matvec_q8 import quant_matvec_q8, quant_matvec_q8_reference
 from replayllm.kernels.quant_weight import dequantize_reference, pack_weight
 
@@ -19,19 +24,35 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["int8", "16bit"])
 @pytest.mark.parametrize("batch, n_cols", [(1, 512), (3, 288)])
-def test_quantize_activations_matches_the_reference(batch, n_cols, device):
+def test_quantize_activations_matches_the_reference(batch, n_cols, wide, device):
     x = torch.randn(batch, n_cols, device=device) * 3
     x[0, :32] = 0.0  # an all-zero block: scale 0, quants 0
-    out = quantize_activations(x, ActivationQ8.allocate(batch, n_cols, device))
-    ref = quantize_activations_reference(x.cpu())
+    out = quantize_activations(x, ActivationQ8.allocate(batch, n_cols, device, wide=wide))
+    ref = quantize_activations_reference(x.cpu(), wide=wide)
+    assert out.q.dtype == (torch.int16 if wide else torch.int8)
     assert torch.allclose(out.scale.cpu(), ref.scale, rtol=1e-6, atol=0)
     assert torch.allclose(out.block_sum.cpu(), ref.block_sum, rtol=1e-5, atol=1e-5)
-    diff = (out.q.cpu().int() - ref.q.int()).abs()
+    diff = (wide_values(out.q.cpu()) - wide_values(ref.q)).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-2  # rounding ties only
     assert out.q[0, :32].abs().max() == 0 and out.scale[0, 0] == 0
-    recovered = out.q.float().view(batch, -1, 32) * out.scale[..., None]
-    assert rel_err(recovered.view(batch, n_cols), x) < 1e-2
+    recovered = wide_values(out.q).float().view(batch, -1, 32) * out.scale[..., None]
+    # Uniform rounding of a step amax / 127 or amax / 32512: ~5e-3 or ~2e-5 of the values' norm here.
+    assert rel_err(recovered.view(batch, n_cols), x) < (5e-5 if wide else 1e-2)
+
+
+def test_wide_quants_keep_both_bytes_in_signed_range():
+    # The extremes and the values around each carry of the two-byte form decode back exactly.
+    v = torch.tensor([-32512, -32385, -32384, -257, -256, -129, -128, -1, 0, 1, 127, 128, 255, 256, 32383, 32384,
+                      32512], dtype=torch.float32)
+    x = torch.zeros(1, 32 * len(v))
+    x.view(len(v), 32)[:, 0] = v
+    x.view(len(v), 32)[:, 1] = 32512.0  # each block's amax: quants equal the values
+    q = quantize_activations_reference(x, wide=True).q.view(len(v), 32)
+    assert torch.equal(wide_values(q[:, 0]), v.to(torch.int32))
+    high_bytes = q[:, 0].contiguous().view(torch.int8).view(len(v), 2)[:, 1]  # little-endian: byte 1 is the high one
+    assert high_bytes.abs().max() <= 127
 
 
 # (type, n_cols): the default step is 32 chunks (1024 weights of a row for Q4_0, Q4_1 and Q8_0, 2048 for Q4_K
@@ -44,26 +65,27 @@ MATVEC_CASES = [(T.Q4_0, 256), (T.Q4_0, 1280), (T.Q4_1, 256), (T.Q4_1, 1280), (T
 
 @pytest.fixture
 def case(gguf_rows, device):
-    """case(type, n_rows, n_cols, batch, seed) -> (weight, x, quantized x) on the test device."""
-    def make(ggml_type, n_rows, n_cols, batch, seed):
+    """case(type, n_rows, n_cols, batch, seed, wide) -> (weight, x, quantized x) on the test device."""
+    def make(ggml_type, n_rows, n_cols, batch, seed, wide=False):
         w = pack_weight(ggml_type, gguf_rows(ggml_type, n_rows, n_cols, seed=seed), n_cols).to(device)
         x = torch.randn(batch, n_cols, generator=torch.Generator().manual_seed(seed)).to(device)
-        return w, x, quantize_activations(x, ActivationQ8.allocate(batch, n_cols, device))
+        return w, x, quantize_activations(x, ActivationQ8.allocate(batch, n_cols, device, wide=wide))
     return make
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["int8", "16bit"])
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("ggml_type, n_cols", MATVEC_CASES, ids=[f"{t.name}-{k}" for t, k in MATVEC_CASES])
-def test_matvec_matches_its_reference_and_the_f32_product(ggml_type, n_cols, batch, case, device):
+def test_matvec_matches_its_reference_and_the_f32_product(ggml_type, n_cols, batch, wide, case, device):
     n_rows = 37  # not a multiple of block_n: the last program's rows past the end are masked
-    w, x, xq = case(ggml_type, n_rows, n_cols, batch, seed=batch)
+    w, x, xq = case(ggml_type, n_rows, n_cols, batch, seed=batch, wide=wide)
     out = torch.full((batch, n_rows), float("nan"), device=device)
     assert quant_matvec_q8(xq, w, out) is out
     assert rel_err(out, quant_matvec_q8_reference(xq, w)) < 1e-5
     exact = x.double() @ dequantize_reference(w).double().T
     # The activations' int8 rounding: ~0.5-1% here, up to ~2% where a min term cancels most of the product
-    # (Q4_1); a wrong nibble, bit or scale is off by tens of percent.
-    assert rel_err(out, exact) < 4e-2
+    # (Q4_1); 16-bit quants round 256 times finer. A wrong nibble, bit, byte or scale is off by tens of percent.
+    assert rel_err(out, exact) < (2e-4 if wide else 4e-2)
 
 
 # 1792 columns are 56 Q4_0, Q4_1 and Q8_0 chunks, 28 Q4_K and Q5_K chunks, 14 Q6_K chunks: 4 steps each, the last
@@ -71,9 +93,10 @@ def test_matvec_matches_its_reference_and_the_f32_product(ggml_type, n_cols, bat
 LAUNCH_CASES = [(T.Q4_0, 16), (T.Q4_1, 16), (T.Q4_K, 8), (T.Q5_K, 8), (T.Q6_K, 4), (T.Q8_0, 16)]
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["int8", "16bit"])
 @pytest.mark.parametrize("ggml_type, chunks", LAUNCH_CASES, ids=[t.name for t, _ in LAUNCH_CASES])
-def test_other_launch_shapes_give_the_same_result(ggml_type, chunks, case, device):
-    w, _, xq = case(ggml_type, 37, 1792, 2, seed=7)
+def test_other_launch_shapes_give_the_same_result(ggml_type, chunks, wide, case, device):
+    w, _, xq = case(ggml_type, 37, 1792, 2, seed=7, wide=wide)
     out = torch.full((2, 37), float("nan"), device=device)
     quant_matvec_q8(xq, w, out, block_n=4, chunks=chunks, num_warps=2, num_stages=2)  # 37 rows = 9 * 4 + 1
     assert rel_err(out, quant_matvec_q8_reference(xq, w)) < 1e-5

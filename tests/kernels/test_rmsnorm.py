@@ -133,19 +133,21 @@ def test_rmsnorm_at_model_shapes_and_in_cuda_graph():
         assert _relative_error(out, expected_out) < TOLERANCE
 
 
+@pytest.mark.parametrize("wide", [False, True], ids=["int8", "16bit"])
 @pytest.mark.parametrize("rows, row_size", [(1, 4096), (2, 96)])  # 96: a masked block past the row in BLOCK_D
-def test_quantized_copy_equals_quantize_activations_of_the_output(rows, row_size):
-    """The int8 copy written by the same launch is bit for bit what quantize_activations makes of `out`."""
-    from replayllm.kernels.int8_activations import ActivationQ8, quantize_activations
+def test_quantized_copy_equals_quantize_activations_of_the_output(wide, rows, row_size):
+    """The int8 or 16-bit copy written by the same launch is bit for bit what quantize_activations makes of
+    `out`."""
+    from replayllm.kernels.int8_activations import ActivationQ8, quantize_activations, wide_values
 
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(rows, row_size, generator=gen) * 4).to(DEVICE)
     w = torch.randn(row_size, generator=gen).to(DEVICE)
-    out, fused = _poisoned(rows, row_size), ActivationQ8.allocate(rows, row_size, DEVICE)
+    out, fused = _poisoned(rows, row_size), ActivationQ8.allocate(rows, row_size, DEVICE, wide=wide)
     rmsnorm(x, w, 1e-5, out, out_q8=fused)
-    separate = quantize_activations(out, ActivationQ8.allocate(rows, row_size, DEVICE))
+    separate = quantize_activations(out, ActivationQ8.allocate(rows, row_size, DEVICE, wide=wide))
     assert _relative_error(out, rmsnorm_reference(x, w, 1e-5)) < TOLERANCE
-    assert torch.equal(fused.q, separate.q) and fused.q.abs().max() == 127
+    assert torch.equal(fused.q, separate.q) and wide_values(fused.q).abs().max() == (32512 if wide else 127)
     assert torch.equal(fused.scale, separate.scale) and torch.equal(fused.block_sum, separate.block_sum)
 
 

@@ -34,7 +34,7 @@ from triton.runtime.jit import JITFunction
 
 HOPPER_SHARED_BYTES = 232448  # dynamic shared memory one block may have on sm_90 (227 KiB)
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8",
-                 torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
+                 torch.uint8: "u8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,11 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
     for t in (T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0):
         w = weight(t, n_cols=ffn)
         calls.append((f"{t.name} int8 GEMV: ", lambda w=w: quant_matvec_q8(xq, w, torch.zeros(1, 32))))
+    xq16 = ActivationQ8.allocate(1, ffn, "cpu", wide=True)  # the default decode path's 16-bit activations
+    calls.append(("16-bit activations: ", lambda: quantize_activations(torch.zeros(1, ffn), xq16)))
+    for t in (T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0):
+        w = weight(t, n_cols=ffn)
+        calls.append((f"{t.name} 16-bit GEMV: ", lambda w=w: quant_matvec_q8(xq16, w, torch.zeros(1, 32))))
     norm = torch.ones(hidden)
     calls.append(("", lambda: K.rmsnorm(x1, norm, 1e-5, torch.zeros(1, hidden))))
     calls.append(("", lambda: K.add_rmsnorm(x1, torch.zeros(1, hidden), norm, 1e-5, torch.zeros(1, hidden))))
@@ -167,6 +172,9 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
     h_q8 = ActivationQ8.allocate(1, hidden, "cpu")
     calls.append(("+ int8 copy: ", lambda: K.rmsnorm(x1, norm, 1e-5, torch.zeros(1, hidden), h_q8)))
     calls.append(("+ int8 copy: ", lambda: K.silu_mul(torch.zeros(1, 2 * ffn), torch.zeros(1, ffn), xq)))
+    h_q16 = ActivationQ8.allocate(1, hidden, "cpu", wide=True)
+    calls.append(("+ 16-bit copy: ", lambda: K.rmsnorm(x1, norm, 1e-5, torch.zeros(1, hidden), h_q16)))
+    calls.append(("+ 16-bit copy: ", lambda: K.silu_mul(torch.zeros(1, 2 * ffn), torch.zeros(1, ffn), xq16)))
     cache = torch.zeros(4, heads, page, head_dim, dtype=torch.float16)
     table = torch.zeros(1, 4, dtype=torch.int32)
     positions = torch.zeros(1, dtype=torch.int32)
@@ -182,7 +190,11 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
     attn_q8 = ActivationQ8.allocate(1, heads * head_dim, "cpu")
     calls.append(("+ int8 copy: ", lambda: K.paged_decode_attention(q, cache, cache, table, positions, 0.1,
                                                                     torch.zeros_like(q), workspace, out_q8=attn_q8)))
+    attn_q16 = ActivationQ8.allocate(1, heads * head_dim, "cpu", wide=True)
+    calls.append(("+ 16-bit copy: ", lambda: K.paged_decode_attention(q, cache, cache, table, positions, 0.1,
+                                                                      torch.zeros_like(q), workspace, out_q8=attn_q16)))
     calls.append(("PDL: ", lambda: quant_matvec_q8(xq, weight(T.Q4_K, n_cols=ffn), torch.zeros(1, 32), pdl=True)))
+    calls.append(("PDL: ", lambda: quant_matvec_q8(xq16, weight(T.Q4_K, n_cols=ffn), torch.zeros(1, 32), pdl=True)))
     calls.append(("PDL: ", lambda: K.quant_matvec(x1, w4, torch.zeros(1, 32), pdl=True)))
     calls.append(("PDL: ", lambda: K.rmsnorm(x1, norm, 1e-5, torch.zeros(1, hidden), h_q8, pdl=True)))
     q_prefill = torch.zeros(48, heads, head_dim)

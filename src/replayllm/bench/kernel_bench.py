@@ -52,34 +52,40 @@ def time_graph_replay(body, replays: int = 20) -> float:
 
 
 def kernel_rows(backend, context_tokens: int, config: MatvecConfig | None = None,
-                attention: bool = True, int8: bool = False) -> list[KernelRow]:
+                attention: bool = True, activations: str = "f32") -> list[KernelRow]:
     """Rows for a GPUBackend's loaded model; attention is timed with `context_tokens` in the cache. `config`
-    replaces the matvec launch shape (None: the engine's default), for tuning sweeps. `int8`: the matrices go
-    through the decode step's int8-activation routing (runner.decode_step.project) instead; rows are named
-    "<kind> int8"."""
-    from ..runner.decode_step import project
+    replaces the f32-activation matvec's launch shape (None: the engine's default), for tuning sweeps.
+    `activations` (runner.decode_step.ACTIVATION_FORMS): "f32" times the f32-activation GEMVs (rows named
+    "<kind>"); "16bit" or "int8" the decode step's routing with those quantized activations
+    (runner.decode_step.project), rows named "<kind> 16bit" / "<kind> int8"."""
+    from ..runner.decode_step import ACTIVATION_FORMS, project
 
+    if activations not in ACTIVATION_FORMS:
+        raise ValueError(f"activations must be one of {ACTIVATION_FORMS}, got {activations!r}")
     weights, bufs = backend.weights, backend.bufs
+    wide = activations == "16bit"
+    copies = {"h": bufs.h_q16 if wide else bufs.h_q8, "attn": bufs.attn_q16 if wide else bufs.attn_q8,
+              "act": bufs.act_q16 if wide else bufs.act_q8}
     kinds = {
-        "qkv": ([w for layer in weights.layers for w in layer.qkv], bufs.h, bufs.h_q8, bufs.qkv),
-        "attn_output": ([layer.attn_output for layer in weights.layers], bufs.attn.view(1, -1), bufs.attn_q8,
+        "qkv": ([w for layer in weights.layers for w in layer.qkv], bufs.h, copies["h"], bufs.qkv),
+        "attn_output": ([layer.attn_output for layer in weights.layers], bufs.attn.view(1, -1), copies["attn"],
                         bufs.x),
-        "gate_up": ([w for layer in weights.layers for w in layer.gate_up], bufs.h, bufs.h_q8, bufs.gate_up),
-        "ffn_down": ([layer.ffn_down for layer in weights.layers], bufs.act, bufs.act_q8, bufs.x),
-        "lm_head": ([weights.output], bufs.h, bufs.h_q8, bufs.logits),
+        "gate_up": ([w for layer in weights.layers for w in layer.gate_up], bufs.h, copies["h"], bufs.gate_up),
+        "ffn_down": ([layer.ffn_down for layer in weights.layers], bufs.act, copies["act"], bufs.x),
+        "lm_head": ([weights.output], bufs.h, copies["h"], bufs.logits),
     }
-    if int8 and not bufs.can_use_int8_activations:
-        raise ValueError("this model's widths have no int8 activation buffers")
+    if activations != "f32" and not bufs.can_quantize_activations:
+        raise ValueError("this model's widths have no quantized activation buffers")
     rows = []
-    for name, (matrices, x, x_q8, out) in kinds.items():
-        def body(matrices=matrices, x=x, x_q8=x_q8, out=out):
+    for name, (matrices, x, xq, out) in kinds.items():
+        def body(matrices=matrices, x=x, xq=xq, out=out):
             for w in matrices:
-                if int8:
-                    project(x, [w], out[:, : w.n_rows], None, x_q8)
+                if activations != "f32":
+                    project(x, [w], out[:, : w.n_rows], None, xq)
                 else:
                     quant_matvec(x, w, out[:, : w.n_rows], config=config)
         ms = time_graph_replay(body)
-        name = f"{name} int8" if int8 else name
+        name = name if activations == "f32" else f"{name} {activations}"
         nbytes = sum(w.nbytes for w in matrices)
         rows.append(KernelRow(name, len(matrices), 1e3 * ms, nbytes, nbytes / (ms * 1e-3) / 1e9))
     if attention:

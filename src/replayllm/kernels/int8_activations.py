@@ -1,9 +1,20 @@
-"""Activation rows quantized to int8 in blocks of 32, for the int8-activation GEMVs (quant_matvec_q8).
+"""Activation rows quantized in blocks of 32, for the integer-dot GEMVs (quant_matvec_q8): int8, or 16-bit.
 
-Each block of 32 values gets one f32 scale, amax / 127, and quants round(x / scale) in [-127, 127]; the exact
-f32 sum of the block's original values is kept too (the Q4_K min term needs it). The block arithmetic is one
-Triton helper, `_quantize_blocks`, shared by the standalone kernel here and by the kernels that produce an
-activation and quantize it in the same launch (rmsnorm, silu_mul): every path gives bit-identical results.
+Each block of 32 values gets one f32 scale, amax / QMAX, and quants round(x / scale) in [-QMAX, QMAX]; the exact
+f32 sum of the block's original values is kept too (the Q4_K min term needs it). Two widths:
+
+- int8 (QMAX = 127): one byte a value, ~1e-3 relative rounding; the opt-in fast path.
+- 16-bit (QMAX = 32512 = 127 * 256): the default path's. Its rounding, at most 1.5e-5 of the block's largest
+  value, is below f16's for all but the block's smallest values, so greedy output keeps to the f32
+  reference's. A quant v is split into two signed bytes, v = 256 hi + lo with hi = floor((v + 128) / 256) in
+  [-127, 127] and lo in [-128, 127], and stored as the int16 whose high byte is hi and low byte lo (not v
+  itself): the GEMVs then multiply each byte plane with the int8 path's instructions,
+  sum_i q_i v_i = 256 sum_i q_i hi_i + sum_i q_i lo_i, exact in integers.
+
+The width is the quant tensor's dtype (int8 or int16). The block arithmetic is one Triton helper,
+`_quantize_blocks`, shared by the standalone kernel here and by the kernels that produce an activation and
+quantize it in the same launch (rmsnorm, silu_mul, the decode-attention merge), which read the width from the
+pointer they are given: every path gives bit-identical results.
 """
 
 from __future__ import annotations
@@ -18,23 +29,31 @@ from ._tensor_checks import check_same_device, check_tensor
 from .pdl import _pdl_wait, launch_options
 
 ACTIVATION_BLOCK = 32
+QMAX_INT8 = 127
+QMAX_WIDE = 32512  # 127 * 256: the high byte of every 16-bit quant stays in [-127, 127]
+_QUANT_DTYPES = (torch.int8, torch.int16)
 
 
 @dataclass(frozen=True)
 class ActivationQ8:
-    """B activation rows of K values quantized in blocks of 32: x ~ q * scale; `block_sum` is the exact sum of
-    each block's original values (the Q4_K min term needs it)."""
+    """B activation rows of K values quantized in blocks of 32: x ~ q * scale (for 16-bit quants, q's value as
+    `wide_values` decodes it); `block_sum` is the exact sum of each block's original values (the Q4_K min term
+    needs it)."""
 
-    q: torch.Tensor  # [B, K] int8
+    q: torch.Tensor  # [B, K] int8, or int16 (16-bit quants, split into two bytes: see the module docstring)
     scale: torch.Tensor  # [B, K / 32] f32
     block_sum: torch.Tensor  # [B, K / 32] f32
 
+    @property
+    def wide(self) -> bool:
+        return self.q.dtype == torch.int16
+
     @classmethod
-    def allocate(cls, batch: int, n_cols: int, device: torch.device | str) -> ActivationQ8:
+    def allocate(cls, batch: int, n_cols: int, device: torch.device | str, wide: bool = False) -> ActivationQ8:
         if n_cols % ACTIVATION_BLOCK:
             raise ValueError(f"n_cols must be a multiple of {ACTIVATION_BLOCK}, got {n_cols}")
         blocks = n_cols // ACTIVATION_BLOCK
-        return cls(torch.zeros(batch, n_cols, dtype=torch.int8, device=device),
+        return cls(torch.zeros(batch, n_cols, dtype=torch.int16 if wide else torch.int8, device=device),
                    torch.zeros(batch, blocks, dtype=torch.float32, device=device),
                    torch.zeros(batch, blocks, dtype=torch.float32, device=device))
 
@@ -59,20 +78,31 @@ def check_activation_q8(name: str, xq: ActivationQ8, batch: int, n_cols: int) ->
     if n_cols % ACTIVATION_BLOCK:
         raise ValueError(f"{name}: int8 activations need a width that is a multiple of {ACTIVATION_BLOCK}, "
                          f"got {n_cols}")
-    check_tensor(f"{name}.q", xq.q, torch.int8, (batch, n_cols))
+    if xq.q.dtype not in _QUANT_DTYPES:
+        raise ValueError(f"{name}.q must be int8 or int16 (16-bit quants), got {xq.q.dtype}")
+    check_tensor(f"{name}.q", xq.q, xq.q.dtype, (batch, n_cols))
     check_tensor(f"{name}.scale", xq.scale, torch.float32, (batch, n_cols // ACTIVATION_BLOCK))
     check_tensor(f"{name}.block_sum", xq.block_sum, torch.float32, (batch, n_cols // ACTIVATION_BLOCK))
 
 
 @triton.jit
 def _quantize_blocks(x, q_ptrs, scale_ptrs, sum_ptrs, block_ok):
-    """Quantize x [N, 32] f32 (N blocks) and store the int8 quants at q_ptrs [N, 32], the scales and the exact
-    block sums at scale_ptrs, sum_ptrs [N]; blocks where block_ok [N] is false are not stored."""
+    """Quantize x [N, 32] f32 (N blocks) and store the quants at q_ptrs [N, 32] (int8, or int16: 16-bit quants in
+    their two-byte form), the scales and the exact block sums at scale_ptrs, sum_ptrs [N]; blocks where block_ok
+    [N] is false are not stored."""
+    WIDE: tl.constexpr = q_ptrs.dtype.element_ty == tl.int16
+    QMAX: tl.constexpr = 32512.0 if WIDE else 127.0
     amax = tl.max(tl.abs(x), axis=1)  # [N]
-    inverse = tl.where(amax > 0.0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-    q = tl.floor(x * inverse[:, None] + 0.5)  # in [-127, 127]
-    tl.store(q_ptrs, q.to(tl.int8), mask=block_ok[:, None])
-    tl.store(scale_ptrs, amax / 127.0, mask=block_ok)
+    inverse = tl.where(amax > 0.0, QMAX / tl.maximum(amax, 1e-30), 0.0)
+    q = tl.floor(x * inverse[:, None] + 0.5)  # in [-QMAX, QMAX]
+    if WIDE:
+        v = q.to(tl.int32)
+        hi = (v + 128) >> 8  # arithmetic shift: floor((v + 128) / 256), in [-127, 127]
+        lo = v - hi * 256  # in [-128, 127]
+        tl.store(q_ptrs, ((hi << 8) | (lo & 0xFF)).to(tl.int16), mask=block_ok[:, None])
+    else:
+        tl.store(q_ptrs, q.to(tl.int8), mask=block_ok[:, None])
+    tl.store(scale_ptrs, amax / QMAX, mask=block_ok)
     tl.store(sum_ptrs, tl.sum(x, axis=1), mask=block_ok)
 
 
@@ -115,9 +145,26 @@ def quantize_activations(x: torch.Tensor, out: ActivationQ8, *, pdl: bool = Fals
     return out
 
 
-def quantize_activations_reference(x: torch.Tensor) -> ActivationQ8:
+def quantize_activations_reference(x: torch.Tensor, wide: bool = False) -> ActivationQ8:
+    """What quantize_activations(x, ActivationQ8.allocate(..., wide)) stores, in plain torch."""
+    qmax = float(QMAX_WIDE if wide else QMAX_INT8)
     blocks = x.float().view(x.shape[0], -1, ACTIVATION_BLOCK)  # [B, K/32, 32]
     amax = blocks.abs().amax(dim=-1)
-    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    q = torch.floor(blocks * inverse[..., None] + 0.5).to(torch.int8).view(x.shape)
-    return ActivationQ8(q, amax / 127.0, blocks.sum(dim=-1))
+    inverse = torch.where(amax > 0, qmax / amax, torch.zeros_like(amax))
+    q = torch.floor(blocks * inverse[..., None] + 0.5).view(x.shape)
+    if wide:
+        v = q.to(torch.int32)
+        hi = torch.div(v + 128, 256, rounding_mode="floor")
+        q = ((hi << 8) | ((v - hi * 256) & 0xFF)).to(torch.int16)
+    else:
+        q = q.to(torch.int8)
+    return ActivationQ8(q, amax / qmax, blocks.sum(dim=-1))
+
+
+def wide_values(q: torch.Tensor) -> torch.Tensor:
+    """The quant values (int32) of int8 quants, or of 16-bit quants in their two-byte form: 256 hi + lo."""
+    if q.dtype == torch.int8:
+        return q.to(torch.int32)
+    v = q.to(torch.int32)
+    lo = v & 0xFF
+    return (v >> 8) * 256 + torch.where(lo >= 128, lo - 256, lo)

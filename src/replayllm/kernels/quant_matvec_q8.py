@@ -45,7 +45,7 @@ from gguf import GGMLQuantizationType
 
 from ..errors import UnsupportedError
 from ._tensor_checks import check_same_device, check_tensor
-from .int8_activations import ACTIVATION_BLOCK, ActivationQ8
+from .int8_activations import ACTIVATION_BLOCK, ActivationQ8, wide_values
 from .quant_dequant import _kquant_scales
 from .quant_weight import QuantWeight
 from .pdl import _pdl_wait, launch_options
@@ -80,6 +80,24 @@ def _dot4(a, b, USE_DP4A: tl.constexpr, A_BYTES: tl.constexpr = _U8):
             a_k -= 32
         total += a_k * ((b << (24 - 8 * k)) >> 24)
     return total
+
+
+@triton.jit
+def _byte_planes(words, USE_DP4A: tl.constexpr):
+    """16-bit activation quants, 4 to an int64 word (each in its two-byte form: int8_activations) -> (coarse,
+    fine): int32 words of their 4 high bytes and of their 4 low bytes, in order. Each plane then meets the
+    weights exactly as int8 activations do, and sum q v = 256 (q . coarse) + (q . fine). Two byte permutes."""
+    a = words.to(tl.int32)  # activations 0, 1 (low half of the word)
+    b = (words >> 32).to(tl.int32)  # activations 2, 3
+    if USE_DP4A:
+        coarse = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7531;", "=r,r,r", [a, b], dtype=tl.int32,
+                                           is_pure=True, pack=1)
+        fine = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x6420;", "=r,r,r", [a, b], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+        return coarse, fine
+    coarse = ((a >> 8) & 0xFF) | ((a >> 16) & 0xFF00) | ((b << 8) & 0xFF0000) | ((b >> 24) << 24)
+    fine = (a & 0xFF) | ((a >> 8) & 0xFF00) | ((b << 16) & 0xFF0000) | (((b << 8) >> 24) << 24)
+    return coarse, fine
 
 
 @triton.jit
@@ -157,11 +175,18 @@ def _nibble_dots(w, x_lo, x_hi, start, USE_DP4A: tl.constexpr):
 
 
 @triton.jit
+def _q4_sums(w, x_lo, x_hi, HAS_MIN: tl.constexpr, USE_DP4A: tl.constexpr):
+    """sum (q [- 8]) xq per block of a Q4_0 / Q4_1 tile [BLOCK_N, C, 4] of quant words: int32 [BLOCK_N, C]."""
+    start = tl.zeros_like(w) if HAS_MIN else _minus8_sum(x_lo, x_hi, USE_DP4A)
+    return tl.sum(_nibble_dots(w, x_lo, x_hi, start, USE_DP4A), axis=2)
+
+
+@triton.jit
 def _q4_matvec_q8_kernel(
     xq_ptr, xs_ptr, xsum_ptr, out_ptr, bias_ptr, qs_ptr, d_ptr, m_ptr,
     stride_qw, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
     C: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACCUMULATE: tl.constexpr, USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
+    ACCUMULATE: tl.constexpr, WIDE: tl.constexpr, USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     _pdl_wait(USE_PDL)
     # Q4_0 (weight = (q - 8) d), and Q4_1 with HAS_MIN (weight = q d + m, the min m times the block's exact
@@ -182,13 +207,16 @@ def _q4_matvec_q8_kernel(
         ok, c2, c3 = _step_chunks(step, n_chunks, C)  # [1, C], [1, C], [1, C, 1]
         w = tl.load(qs_ptr + src3 * stride_qw + 4 * c3 + u)  # [BLOCK_N, C, 4]
         x = xrow + 8 * c3 + u + 0 * src3  # at the tile's full shape, so it takes the quant words' layout
-        x_lo = tl.load(x)
-        x_hi = tl.load(x + 4)
-        start = tl.zeros_like(w) if HAS_MIN else _minus8_sum(x_lo, x_hi, USE_DP4A)
-        s = tl.sum(_nibble_dots(w, x_lo, x_hi, start, USE_DP4A), axis=2)  # [BLOCK_N, C]: sum (q [- 8]) xq
+        if WIDE:  # [BLOCK_N, C]: sum (q [- 8]) xq over both byte planes
+            coarse_lo, fine_lo = _byte_planes(tl.load(x), USE_DP4A)
+            coarse_hi, fine_hi = _byte_planes(tl.load(x + 4), USE_DP4A)
+            s = (_q4_sums(w, coarse_lo, coarse_hi, HAS_MIN, USE_DP4A).to(tl.float32) * 256.0
+                 + _q4_sums(w, fine_lo, fine_hi, HAS_MIN, USE_DP4A).to(tl.float32))
+        else:
+            s = _q4_sums(w, tl.load(x), tl.load(x + 4), HAS_MIN, USE_DP4A).to(tl.float32)
         d = tl.where(ok, tl.load(d_ptr + src2 * stride_d + c2).to(tl.float32), 0.0)  # [BLOCK_N, C]
         xs = tl.load(xs_ptr + srow + c2 + 0 * src2)
-        acc += (d * xs) * s.to(tl.float32)
+        acc += (d * xs) * s
         if HAS_MIN:
             m = tl.where(ok, tl.load(m_ptr + src2 * stride_d + c2).to(tl.float32), 0.0)
             acc += m * tl.load(xsum_ptr + srow + c2 + 0 * src2)
@@ -210,11 +238,36 @@ def _kquant_half_chunk(qs, qh, x_lo, x_hi, bit, s_lo, s_hi, HAS_QH: tl.constexpr
 
 
 @triton.jit
+def _kquant_chunk_sums(qs0, qs1, qh0, qh1, x, bit, HAS_QH: tl.constexpr, WIDE: tl.constexpr,
+                       USE_DP4A: tl.constexpr):
+    """The integer sums q . xq of sub-blocks 2c and 2c + 1 of a Q4_K / Q5_K tile (qs0, qs1: its quant words
+    t < 4 and t >= 4; x: pointers to activation word 16c + t, t < 4): f32 [BLOCK_N, C] each, exact."""
+    if WIDE:
+        c0, f0 = _byte_planes(tl.load(x), USE_DP4A)
+        c8, f8 = _byte_planes(tl.load(x + 8), USE_DP4A)
+        c4, f4 = _byte_planes(tl.load(x + 4), USE_DP4A)
+        c12, f12 = _byte_planes(tl.load(x + 12), USE_DP4A)
+        s_lo, s_hi = _kquant_half_chunk(qs0, qh0, c0, c8, bit, 0, 0, HAS_QH, USE_DP4A)
+        s_lo, s_hi = _kquant_half_chunk(qs1, qh1, c4, c12, bit, s_lo, s_hi, HAS_QH, USE_DP4A)
+        t_lo, t_hi = _kquant_half_chunk(qs0, qh0, f0, f8, bit, 0, 0, HAS_QH, USE_DP4A)
+        t_lo, t_hi = _kquant_half_chunk(qs1, qh1, f4, f12, bit, t_lo, t_hi, HAS_QH, USE_DP4A)
+        sum_lo = tl.sum(s_lo, axis=2).to(tl.float32) * 256.0 + tl.sum(t_lo, axis=2).to(tl.float32)
+        sum_hi = tl.sum(s_hi, axis=2).to(tl.float32) * 256.0 + tl.sum(t_hi, axis=2).to(tl.float32)
+    else:  # (an else, not code after a return: Triton compiles what follows a constexpr if's return too)
+        s_lo, s_hi = _kquant_half_chunk(qs0, qh0, tl.load(x), tl.load(x + 8), bit, 0, 0, HAS_QH, USE_DP4A)
+        s_lo, s_hi = _kquant_half_chunk(qs1, qh1, tl.load(x + 4), tl.load(x + 12), bit, s_lo, s_hi, HAS_QH,
+                                        USE_DP4A)
+        sum_lo = tl.sum(s_lo, axis=2).to(tl.float32)
+        sum_hi = tl.sum(s_hi, axis=2).to(tl.float32)
+    return sum_lo, sum_hi
+
+
+@triton.jit
 def _kquant_matvec_q8_kernel(
     xq_ptr, xs_ptr, xsum_ptr, out_ptr, bias_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
     stride_qw, stride_qh, stride_sc, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
     C: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QH: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACCUMULATE: tl.constexpr, USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
+    ACCUMULATE: tl.constexpr, WIDE: tl.constexpr, USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     _pdl_wait(USE_PDL)
     # Q4_K, and Q5_K with HAS_QH. qs, qh and xq are read as int32 words. A row's chunk c (64 weights) is 8 qs
@@ -240,14 +293,12 @@ def _kquant_matvec_q8_kernel(
         x = xrow + 16 * c3 + u + 0 * src3  # at the tile's full shape, so it takes the quant words' layout
         bit = 2 * (c3 % 4)  # [1, C, 1]
         qh0, qh1 = (tl.load(qh), tl.load(qh + 4)) if HAS_QH else (0, 0)
-        s_lo, s_hi = _kquant_half_chunk(tl.load(qs), qh0, tl.load(x), tl.load(x + 8), bit, 0, 0, HAS_QH, USE_DP4A)
-        s_lo, s_hi = _kquant_half_chunk(tl.load(qs + 4), qh1, tl.load(x + 4), tl.load(x + 12), bit, s_lo, s_hi,
-                                        HAS_QH, USE_DP4A)
+        s_lo, s_hi = _kquant_chunk_sums(tl.load(qs), tl.load(qs + 4), qh0, qh1, x, bit, HAS_QH, WIDE, USE_DP4A)
         # Sub-blocks 2c and 2c + 1 of each row [BLOCK_N, C]; mn_ptr holds the scales' packed top bits.
         sc_lo, m_lo, sc_hi, m_hi = _kquant_scales(sc_ptr, mn_ptr, src2 * stride_sc, src2 * (stride_sc // 2), c2, ok)
-        # The 6-bit scale multiplies the integer sum (exact: |sum * sc| < 32 * 31 * 127 * 63 < 2**23).
-        s_lo = (tl.sum(s_lo, axis=2) * sc_lo).to(tl.float32)  # [BLOCK_N, C]
-        s_hi = (tl.sum(s_hi, axis=2) * sc_hi).to(tl.float32)
+        # The 6-bit scale times the sum, exact for int8 activations (|sum * sc| < 32 * 31 * 127 * 63 < 2**23).
+        s_lo = s_lo * sc_lo.to(tl.float32)  # [BLOCK_N, C]
+        s_hi = s_hi * sc_hi.to(tl.float32)
         xs = xs_ptr + srow + 2 * c2 + 0 * src2
         xsum = xsum_ptr + srow + 2 * c2 + 0 * src2
         mins = m_lo.to(tl.float32) * tl.load(xsum) + m_hi.to(tl.float32) * tl.load(xsum + 1)
@@ -271,7 +322,7 @@ def _q6k_matvec_q8_kernel(
     xq_ptr, xs_ptr, out_ptr, bias_ptr, ql_ptr, qh_ptr, sc_ptr, d_ptr,
     stride_ql, stride_qh, stride_sc, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
     C: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
+    WIDE: tl.constexpr, USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     _pdl_wait(USE_PDL)
     # ql, qh and xq are read as int32 words. Chunk c (half c of the row's super-blocks) is 128 weights in 4 runs
@@ -303,13 +354,27 @@ def _q6k_matvec_q8_kernel(
                 q = _q6k_quants(ql_p0, qh, r)
             else:
                 q = _q6k_quants(ql_p1, qh, r)
-            dot = _dot4(q, tl.load(x_run0 + 8 * r), USE_DP4A, _U8_MINUS_32)  # [BLOCK_N, C, 2, 4] int32
-            # The 6-bit quant's scale multiplies the integer sum (exact: |sum * sc| < 2**23), one conversion.
-            dot = tl.sum(dot, axis=3, keep_dims=True) * tl.load(sc_run0 + 2 * r).to(tl.int32)  # [BLOCK_N, C, 2, 1]
+            # [BLOCK_N, C, 2, 1]: the 16 weights of one scale summed as integers, then that scale (exact for int8
+            # activations: |sum * sc| < 2**23)
+            dot = _word_sums(q, tl.load(x_run0 + 8 * r), _U8_MINUS_32, WIDE, USE_DP4A)
+            dot = dot * tl.load(sc_run0 + 2 * r).to(tl.float32)
             xs = tl.load(xs_ptr + srow + 4 * c + r)  # [1, C, 1, 1]
-            acc += (d * xs) * dot.to(tl.float32)
+            acc += (d * xs) * dot
     result = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)  # [BLOCK_N]
     _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+
+
+@triton.jit
+def _word_sums(q, x, A_BYTES: tl.constexpr, WIDE: tl.constexpr, USE_DP4A: tl.constexpr):
+    """sum over the last axis (4 words) of q . x, q's bytes read as A_BYTES says, x the activation words (int64
+    words of 16-bit quants when WIDE): f32 [..., 1], exact."""
+    if WIDE:
+        coarse, fine = _byte_planes(x, USE_DP4A)
+        total = (tl.sum(_dot4(q, coarse, USE_DP4A, A_BYTES), axis=3, keep_dims=True).to(tl.float32) * 256.0
+                 + tl.sum(_dot4(q, fine, USE_DP4A, A_BYTES), axis=3, keep_dims=True).to(tl.float32))
+    else:  # (not code after a return: see _kquant_chunk_sums)
+        total = tl.sum(_dot4(q, x, USE_DP4A, A_BYTES), axis=3, keep_dims=True).to(tl.float32)
+    return total
 
 
 @triton.jit
@@ -317,7 +382,7 @@ def _q80_matvec_q8_kernel(
     xq_ptr, xs_ptr, out_ptr, bias_ptr, qs_ptr, d_ptr,
     stride_qw, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
     C: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
+    WIDE: tl.constexpr, USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     _pdl_wait(USE_PDL)
     # qs and xq are read as int32 words. Chunk c is block c (32 weights, one scale d): qs words 8c + t times xq
@@ -335,10 +400,10 @@ def _q80_matvec_q8_kernel(
         c = tl.minimum(c, n_chunks - 1)
         w = tl.load(qs_ptr + src * stride_qw + 8 * c + t)  # [BLOCK_N, C, 2, 4]
         xq = tl.load(xq_ptr + xrow + 8 * c + t + 0 * src)  # at the tile's full shape
-        dot = tl.sum(_dot4(w, xq, USE_DP4A, _S8), axis=3, keep_dims=True)  # [BLOCK_N, C, 2, 1] int32
+        dot = _word_sums(w, xq, _S8, WIDE, USE_DP4A)  # [BLOCK_N, C, 2, 1]
         d = tl.load(d_ptr + src * stride_d + c, mask=ok, other=0.0).to(tl.float32)  # [BLOCK_N, C, 1, 1]
         xs = tl.load(xs_ptr + srow + c)  # [1, C, 1, 1]
-        acc += (d * xs) * dot.to(tl.float32)
+        acc += (d * xs) * dot
     result = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)  # [BLOCK_N]
     _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
 
@@ -393,30 +458,36 @@ _KERNELS = {T.Q4_0: (_launch_q4, 32), T.Q4_1: (_launch_q4, 32), T.Q4_K: (_launch
 # vs 2.67, Q6_K 2.37 vs 2.39. Fewer rows a program give more programs to spread over the SMs and keep more
 # loads in flight per thread.
 DEFAULT_BLOCK_N = 2
+INTERPRETER_BLOCK_N = 32  # the CPU tests' default: same results, a sixteenth of the programs to interpret
 DEFAULT_CHUNKS = 32
 DEFAULT_NUM_WARPS = 2
 SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(_KERNELS)
 
 
 def quant_matvec_q8(xq: ActivationQ8, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None = None,
-                    accumulate: bool = False, block_n: int = DEFAULT_BLOCK_N, chunks: int = DEFAULT_CHUNKS,
+                    accumulate: bool = False, block_n: int | None = None, chunks: int = DEFAULT_CHUNKS,
                     num_warps: int = DEFAULT_NUM_WARPS, num_stages: int = 1, pdl: bool = False) -> torch.Tensor:
     """out (+)= x @ W^T (+ bias) for a weight of one of SUPPORTED_TYPES (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0) and
     activations quantized by `quantize_activations`.
 
     out [B, n_rows] f32 (unit column stride); one launch, no host sync, graph-capturable. Launch shape: `block_n`
-    rows a program, `chunks` chunks a step (a chunk is 32, 64 or 128 weights by type, see the module
-    docstring), both powers of two; `num_warps`, `num_stages` as for any Triton launch."""
+    rows a program (None: DEFAULT_BLOCK_N, INTERPRETER_BLOCK_N under Triton's interpreter), `chunks` chunks a step
+    (a chunk is 32, 64 or 128 weights by type, see the module docstring), both powers of two; `num_warps`, `num_stages` as for any Triton launch."""
     if not isinstance(w, QuantWeight) or w.ggml_type not in SUPPORTED_TYPES:
         got = w.ggml_type.name if isinstance(w, QuantWeight) else type(w).__name__
         supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
         raise UnsupportedError(f"quant_matvec_q8 supports {supported} weights, got {got}")
     launch, chunk_weights = _KERNELS[w.ggml_type]
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if block_n is None:  # the interpreter runs programs one by one at a cost each: few large ones there
+        block_n = INTERPRETER_BLOCK_N if interpreted else DEFAULT_BLOCK_N
     for name, value in (("block_n", block_n), ("chunks", chunks)):
         if not isinstance(value, int) or value < 1 or value & (value - 1):
             raise ValueError(f"quant_matvec_q8: {name} must be a power of two, got {value!r}")
     batch = xq.q.shape[0]
-    check_tensor("xq.q", xq.q, torch.int8, (None, w.n_cols))
+    if xq.q.dtype not in (torch.int8, torch.int16):
+        raise ValueError(f"quant_matvec_q8: xq.q must be int8 or int16 (16-bit quants), got {xq.q.dtype}")
+    check_tensor("xq.q", xq.q, xq.q.dtype, (None, w.n_cols))
     check_tensor("xq.scale", xq.scale, torch.float32, (batch, w.n_cols // ACTIVATION_BLOCK))
     check_tensor("xq.block_sum", xq.block_sum, torch.float32, (batch, w.n_cols // ACTIVATION_BLOCK))
     check_tensor("out", out, torch.float32, (batch, w.n_rows), layout="rows")
@@ -424,10 +495,12 @@ def quant_matvec_q8(xq: ActivationQ8, w: QuantWeight, out: torch.Tensor, bias: t
         check_tensor("bias", bias, torch.float32, (w.n_rows,))
     check_same_device(xq=xq.q, xq_scale=xq.scale, out=out, weight=w.qs)
     n_chunks = w.n_cols // chunk_weights
-    meta = dict(C=chunks, BLOCK_N=block_n, HAS_BIAS=bias is not None, ACCUMULATE=accumulate,
-                USE_DP4A=os.environ.get("TRITON_INTERPRET") != "1", num_warps=num_warps, num_stages=num_stages,
+    meta = dict(C=chunks, BLOCK_N=block_n, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, WIDE=xq.wide,
+                USE_DP4A=not interpreted, num_warps=num_warps, num_stages=num_stages,
                 **launch_options(pdl))
-    launch((triton.cdiv(w.n_rows, block_n) * batch,), xq, xq.q.view(torch.int32), w, out,
+    # Activation words of 4 quants each: int32 for int8 quants, int64 for 16-bit ones (same indexing).
+    words = xq.q.view(torch.int64 if xq.wide else torch.int32)
+    launch((triton.cdiv(w.n_rows, block_n) * batch,), xq, words, w, out,
            bias if bias is not None else out, n_chunks, triton.cdiv(n_chunks, chunks), meta)
     return out
 
@@ -441,7 +514,7 @@ def quant_matvec_q8_reference(xq: ActivationQ8, w: QuantWeight) -> torch.Tensor:
     if w.ggml_type not in SUPPORTED_TYPES:
         raise UnsupportedError(f"quant_matvec_q8_reference: no kernel for {w.ggml_type.name}")
     B, K = xq.q.shape
-    x_blocks = xq.q.double().view(B, -1, ACTIVATION_BLOCK) * xq.scale.double()[..., None]  # [B, K/32, 32]
+    x_blocks = wide_values(xq.q).double().view(B, -1, ACTIVATION_BLOCK) * xq.scale.double()[..., None]
     if w.ggml_type == T.Q4_1:
         offset = w.mins.double()  # [N, K/32]: weight = q d + m
     elif w.ggml_type in (T.Q4_K, T.Q5_K):

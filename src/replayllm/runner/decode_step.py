@@ -4,6 +4,16 @@ Every tensor the step touches lives in `StepBuffers`, allocated once per batch s
 (`tokens`, `positions`, `page_table`) from device memory, so the same launches, captured once in a CUDA graph,
 serve every token. The residual stream is f32; projections accumulate into it in place (`accumulate=True`), so
 no separate residual-add kernel runs.
+
+The quantized matrices' GEMVs take their input in one of three forms (`StepBuffers.activations`):
+- "16bit" (the default at batch sizes up to 4): the input quantized in blocks of 32 to 16 bits, made by the
+  kernel that produces it (norm, SiLU gate, attention merge) in the same launch; integer dot products
+  (kernels/quant_matvec_q8) whose rounding, at most 1.5e-5 of a block's largest value, is below f16's
+  for all but its smallest values;
+- "int8" (opt-in): the same with int8 quants, about 1.5-2x faster again, but its rounding changes greedy output;
+- "f32": the f32 activations themselves (kernels/quant_matvec), the exact path, and the tensor-core one at
+  larger batches.
+F16 / BF16 / F32 matrices always take the f32 path.
 """
 
 from __future__ import annotations
@@ -48,13 +58,16 @@ class StepBuffers:
     act: torch.Tensor  # [B, F] f32
     logits: torch.Tensor  # [B, vocab] f32
     attention_workspace: DecodeAttentionWorkspace
-    # Opt-in (kernels/quant_matvec_q8.py): int8 copies of the projection inputs, used by the matrices of its
-    # SUPPORTED_TYPES while `int8_activations` is set (read when the step is captured). None where a width (or,
-    # for attn_q8, the head dimension) is not a multiple of the activation block.
+    # Quantized copies of the projection inputs (kernels/int8_activations.py), int8 and 16-bit, used by the
+    # matrices of quant_matvec_q8's SUPPORTED_TYPES when `activations` says so (read when the step is captured).
+    # None where a width (or, for attn, the head dimension) is not a multiple of the activation block.
     h_q8: ActivationQ8 | None = None
     attn_q8: ActivationQ8 | None = None
     act_q8: ActivationQ8 | None = None
-    int8_activations: bool = False
+    h_q16: ActivationQ8 | None = None
+    attn_q16: ActivationQ8 | None = None
+    act_q16: ActivationQ8 | None = None
+    activations: str = "f32"  # one of ACTIVATION_FORMS
     # kernels/pdl.py: every kernel of the step launched with programmatic dependent launch (Hopper and later;
     # the engine's default there), read when the step is captured.
     pdl: bool = False
@@ -82,22 +95,54 @@ class StepBuffers:
             act=f32(B, config.intermediate_size), logits=f32(B, config.vocab_size),
             attention_workspace=DecodeAttentionWorkspace.create(B, Hq, Dh, max_context_tokens, device),
             # The attention merge quantizes each head on its own: its blocks of 32 must not straddle heads.
-            h_q8=_q8(B, config.hidden_size, device), act_q8=_q8(B, config.intermediate_size, device),
-            attn_q8=_q8(B, Hq * Dh, device) if Dh % ACTIVATION_BLOCK == 0 else None,
-        )
+            **{f"{name}_{suffix}": _quantized(B, width, device, wide)
+               for name, width in (("h", config.hidden_size), ("act", config.intermediate_size),
+                                   ("attn", Hq * Dh if Dh % ACTIVATION_BLOCK == 0 else None))
+               for suffix, wide in (("q8", False), ("q16", True))},
+        )._with_default_activations()
+
+    def _with_default_activations(self) -> StepBuffers:
+        self.activations = default_activations(self)
+        return self
 
     @property
-    def can_use_int8_activations(self) -> bool:
+    def can_quantize_activations(self) -> bool:
         return None not in (self.h_q8, self.attn_q8, self.act_q8)
 
-    def int8_inputs(self) -> tuple[ActivationQ8 | None, ActivationQ8 | None, ActivationQ8 | None]:
-        """(h_q8, attn_q8, act_q8) while the step runs with int8 activations, else Nones: the copies the norm,
-        attention and SiLU kernels write and the GEMVs read."""
-        return (self.h_q8, self.attn_q8, self.act_q8) if self.int8_activations else (None, None, None)
+    can_use_int8_activations = can_quantize_activations
+
+    @property
+    def int8_activations(self) -> bool:
+        return self.activations == "int8"
+
+    @int8_activations.setter
+    def int8_activations(self, enabled: bool) -> None:
+        """On: "int8"; off: back to the default form."""
+        self.activations = "int8" if enabled else default_activations(self)
+
+    def quantized_inputs(self) -> tuple[ActivationQ8 | None, ActivationQ8 | None, ActivationQ8 | None]:
+        """(h, attn, act) copies for the step's activation form, Nones for "f32": what the norm, attention and SiLU
+        kernels write beside their f32 outputs and the GEMVs read."""
+        if self.activations == "int8":
+            return self.h_q8, self.attn_q8, self.act_q8
+        if self.activations == "16bit":
+            return self.h_q16, self.attn_q16, self.act_q16
+        return None, None, None
 
 
-def _q8(batch: int, width: int, device: torch.device) -> ActivationQ8 | None:
-    return ActivationQ8.allocate(batch, width, device) if width % ACTIVATION_BLOCK == 0 else None
+ACTIVATION_FORMS = ("16bit", "int8", "f32")
+MAX_QUANTIZED_BATCH = 4  # above it the f32 path's tensor-core GEMV reads the weights once for all rows
+
+
+def default_activations(bufs: StepBuffers) -> str:
+    """"16bit" where every projection input can be quantized and the batch is small, else "f32"."""
+    return "16bit" if bufs.can_quantize_activations and bufs.batch_size <= MAX_QUANTIZED_BATCH else "f32"
+
+
+def _quantized(batch: int, width: int | None, device: torch.device, wide: bool) -> ActivationQ8 | None:
+    if width is None or width % ACTIVATION_BLOCK:
+        return None
+    return ActivationQ8.allocate(batch, width, device, wide)
 
 
 @dataclass
@@ -113,7 +158,7 @@ def decode_step(config: ModelConfig, weights: DeviceWeights, cache: PagedKVCache
     for i, layer in enumerate(weights.layers):
         _attention_block(config, layer, cache.k[i], cache.v[i], rope, bufs)
         _mlp_block(config, layer, bufs)
-    h_q8, _, _ = bufs.int8_inputs()
+    h_q8, _, _ = bufs.quantized_inputs()
     rmsnorm(bufs.x, weights.output_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
     project(bufs.h, [weights.output], bufs.logits, None, h_q8, pdl=bufs.pdl)
     return bufs.logits
@@ -121,7 +166,7 @@ def decode_step(config: ModelConfig, weights: DeviceWeights, cache: PagedKVCache
 
 def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      rope: RopeTables, bufs: StepBuffers) -> None:
-    h_q8, attn_q8, _ = bufs.int8_inputs()
+    h_q8, attn_q8, _ = bufs.quantized_inputs()
     rmsnorm(bufs.x, layer.attn_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
     project(bufs.h, layer.qkv, bufs.qkv, layer.qkv_bias, h_q8, pdl=bufs.pdl)
     if bufs.batch_size > 1:
@@ -152,18 +197,18 @@ def head_norms(config: ModelConfig, layer: LayerWeights, q: torch.Tensor, k: tor
 
 
 def _mlp_block(config: ModelConfig, layer: LayerWeights, bufs: StepBuffers) -> None:
-    h_q8, _, act_q8 = bufs.int8_inputs()
+    h_q8, _, act_q8 = bufs.quantized_inputs()
     rmsnorm(bufs.x, layer.ffn_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
     project(bufs.h, layer.gate_up, bufs.gate_up, None, h_q8, pdl=bufs.pdl)
-    silu_mul(bufs.gate_up, bufs.act, act_q8, pdl=bufs.pdl)  # the int8 copy from the same launch
+    silu_mul(bufs.gate_up, bufs.act, act_q8, pdl=bufs.pdl)  # the quantized copy from the same launch
     project(bufs.act, [layer.ffn_down], bufs.x, None, act_q8, accumulate=True, pdl=bufs.pdl)
 
 
 def project(x: torch.Tensor, matrices: list[QuantWeight], out: torch.Tensor, bias: torch.Tensor | None,
              xq: ActivationQ8 | None = None, accumulate: bool = False, pdl: bool = False) -> None:
     """out (+)= x @ [W0|W1|...]^T + bias: one launch per run of same-typed matrices (Q4_K_M keeps some V in
-    Q6_K); with `accumulate` the product is added to out (the residual add, fused). Matrices of the int8
-    kernels' types (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0) take the int8 activations `xq` when given.
+    Q6_K); with `accumulate` the product is added to out (the residual add, fused). Matrices of the integer-dot
+    kernels' types (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0) take the quantized activations `xq` when given.
 
     Each part writes a column slice of `out` (row stride > width when B > 1; the launcher takes row strides).
     """
