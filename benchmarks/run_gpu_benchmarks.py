@@ -7,7 +7,8 @@ Stages, most important first; each records its own failure and the run goes on, 
 after the deadline is skipped (and says so), so a run under a wall-clock limit still brings back the first results:
 1. llama2-7b Q4_K_M (synthetic, `replayllm synth`): load once with a 4096-token context (start-up time and the
    memory report), correctness against the fp32 torch reference run on the GPU, bench (pp512, tg128, tg128 deep
-   in the context, 4-step graphs), profile of every decode mode.
+   in the context, 4-step graphs), profile of every decode mode. Then the memory claim: loaded again under a
+   6 GiB per-process cap (default prefill chunk, chosen for the memory left), a 4095-token prompt and 1 token.
 2. llama2-13b Q4_K_M (written in the background once the 7B profile is done): bench and profile.
 3. llama2-7b Q4_K_M loaded again: start-up with Triton's kernel cache warm.
 4. A 16k-token prompt on a 16k-context model.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import random
@@ -123,20 +125,20 @@ def load(run: Run, key: str, path: Path, mode: str = "graph") -> LLM:
 
 
 @contextmanager
-def decode_options(llm: LLM, int8: bool | None = None, pdl: bool | None = None):
-    """Inside: the backend with int8 activations and / or PDL set as given (None: as it was); on leaving, both as
-    they were. Each switch recaptures the decode graphs."""
+def decode_options(llm: LLM, activations: str | None = None, pdl: bool | None = None):
+    """Inside: the backend with the decode activation form ("16bit", "int8", "f32") and / or PDL set as given
+    (None: as it was); on leaving, both as they were. Each switch recaptures the decode graphs."""
     b = llm.backend
-    before = (b.bufs.int8_activations, b.bufs.pdl)
+    before = (b.bufs.activations, b.bufs.pdl)
     try:
-        if int8 is not None:
-            b.set_int8_activations(int8)
+        if activations is not None:
+            b.set_activations(activations)
         if pdl is not None:
             b.set_pdl(pdl)
         yield
     finally:
-        if b.bufs.int8_activations != before[0]:
-            b.set_int8_activations(before[0])
+        if b.bufs.activations != before[0]:
+            b.set_activations(before[0])
         if b.bufs.pdl != before[1]:
             b.set_pdl(before[1])
 
@@ -161,7 +163,10 @@ def correctness(run: Run, llm: LLM, path: Path) -> None:
         tokens["graph-pdl-switched"] = [llm.generate([p], params)[0].token_ids for p in prompts]
     gpu_logits = llm.logits(prompts[0])
     decode = {"default": b.decode_logits(prompts[2] + tokens["graph"][2], len(prompts[2]))}
-    with decode_options(llm, int8=True):
+    with decode_options(llm, activations="f32"):  # the exact path the 16-bit default replaced
+        tokens["graph-f32"] = [llm.generate([p], params)[0].token_ids for p in prompts]
+        decode["f32"] = b.decode_logits(prompts[2] + tokens["graph"][2], len(prompts[2]))
+    with decode_options(llm, activations="int8"):
         tokens["graph-int8"] = [llm.generate([p], params)[0].token_ids for p in prompts]
         decode["int8"] = b.decode_logits(prompts[2] + tokens["graph"][2], len(prompts[2]))
     reference = ReferenceBackend(llm.model_file, 256, progress=False, device="cuda")
@@ -169,6 +174,7 @@ def correctness(run: Run, llm: LLM, path: Path) -> None:
         ref_logits = reference.logits(prompts[0])
         ref_tokens = [list(reference.generate_ids(p, params, 0, 32)) for p in prompts]
         agreements = [greedy_agreement(reference.logits(p + t), len(p), t) for p, t in zip(prompts, tokens["graph"])]
+        f32 = [greedy_agreement(reference.logits(p + t), len(p), t) for p, t in zip(prompts, tokens["graph-f32"])]
         int8 = [greedy_agreement(reference.logits(p + t), len(p), t) for p, t in zip(prompts, tokens["graph-int8"])]
         int8_vs_int8_ref = [greedy_agreement(reference.int8_reference_logits(p + t, len(p)), len(p), t)
                             for p, t in zip(prompts, tokens["graph-int8"])]
@@ -193,7 +199,13 @@ def correctness(run: Run, llm: LLM, path: Path) -> None:
         "pdl_default": pdl_default,
         "graph_pdl_switched_equals_graph": tokens["graph-pdl-switched"] == tokens["graph"],
         "decode_step_metric": "max |step - ref| / max |ref| over 32 teacher-forced decode steps' logits",
+        "default_activations": b.bufs.activations,
         "decode_step_rel_error_default_vs_fp32": rel(decode["default"], decode_ref),
+        "decode_step_rel_error_f32_activations_vs_fp32": rel(decode["f32"], decode_ref),
+        "decode_step_rel_error_default_vs_f32_activations": rel(decode["default"], decode["f32"]),
+        "f32_greedy_32_identical_to_reference": [t == r for t, r in zip(tokens["graph-f32"], ref_tokens)],
+        "f32_greedy_32_first_divergence": [a.first_divergence for a in f32],
+        "default_greedy_32_identical_to_f32_activations": [t == r for t, r in zip(tokens["graph"], tokens["graph-f32"])],
         "decode_step_rel_error_int8_vs_fp32": rel(decode["int8"], decode_ref),
         "decode_step_rel_error_int8_vs_int8_reference": rel(decode["int8"], decode_int8_ref),
         "decode_step_rel_error_int8_reference_vs_fp32": rel(decode_int8_ref, decode_ref),
@@ -211,7 +223,11 @@ def correctness(run: Run, llm: LLM, path: Path) -> None:
         f"{result['greedy_32_identical_to_reference']}, max rel shortfall "
         f"{max(result['greedy_32_max_relative_shortfall']):.1e}, graph==eager {result['graph_equals_eager']}, "
         f"PDL on/off same tokens {result['graph_pdl_switched_equals_graph']}; decode-step logit err default "
-        f"{result['decode_step_rel_error_default_vs_fp32']:.1e}, "
+        f"({result['default_activations']}) {result['decode_step_rel_error_default_vs_fp32']:.1e}, f32 activations "
+        f"{result['decode_step_rel_error_f32_activations_vs_fp32']:.1e}, default vs f32 activations "
+        f"{result['decode_step_rel_error_default_vs_f32_activations']:.1e}; f32-activation greedy32 identical "
+        f"{result['f32_greedy_32_identical_to_reference']}, default == f32 activations "
+        f"{result['default_greedy_32_identical_to_f32_activations']}; "
         f"int8 {result['decode_step_rel_error_int8_vs_fp32']:.1e} "
         f"(int8 reference vs fp32 {result['decode_step_rel_error_int8_reference_vs_fp32']:.1e}, int8 vs int8 "
         f"reference {result['decode_step_rel_error_int8_vs_int8_reference']:.1e}); int8 greedy32 first divergence "
@@ -239,7 +255,7 @@ def default_model_agreement(run: Run) -> None:
     with LLM(path, device="cuda", max_context=512, progress=False) as llm:
         prompts = [llm.chat_prompt_ids([{"role": "user", "content": m}]) for m in CHAT_PROMPTS]
         default = [llm.generate([p], params)[0].token_ids for p in prompts]
-        with decode_options(llm, int8=True):
+        with decode_options(llm, activations="int8"):
             int8 = [llm.generate([p], params)[0].token_ids for p in prompts]
         reference = ReferenceBackend(llm.model_file, 512, progress=False, device="cuda")
         for p, d, q in zip(prompts, default, int8):
@@ -298,14 +314,16 @@ def bench(run: Run, llm: LLM, tests: list[BenchTest], modes: list[str], reps: in
 
 
 def bench_variants(run: Run, llm: LLM) -> None:
-    """tg128 with the decode options against the default (PDL on where the GPU has it, f32 activations): PDL
-    off, int8 activations, and both; each row's backend name says which. Then int8 + PDL deep in the context
-    (the depth target for the fast path, whose attention is a larger share of its step)."""
+    """tg128 with the decode options against the default (PDL on where the GPU has it, 16-bit activations): PDL
+    off; f32 activations (the path the default replaced); int8 activations, with PDL on and off; each row's
+    backend name says which. Then int8 + PDL deep in the context (its attention is a larger share of its
+    step)."""
     pdl_default = llm.backend.bufs.pdl
-    for int8, pdl in ((False, not pdl_default), (True, pdl_default), (True, not pdl_default)):
-        with decode_options(llm, int8, pdl):
+    for activations, pdl in ((None, not pdl_default), ("f32", pdl_default), ("int8", pdl_default),
+                             ("int8", not pdl_default)):
+        with decode_options(llm, activations, pdl):
             bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
-            if int8 and pdl:
+            if activations == "int8" and pdl:
                 bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
 
 
@@ -333,6 +351,56 @@ def ttft_7b(run: Run, llm: LLM) -> None:
     run.results["ttft_7b_peak_allocated_gib"] = peak
     run.summary.append(f"    7B time to first token, 4095-token prompt: {1e3 * times[1]:.0f} ms; peak allocated "
                        f"{peak:.2f} GiB")
+
+
+FIT_BYTES = 6 * 2**30  # the memory claim: llama2-7B Q4_K_M with a 4096-token context, at load and at a full prompt
+
+
+def fit_6gib_7b(run: Run, path: Path) -> None:
+    """llama2-7B Q4_K_M in 6 GiB: under a per-process cap of FIT_BYTES, load with a 4096-token context and the
+    default prefill chunk (so the load chooses it for the memory left), prefill a 4095-token prompt and generate
+    1 token. Records torch's peak allocation (reset before the load) and the chunk chosen; an out-of-memory
+    error is recorded as not fitting, and the stage fails. The cap is lifted again whatever happens."""
+    gib = 2**30
+    gc.collect()
+    torch.cuda.empty_cache()  # the earlier models' cached blocks would count against the cap
+    before = torch.cuda.memory_allocated()  # e.g. cuBLAS workspaces kept from the earlier stages
+    result = {"cap_gib": FIT_BYTES / gib, "context_tokens": CONTEXT, "prompt_tokens": CONTEXT - 1,
+              "allocated_before_load_gib": before / gib}
+    run.results["fit_6gib_7b"] = result
+    try:
+        torch.cuda.set_per_process_memory_fraction(FIT_BYTES / torch.cuda.get_device_properties(0).total_memory)
+        torch.cuda.reset_peak_memory_stats()
+        with LLM(path, device="cuda", max_context=CONTEXT, progress=False) as llm:
+            result["prefill_chunk_tokens"] = llm.backend.prefill_chunk_tokens
+            result["memory_report"] = str(llm.backend.memory)
+            result["load_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / gib
+            # The cap counts reserved memory, free parts of split blocks included (only smaller requests fit there)
+            result["reserved_after_load_gib"] = torch.cuda.memory_reserved() / gib
+            result["inactive_split_after_load_gib"] = (torch.cuda.memory_stats()["inactive_split_bytes.all.current"]
+                                                       / gib)
+            ids = [random.Random(1).randrange(3, llm.config.vocab_size) for _ in range(CONTEXT - 1)]
+            out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))[0]
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            result.update(generated_tokens=len(out.token_ids), peak_allocated_gib=peak / gib,
+                          peak_reserved_gib=torch.cuda.max_memory_reserved() / gib,
+                          fits=len(out.token_ids) == 1 and peak <= FIT_BYTES)
+    except torch.OutOfMemoryError as exc:
+        result.update(fits=False, error=str(exc)[:300], peak_allocated_gib=torch.cuda.max_memory_allocated() / gib,
+                      peak_reserved_gib=torch.cuda.max_memory_reserved() / gib)
+        raise
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        gc.collect()
+        torch.cuda.empty_cache()
+        run.summary.append(
+            f"    7B Q4_K_M, 4096-token context, under a 6 GiB cap: fits {result.get('fits')}; prefill chunk "
+            f"{result.get('prefill_chunk_tokens')} tokens; peak allocated {result.get('peak_allocated_gib', 0):.2f} "
+            f"GiB (load {result.get('load_peak_allocated_gib', 0):.2f}), reserved "
+            f"{result.get('peak_reserved_gib', 0):.2f} GiB (after load {result.get('reserved_after_load_gib', 0):.2f}, "
+            f"of which free in split blocks {result.get('inactive_split_after_load_gib', 0):.2f}), over the 4095-token "
+            f"prompt and 1 token")
 
 
 def long_prompt(run: Run) -> None:
@@ -370,7 +438,8 @@ def kernels(run: Run, llm: LLM) -> None:
     from replayllm.bench.kernel_bench import kernel_rows, kernel_table
 
     rows = kernel_rows(llm.backend, 512) + kernel_rows(llm.backend, DEEP)[-1:]
-    rows += kernel_rows(llm.backend, 0, attention=False, int8=True)  # the experimental int8 GEMVs, same bytes
+    for activations in ("16bit", "int8"):  # the integer-dot GEMVs, the same bytes
+        rows += kernel_rows(llm.backend, 0, attention=False, activations=activations)
     step = [r.gpu_ms for r in run.profile_rows if r.mode == "graph"]
     step_us = 1e3 * step[0] if step else None
     run.results["kernels_7b"] = {"step_gpu_us": step_us, "rows": [r.to_json() for r in rows]}
@@ -400,14 +469,14 @@ def other_types(run: Run) -> None:
         run.stage(f"bench llama2-7b {quant}", bench, run, llm, [BenchTest("tg", 128), BenchTest("pp", 512)],
                   ["graph"], 2)
         # The decode options that apply, against the default (PDL on where the GPU has it): PDL off; for Q8_0
-        # also int8 activations with PDL on and off (F16 has no int8 GEMV).
+        # also f32 and int8 activations (F16 has no integer-dot GEMV: it always takes f32 activations).
         pdl_default = llm.backend.bufs.pdl
-        variants = [(False, not pdl_default)] + ([(True, pdl_default), (True, not pdl_default)] if quant == "q8_0"
-                                                 else [])
-        for int8, pdl in variants:
-            with decode_options(llm, int8, pdl):
-                run.stage(f"bench llama2-7b {quant} int8 {int8} PDL {pdl}", bench, run, llm,
-                          [BenchTest("tg", 128)], ["graph"], 2)
+        variants = [(None, not pdl_default)] + ([("f32", pdl_default), ("int8", pdl_default)] if quant == "q8_0"
+                                                else [])
+        for activations, pdl in variants:
+            with decode_options(llm, activations, pdl):
+                run.stage(f"bench llama2-7b {quant} activations {activations or 'default'} PDL {pdl}", bench, run,
+                          llm, [BenchTest("tg", 128)], ["graph"], 2)
         tokens = {}
         for mode in ("graph", "eager"):
             llm.backend.set_mode(mode)
@@ -461,6 +530,7 @@ def main() -> None:
             llm.close()
             del llm
             torch.cuda.empty_cache()
+        run.stage("llama2-7b Q4_K_M in 6 GiB: 4096-token context, 4095-token prompt + 1 token", fit_6gib_7b, run, q7)
     run.stage("default model: greedy agreement of the default and int8 paths", default_model_agreement, run)
     q13 = SYNTH_DIR / "llama2-13b-q4_k_m.gguf"
     if q13.exists() or run.stage("wait for llama2-13b q4_k_m", wait_for, q13, 90):

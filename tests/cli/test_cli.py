@@ -50,6 +50,10 @@ def test_info_lists_types_and_parameters(capsys, tiny_model_path):
     (["generate", "x", "--device", "tpu"], "--device"),
     (["bench", "m.gguf", "-r", "0"], "-r"),
     (["profile", "m.gguf", "--modes", "warp"], "warp"),
+    (["generate", "x", "--prefill-chunk", "abc"], "--prefill-chunk"),
+    (["generate", "x", "--prefill-chunk", "100"], "prefill_chunk must be a power of two from 16 to 8192"),
+    (["chat", "--prefill-chunk", "8"], "prefill_chunk must be a power of two"),
+    (["bench", "m.gguf", "--prefill-chunk", "16384"], "prefill_chunk must be a power of two"),
 ])
 def test_bad_parameters_are_one_line_errors(capsys, argv, fragment):
     code, _, err = run_catching_exit(capsys, argv)
@@ -67,6 +71,12 @@ def test_pdl_can_be_turned_off_anywhere(capsys, tiny_model_path):
     code, out, _ = run(capsys, "generate", "hello", "--model", str(tiny_model_path), "--device", "cpu",
                        "--no-pdl", "--max-tokens", "2", "--quiet")
     assert code == 0 and out
+
+
+def test_a_prefill_chunk_is_accepted_on_the_cpu(capsys, tiny_model_path):
+    code, out, _ = run(capsys, "generate", "hello", "--model", str(tiny_model_path), "--device", "cpu",
+                       "--prefill-chunk", "64", "--max-tokens", "2", "--quiet")
+    assert code == 0 and out.startswith("hello")
 
 
 def test_missing_and_corrupt_files_are_one_line_errors(capsys, tmp_path):

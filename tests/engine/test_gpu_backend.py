@@ -69,6 +69,29 @@ def test_greedy_continuation_matches_reference_for_32_tokens(models, prompt):
         assert agreement.is_within(LOGIT_TOLERANCE), agreement
 
 
+def test_default_decode_takes_16bit_activations_and_f32_ones_agree(models):
+    """The default decode path multiplies 16-bit activations; the f32-activation path it replaced must give the
+    reference's greedy tokens too (default model: exactly), graph == eager."""
+    name, reference, graph, eager = models
+    assert graph.backend.bufs.activations == "16bit" and graph.backend.name.startswith("cuda-graph-16bit")
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    default_tokens = graph.generate([PROMPTS[1]], params)[0].token_ids
+    for llm in (graph, eager):
+        llm.backend.set_activations("f32")
+    try:
+        out = graph.generate([PROMPTS[1]], params)[0]
+        assert eager.generate([PROMPTS[1]], params)[0].token_ids == out.token_ids
+    finally:
+        for llm in (graph, eager):
+            llm.backend.set_activations("16bit")
+    if name == "default":
+        assert out.token_ids == reference.generate([PROMPTS[1]], params)[0].token_ids == default_tokens
+    else:
+        agreement = greedy_agreement(reference.logits(out.prompt_token_ids + out.token_ids),
+                                     len(out.prompt_token_ids), out.token_ids)
+        assert agreement.is_within(LOGIT_TOLERANCE), agreement
+
+
 def test_graph_and_eager_decode_agree_bit_for_bit(models):
     _, _, graph, eager = models
     params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
@@ -185,3 +208,21 @@ def test_programmatic_dependent_launch_changes_no_token(models):
     assert graph.backend.name.endswith("-pdl")
     assert graph.generate([PROMPTS[3]], params)[0].token_ids == expected
     assert eager.generate([PROMPTS[3]], params)[0].token_ids == expected
+
+
+def test_a_prefill_pass_allocates_no_more_than_its_estimate(models):
+    """prefill_peak_bytes sizes the default chunk: against torch's counter, a pass of a whole chunk (the second
+    of two, the first one's logits still held) stays under it and uses most of it, so that the estimate neither
+    lets a pass run out of memory nor shrinks the chunk for nothing."""
+    _, _, graph, _ = models
+    backend, chunk = graph.backend, 64
+    with backend.sequence(2 * chunk):
+        ids = torch.arange(3, 3 + 2 * chunk, device="cuda") % graph.config.vocab_size
+        backend._prefill_chunks(ids, chunk)  # warm-up: compilation, cuBLAS's workspace
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        backend._prefill_chunks(ids, chunk)
+        used = torch.cuda.max_memory_allocated() - before
+    estimate = backend.prefiller.peak_bytes(chunk)
+    assert 0.5 * estimate < used <= estimate + 8 * 512  # the allocator rounds each block up to 512 bytes

@@ -226,3 +226,24 @@ def test_programmatic_dependent_launch_is_refused_without_a_hopper_gpu(pair):
     with pytest.raises(InvalidParameterError, match="compute capability 9.0"):
         backend.set_pdl(True)
     assert not backend.bufs.pdl
+
+
+def test_activation_forms_switch_and_each_keeps_greedy_on_the_reference(pair):
+    """The default decode path takes 16-bit activations; "f32" and "int8" can be chosen, anything else is refused
+    with the choices named. 16-bit and f32 both give the reference's greedy tokens here."""
+    from replayllm.errors import InvalidParameterError
+
+    reference, backend = pair
+    ids = [1, 17, 230, 5]
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    expected = list(reference.backend.generate_ids(ids, params, 0, 3))
+    assert backend.bufs.activations == "16bit" and backend.name == "cuda-eager-16bit"
+    with pytest.raises(InvalidParameterError, match="one of 16bit, int8, f32"):
+        backend.set_activations("fp8")
+    backend.set_activations("f32")
+    try:
+        assert backend.name == "cuda-eager-f32"
+        assert list(backend.generate_ids(ids, params, 0, 3)) == expected
+    finally:
+        backend.set_activations("16bit")
+    assert list(backend.generate_ids(ids, params, 0, 3)) == expected

@@ -83,6 +83,22 @@ def test_user_errors_are_clear(tiny, tmp_path):
         with pytest.raises(InvalidParameterError, match="must be True or False"):
             LLM(tiny.model_file.path, device="cpu", progress=False, **option)
     LLM(tiny.model_file.path, device="cpu", progress=False, pdl=False).close()  # off is fine anywhere
+    for option, message in (({"activations": "fp8"}, "activations must be one of 16bit, int8, f32"),
+                            ({"activations": "16bit"}, "GPU decode option"),
+                            ({"activations": "f32", "int8_activations": True}, "GPU decode option")):
+        with pytest.raises(InvalidParameterError, match=message):
+            LLM(tiny.model_file.path, device="cpu", progress=False, **option)
+
+
+@pytest.mark.parametrize("tokens", [100, 8, 16384, 0, -16, True, 512.0, "512"])
+def test_a_prefill_chunk_must_be_a_power_of_two_from_16_to_8192(tiny, tokens):
+    with pytest.raises(InvalidParameterError, match="prefill_chunk must be a power of two from 16 to 8192"):
+        LLM(tiny.model_file.path, device="cpu", progress=False, prefill_chunk=tokens)
+
+
+def test_a_valid_prefill_chunk_loads_anywhere(tiny):
+    for tokens in (16, 512, 8192):  # the CPU reference prefills whole prompts: it has no chunk to set
+        LLM(tiny.model_file.path, device="cpu", progress=False, max_context=64, prefill_chunk=tokens).close()
 
 
 @pytest.mark.slow

@@ -54,10 +54,24 @@ def test_accepts_row_strided_output():
     assert wide[:, :4].isnan().all() and wide[:, 24:].isnan().all()
 
 
+@pytest.mark.parametrize("batch, ffn_size", [(1, 7), (3, 513)])
+def test_f16_output_is_the_f32_output_rounded(batch, ffn_size):
+    """Prefill keeps the down projection's input in f16 (it is rounded to f16 there anyway): the f16 store must
+    be bit for bit the f32 result rounded, or prefill's results would change."""
+    gen = torch.Generator().manual_seed(3)
+    gate_up = (torch.randn(batch, 2 * ffn_size, generator=gen) * 4).to(DEVICE)
+    wide = silu_mul(gate_up, torch.full((batch, ffn_size), float("nan"), device=DEVICE))
+    half = torch.full((batch, ffn_size), float("nan"), dtype=torch.float16, device=DEVICE)
+    assert silu_mul(gate_up, half) is half
+    assert torch.equal(half, wide.to(torch.float16))
+    assert not torch.equal(half.float(), wide)  # the rounding did happen: the comparison above can fail
+
+
 @pytest.mark.parametrize("gate_up, out, message", [
     (torch.zeros(2, 7), torch.zeros(2, 3), "width must be even"),
     (torch.zeros(2, 8), torch.zeros(2, 8), r"out: expected shape \[2, 4\]"),
     (torch.zeros(2, 8, dtype=torch.float16), torch.zeros(2, 4), "gate_up: expected dtype"),
+    (torch.zeros(2, 8), torch.zeros(2, 4, dtype=torch.bfloat16), "out: expected dtype"),
 ])
 def test_rejects_bad_arguments(gate_up, out, message):
     with pytest.raises(ValueError, match=message):

@@ -36,17 +36,29 @@ def test_unmeasured_shapes_use_the_fused_gemm_and_json_lists_every_entry():
                                   "config": None, "fused_ms": None, "dequant_gemm_ms": 0.5}]
 
 
-def test_tuning_times_every_layer_shape_at_every_bucket(tiny_model_path):
+def test_tuning_times_every_layer_shape_at_every_bucket(tiny_model_path, monkeypatch):
     """tune_methods on the CPU (wall-clock timing, the interpreter's kernels): one choice per layer shape and
-    bucket, each a method that was timed, and the fused shapes' configs among FUSED_CONFIGS."""
+    bucket up to the chunk, each a method that was timed, and the fused shapes' configs among FUSED_CONFIGS.
+    Every timing multiplies views of one activation pool made for the chunk (so the tuning needs no more memory
+    than a pass of it), with the input dtype a pass gives the matrix."""
     from replayllm import LLM
     from replayllm.engine.gpu_backend import GPUBackend
+    from replayllm.runner import prefill_tuning
+    from replayllm.runner.prefill import ACT_DTYPE
     from replayllm.runner.prefill_tuning import FUSED_CONFIGS, tune_methods
 
     llm = LLM(tiny_model_path, device="cpu", progress=False, max_context=64)
     backend = GPUBackend(llm.model_file, 64, mode="eager", progress=False, device=torch.device("cpu"))
     try:
         prefiller = backend.prefiller
+        pools, multiplied = [], []  # multiplied: (x, w, out) of every timed call, both methods
+        real_pool, real_dequant = prefiller.activation_pool, prefiller.dequant_gemm
+        real_fused = prefill_tuning.quant_matmul
+        monkeypatch.setattr(prefiller, "activation_pool", lambda rows: pools.append(real_pool(rows)) or pools[-1])
+        monkeypatch.setattr(prefiller, "dequant_gemm",
+                            lambda x, w, out, *a: multiplied.append((x, w, out)) or real_dequant(x, w, out, *a))
+        monkeypatch.setattr(prefill_tuning, "quant_matmul",
+                            lambda x, w, out, **k: multiplied.append((x, w, out)) or real_fused(x, w, out, **k))
         methods = tune_methods(prefiller, 24)
         layer_shapes = {shape_key(w) for w in prefiller.weights.layer_matrices()}
         assert set(methods.table) == layer_shapes
@@ -57,6 +69,15 @@ def test_tuning_times_every_layer_shape_at_every_bucket(tiny_model_path):
                 assert (c.method == FUSED) == (c.fused_ms <= c.dequant_ms)
                 assert (c.config in FUSED_CONFIGS) if c.method == FUSED else c.config is None
         assert len(methods.as_json()) == 2 * len(layer_shapes)
+        assert len(pools) == 1 and pools[0].tokens == 24
+        pool_start = pools[0].storage.data_ptr()
+        pool_end = pool_start + pools[0].storage.numel()
+        downs = {shape_key(layer.ffn_down) for layer in prefiller.weights.layers}
+        assert {len(x) for x, _, _ in multiplied} == {16, 24}
+        for x, w, out in multiplied:
+            for t in (x, out):
+                assert pool_start <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= pool_end
+            assert x.dtype == (ACT_DTYPE if shape_key(w) in downs else torch.float32)
     finally:
         backend.close()
         llm.close()

@@ -9,7 +9,7 @@ import sys
 from tqdm import tqdm
 
 from ..errors import InvalidParameterError
-from .generate import add_decode_options
+from .generate import add_decode_options, add_prefill_option
 
 
 def add_commands(sub) -> None:
@@ -19,9 +19,11 @@ def add_commands(sub) -> None:
     bench.add_argument("-n", "--n-gen", default="128", help="generated tokens, comma list (0: skip)")
     bench.add_argument("-r", "--repetitions", type=int, default=5)
     bench.add_argument("-d", "--n-depth", default="0", help="context depth before the test, comma list")
-    bench.add_argument("-b", "--batch-size", type=int, default=2048, help="prompt chunk size")
+    bench.add_argument("-b", "--batch-size", type=int,
+                       help="prompt chunk size of the pp tests (default: the loaded model's prefill chunk)")
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     bench.add_argument("--mode", default="graph", help="GPU decode mode (see generate --help)")
+    add_prefill_option(bench)
     add_decode_options(bench)
     bench.add_argument("--json", help="write all results and the environment to this file")
     bench.add_argument("--quiet", "-q", action="store_true")
@@ -43,23 +45,29 @@ def run_bench(args: argparse.Namespace) -> int:
     from ..bench.device_info import environment
     from ..bench.llama_bench import BenchTest, markdown_table, model_facts, run_test
     from ..engine import LLM
+    from ..engine.llm import check_prefill_chunk
 
+    check_prefill_chunk(args.prefill_chunk)  # before the model file is opened
     if args.repetitions < 1:
         raise InvalidParameterError(f"-r must be >= 1, got {args.repetitions}")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise InvalidParameterError(f"-b must be >= 1, got {args.batch_size}")
     depths = _int_list(args.n_depth, "-d") or [0]
-    tests = [BenchTest("pp", n, d, args.batch_size) for d in depths for n in _int_list(args.n_prompt, "-p") if n]
-    tests += [BenchTest("tg", n, d, args.batch_size) for d in depths for n in _int_list(args.n_gen, "-n") if n]
-    if not tests:
+    shapes = [("pp", n, d) for d in depths for n in _int_list(args.n_prompt, "-p") if n]
+    shapes += [("tg", n, d) for d in depths for n in _int_list(args.n_gen, "-n") if n]
+    if not shapes:
         raise InvalidParameterError("nothing to run: give -p and/or -n values above 0")
-    needed = max(t.depth + t.n_tokens for t in tests) + 2
+    needed = max(depth + n for _, n, depth in shapes) + 2
     llm = LLM(args.model, device=args.device, mode=args.mode, progress=not args.quiet,
               max_context=min(max(needed, 16), _model_context(args.model)),
-              int8_activations=args.int8_activations, pdl=args.pdl)
+              int8_activations=args.int8_activations, pdl=args.pdl, prefill_chunk=args.prefill_chunk,
+              activations=args.activations)
     if needed > llm.max_context_tokens:
         raise InvalidParameterError(f"depth + tokens = {needed} exceeds the model's context "
                                     f"({llm.max_context_tokens})")
+    # The reference backend has no prefill chunk of its own: llama-bench's default there.
+    batch = args.batch_size or getattr(llm.backend, "prefill_chunk_tokens", 2048)
+    tests = [BenchTest(kind, n, depth, batch) for kind, n, depth in shapes]
     device = llm.backend.device if hasattr(llm.backend, "device") else None
     import torch
 

@@ -45,14 +45,23 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="graph",
                         help="GPU decode mode: graph (default), eager, graph-host-sampling, graph-Nstep")
     parser.add_argument("--ctx", type=int, help="context tokens per sequence (default: min(model, 4096))")
+    add_prefill_option(parser)
     add_decode_options(parser)
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or statistics")
 
 
+def add_prefill_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prefill-chunk", type=int, metavar="N",
+                        help="GPU: prompt tokens per prefill pass, a power of two from 16 to 8192 (default: 2048, or "
+                             "less when the GPU memory left after loading would not hold a pass of 2048)")
+
+
 def add_decode_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--int8-activations", action="store_true",
-                        help="GPU: quantized matrices multiply int8-rounded activations at decode (dp4a): about 2x "
-                             "the decode speed; the rounding changes greedy tokens after some dozens")
+    parser.add_argument("--activations", choices=("16bit", "int8", "f32"),
+                        help="GPU: how quantized matrices take their inputs at decode: 16bit (default where the "
+                             "model's widths allow; rounding below f16's), int8 (faster; the rounding changes greedy "
+                             "tokens after some dozens) or f32")
+    parser.add_argument("--int8-activations", action="store_true", help="GPU: the same as --activations int8")
     parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,
                         help="GPU: programmatic dependent launch of the decode kernels (default: on where the GPU "
                              "has it, compute capability 9.0+; same tokens either way)")
@@ -75,7 +84,8 @@ def _load(args: argparse.Namespace):
     from ..engine import LLM
 
     return LLM(args.model, device=args.device, max_context=args.ctx, mode=args.mode, progress=not args.quiet,
-               int8_activations=args.int8_activations, pdl=args.pdl)
+               int8_activations=args.int8_activations, pdl=args.pdl, prefill_chunk=args.prefill_chunk,
+               activations=args.activations)
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -40,7 +40,7 @@ def run_profile(args: argparse.Namespace) -> int:
     rows = []
     for path in args.models:
         llm = LLM(path, device="cuda", mode="graph", progress=not args.quiet, max_context=min(1024, _context(path)),
-                  int8_activations=args.int8_activations, pdl=args.pdl)
+                  int8_activations=args.int8_activations, pdl=args.pdl, activations=args.activations)
         try:
             rows += profile_modes(llm, modes, args.n_tokens)
         finally:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ import torch
 from ..default_model import cache_dir
 from ..errors import InvalidParameterError
 from ..gguf import dequantize
-from ..runner.decode_step import RopeTables, StepBuffers, decode_step
+from ..runner.decode_step import ACTIVATION_FORMS, RopeTables, StepBuffers, decode_step, default_activations
 from ..runner.graph import DecodeGraph
 from ..runner.kv_cache import PagedKVCache
 from ..runner.prefill import Prefiller
@@ -38,6 +38,11 @@ from .tracer import TokenTracer
 
 PINNED_SLOTS = 4  # host slots for sampled tokens in flight; the host lags the GPU by one replay
 PREFILL_CHUNK_TOKENS = 2048  # prompt tokens per prefill pass: bounds prefill's activation and attention memory
+MIN_AUTO_PREFILL_CHUNK = 128  # the default chunk shrinks no further for memory: smaller passes waste the GPU
+# Kept free beside a prefill pass, besides the prefill scratch, when the chunk is chosen: cuBLAS's workspace
+# (made by the first vendor GEMM, 32 MiB on Hopper), the sampler state and the decode graphs' pools (4 MiB for
+# llama2-7B), and the caching allocator's slack (a large block can come up to 1 MiB bigger than asked for).
+PREFILL_HEADROOM_BYTES = 48 * 2**20
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,8 @@ class MemoryReport:
     weights_bytes: int
     kv_cache_bytes: int
     workspace_bytes: int  # step buffers, prefill scratch, CUDA-graph pools, rope tables
+    prefill_chunk_tokens: int
+    prefill_peak_bytes: int  # allocated while a prefill pass of a whole chunk runs, on top of total_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -53,20 +60,23 @@ class MemoryReport:
     def __str__(self) -> str:
         gib = 2**30
         return (f"GPU memory: weights {self.weights_bytes / gib:.2f} GiB, KV cache {self.kv_cache_bytes / gib:.2f} "
-                f"GiB, workspace {self.workspace_bytes / gib:.2f} GiB, total {self.total_bytes / gib:.2f} GiB")
+                f"GiB, workspace {self.workspace_bytes / gib:.2f} GiB, total {self.total_bytes / gib:.2f} GiB; "
+                f"prefill chunk {self.prefill_chunk_tokens} tokens, ~{self.prefill_peak_bytes / gib:.2f} GiB more "
+                f"at its peak")
 
 
 class GPUBackend(Backend):
     def __init__(self, model_file: ModelFile, max_context_tokens: int, mode: str = "graph",
                  progress: bool = True, device: torch.device | None = None, int8_activations: bool = False,
-                 pdl: bool | None = None):
+                 pdl: bool | None = None, prefill_chunk: int | None = None, activations: str | None = None):
+        """`prefill_chunk`: prompt tokens per prefill pass (already validated, see LLM); None chooses it at load
+        (`_default_prefill_chunk`)."""
         started = time.perf_counter()
         self.config = config = model_file.config
         self.max_context_tokens = max_context_tokens
         self.device = device or torch.device("cuda")
         self.is_cuda = self.device.type == "cuda"
         self.tracer: TokenTracer | None = None
-        self.prefill_chunk_tokens = PREFILL_CHUNK_TOKENS
         base = _allocated(self.device)
         # The most allocated at the end of each load phase (torch's peak counter, never reset here): where a
         # load's peak memory comes from.
@@ -89,6 +99,8 @@ class GPUBackend(Backend):
                                          self.cache.max_pages_per_seq * self.cache.page_size, self.device)
         self._note_peak("kv_cache")
         self.prefiller = Prefiller(config, self.weights, self.cache, self.rope)
+        self.prefill_chunk_tokens = (prefill_chunk if prefill_chunk is not None
+                                     else self._default_prefill_chunk(progress))
         if self.is_cuda:
             self.prefiller.tune(self.prefill_chunk_tokens, TuningCache(_tuning_cache_path(self.device)))
             self._note_peak("prefill_tuning")
@@ -98,17 +110,35 @@ class GPUBackend(Backend):
         self.load_seconds = time.perf_counter() - started
         if int8_activations:
             self._enable_int8(True)
+        elif activations is not None:
+            self._set_activation_form(activations)
         self._enable_pdl(self.supports_pdl if pdl is None else pdl)  # None: on wherever the GPU has it
         self.set_mode(mode)
         self._note_peak("graph_capture")
         self.startup_seconds = time.perf_counter() - started
         workspace = _allocated(self.device) - base - weights_bytes - self.cache.nbytes if self.is_cuda else 0
-        self.memory = MemoryReport(weights_bytes, self.cache.nbytes, max(workspace, 0))
+        self.memory = MemoryReport(weights_bytes, self.cache.nbytes, max(workspace, 0), self.prefill_chunk_tokens,
+                                   self.prefiller.peak_bytes(self.prefill_chunk_tokens))
         if progress and self.is_cuda:
             print(f"replayllm: {self.memory}; ready in {self.startup_seconds:.1f} s "
                   f"(load {self.load_seconds:.1f} s)", file=sys.stderr)
         self._pinned = torch.zeros(PINNED_SLOTS, MAX_STEPS_PER_GRAPH, dtype=torch.int64, pin_memory=self.is_cuda)
         self._copied = [torch.cuda.Event() if self.is_cuda else None for _ in range(PINNED_SLOTS)]
+
+    def _default_prefill_chunk(self, progress: bool) -> int:
+        """PREFILL_CHUNK_TOKENS; on a GPU where the memory left, less the prefill scratch still to be made and
+        PREFILL_HEADROOM_BYTES, would not hold a pass of that many tokens, the largest power of two whose pass
+        it holds (MIN_AUTO_PREFILL_CHUNK at least), said on stderr with `progress`."""
+        if not self.is_cuda:
+            return PREFILL_CHUNK_TOKENS
+        left = memory_left_bytes(self.device) - self.prefiller.pending_scratch_bytes() - PREFILL_HEADROOM_BYTES
+        chunk = fitting_prefill_chunk(self.prefiller.peak_bytes, left)
+        if chunk < PREFILL_CHUNK_TOKENS and progress:
+            gib, full = 2**30, self.prefiller.peak_bytes(PREFILL_CHUNK_TOKENS)
+            print(f"replayllm: prefill chunk {chunk} tokens, not {PREFILL_CHUNK_TOKENS}: the GPU memory left after "
+                  f"load ({max(left, 0) / gib:.2f} GiB) would not hold a pass of {PREFILL_CHUNK_TOKENS} "
+                  f"({full / gib:.2f} GiB)", file=sys.stderr)
+        return chunk
 
     def _note_peak(self, phase: str) -> None:
         if self.is_cuda:
@@ -116,8 +146,22 @@ class GPUBackend(Backend):
 
     @property
     def name(self) -> str:
-        return (f"cuda-{self.mode.name}" + ("-int8" if self.bufs.int8_activations else "")
-                + ("-pdl" if self.bufs.pdl else ""))
+        return f"cuda-{self.mode.name}-{self.bufs.activations}" + ("-pdl" if self.bufs.pdl else "")
+
+    def set_activations(self, form: str) -> None:
+        """The form in which the quantized matrices' GEMVs take their inputs at decode (runner/decode_step.py):
+        "16bit" (the default where the model's widths allow), "int8" (faster, its rounding changes greedy
+        tokens) or "f32". Recaptures the current mode's graphs, which bake the choice in."""
+        self._set_activation_form(form)
+        self._recapture()
+
+    def _set_activation_form(self, form: str) -> None:
+        if form not in ACTIVATION_FORMS:
+            raise InvalidParameterError(f"activations must be one of {', '.join(ACTIVATION_FORMS)}, got {form!r}")
+        if form != "f32" and not self.bufs.can_quantize_activations:
+            raise InvalidParameterError(f"{form} activations need every projection's input width and the head "
+                                        "dimension to be multiples of 32")
+        self.bufs.activations = form
 
     def set_int8_activations(self, enabled: bool) -> None:
         """Experimental: Q4_0/Q4_1/Q4_K/Q5_K/Q6_K/Q8_0 matrices multiply int8-quantized activations
@@ -150,10 +194,8 @@ class GPUBackend(Backend):
         self.bufs.pdl = bool(enabled)
 
     def _enable_int8(self, enabled: bool) -> None:
-        if enabled and not self.bufs.can_use_int8_activations:
-            raise InvalidParameterError("int8 activations need every projection's input width and the head "
-                                        "dimension to be multiples of 32")
-        self.bufs.int8_activations = bool(enabled)
+        """On: "int8"; off: the default form (default_activations)."""
+        self._set_activation_form("int8" if enabled else default_activations(self.bufs))
 
     def set_mode(self, mode: str) -> None:
         """Switch decode mode; a graph is captured the first time its mode is used and kept."""
@@ -380,6 +422,25 @@ def _tuning_cache_path(device: torch.device) -> Path:
     key = f"{name}-torch{torch.__version__}-triton{triton.__version__}-cuda{torch.version.cuda}"
     safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in key)
     return cache_dir() / "prefill-tuning" / f"{safe}.json"
+
+
+def memory_left_bytes(device: torch.device) -> int:
+    """What this process can still allocate on `device`: the driver's free memory, or less where a per-process
+    cap (torch.cuda.set_per_process_memory_fraction) leaves less above what torch has reserved."""
+    index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda": the current one
+    free, total = torch.cuda.mem_get_info(index)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # not in every torch
+    fraction = get_fraction(index) if get_fraction is not None else 1.0
+    return min(free, int(fraction * total) - torch.cuda.memory_reserved(index))
+
+
+def fitting_prefill_chunk(peak_bytes: Callable[[int], int], bytes_left: int) -> int:
+    """PREFILL_CHUNK_TOKENS if peak_bytes(PREFILL_CHUNK_TOKENS) <= bytes_left, else the largest power of two below
+    it whose peak fits, MIN_AUTO_PREFILL_CHUNK when none does. `peak_bytes(chunk_tokens)` is a pass's peak."""
+    chunk = PREFILL_CHUNK_TOKENS
+    while chunk > MIN_AUTO_PREFILL_CHUNK and peak_bytes(chunk) > bytes_left:
+        chunk //= 2
+    return chunk
 
 
 def _allocated(device: torch.device) -> int:

@@ -21,6 +21,9 @@ from .stop_strings import StopStringFilter
 Prompt = str | Sequence[int]
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_MAX_CONTEXT_TOKENS = 4096
+# Prompt tokens per prefill pass: at least the smallest tuning bucket (and a tensor-core tile); at most what
+# keeps a pass's activations of a large model near a GiB.
+MIN_PREFILL_CHUNK, MAX_PREFILL_CHUNK = 16, 8192
 
 
 class LLM:
@@ -36,15 +39,22 @@ class LLM:
     int8-quantized activations at decode: about twice the decode speed, at the price of a rounding error that
     changes greedy tokens after some dozens (see README). `pdl` (GPU): launch the decode step's kernels with
     programmatic dependent launch (kernels/pdl.py); None (default) turns it on where the GPU has it (compute
-    capability 9.0+); the tokens are the same either way.
+    capability 9.0+); the tokens are the same either way. `activations` (GPU): how the quantized matrices'
+    decode GEMVs take their inputs, "16bit" (default where the model's widths are multiples of 32; rounding
+    below f16's), "int8" (what `int8_activations=True` picks) or "f32"; None: the default.
+    `prefill_chunk` (GPU): prompt tokens per prefill pass, a power of two from 16 to 8192; longer prompts are
+    prefilled chunk by chunk, so it bounds prefill's activation memory. None (default): 2048, or less where the
+    GPU memory left after loading would not hold a pass of 2048 (said on stderr with `progress`).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", *,
                  max_context: int | None = None, mode: str = "graph", progress: bool = True,
-                 int8_activations: bool = False, pdl: bool | None = None):
+                 int8_activations: bool = False, pdl: bool | None = None, prefill_chunk: int | None = None,
+                 activations: str | None = None):
         if device not in DEVICES:
             raise InvalidParameterError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         DecodeMode.parse(mode)  # an unknown mode fails before anything loads
+        check_prefill_chunk(prefill_chunk)
         path = default_model_path(progress=progress) if model is None else model
         self._model_file: ModelFile = open_model_file(path)
         self.config = self._model_file.config
@@ -56,18 +66,30 @@ class LLM:
                 raise InvalidParameterError(f"{name} must be True or False, got {value!r}")
             if value and self.device != "cuda":
                 raise InvalidParameterError(f"{name} is a GPU decode option; use device='cuda'")
-        self.backend = self._make_backend(mode, progress, int8_activations, pdl)
+        if activations is not None:
+            from ..runner.decode_step import ACTIVATION_FORMS  # here: importing the GPU runner loads Triton
+
+            if activations not in ACTIVATION_FORMS:
+                raise InvalidParameterError(f"activations must be one of {', '.join(ACTIVATION_FORMS)}, got "
+                                            f"{activations!r}")
+            if self.device != "cuda":
+                raise InvalidParameterError("activations is a GPU decode option; use device='cuda'")
+            if int8_activations and activations != "int8":
+                raise InvalidParameterError(f"int8_activations=True contradicts activations={activations!r}")
+        self.backend = self._make_backend(mode, progress, int8_activations, pdl, prefill_chunk, activations)
         self.last_output: GenerationOutput | None = None
 
-    def _make_backend(self, mode: str, progress: bool, int8_activations: bool, pdl: bool | None) -> Backend:
-        if self.device == "cpu":
+    def _make_backend(self, mode: str, progress: bool, int8_activations: bool, pdl: bool | None,
+                      prefill_chunk: int | None, activations: str | None) -> Backend:
+        if self.device == "cpu":  # the reference has no prefill activations to bound: it ignores prefill_chunk
             from .reference_backend import ReferenceBackend
 
             return ReferenceBackend(self._model_file, self.max_context_tokens, progress=progress)
         from .gpu_backend import GPUBackend
 
         return GPUBackend(self._model_file, self.max_context_tokens, mode=mode, progress=progress,
-                          int8_activations=int8_activations, pdl=pdl)
+                          int8_activations=int8_activations, pdl=pdl, prefill_chunk=prefill_chunk,
+                          activations=activations)
 
     @property
     def model_file(self) -> ModelFile:
@@ -201,6 +223,16 @@ def _resolve_max_context(requested: int | None, model_max: int) -> int:
         raise InvalidParameterError(
             f"max_context {requested} exceeds the model's context length {model_max}")
     return requested
+
+
+def check_prefill_chunk(tokens: int | None) -> None:
+    """InvalidParameterError unless `tokens` is None (chosen at load) or a power of two in the allowed range."""
+    if tokens is None:
+        return
+    if (isinstance(tokens, bool) or not isinstance(tokens, int) or not MIN_PREFILL_CHUNK <= tokens <= MAX_PREFILL_CHUNK
+            or tokens & (tokens - 1)):
+        raise InvalidParameterError(f"prefill_chunk must be a power of two from {MIN_PREFILL_CHUNK} to "
+                                    f"{MAX_PREFILL_CHUNK} (tokens per prefill pass), got {tokens!r}")
 
 
 def _resolve_device(device: str) -> str:

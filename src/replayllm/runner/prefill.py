@@ -7,10 +7,15 @@ registers for the tensor cores, the residual add fused), or the weight dequantiz
 slice at a time and the vendor GEMM (on an H200 the second won everywhere, benchmarks/NOTES.md). Attention is
 one flash kernel over the paged cache (kernels/prefill_attention), so a chunk starting at `start` > 0 attends
 to everything already cached and sees exactly the f16 values decode will see.
+
+Memory: a chunk's activations other than the f32 residual stream live in one ActivationPool of two regions,
+because a block never needs two of its GEMM inputs (h, attn, act) at once, nor two of its outputs (qkv,
+gate_up). `prefill_peak_bytes` counts what a pass of a chunk allocates; the engine sizes the chunk with it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,15 +35,79 @@ from ..kernels.quant_weight import QuantWeight
 from ..models import ModelConfig
 from .decode_step import RopeTables, head_norms
 from .kv_cache import PagedKVCache
-from .prefill_tuning import DEQUANT_GEMM, LinearMethods
+from .prefill_tuning import DEQUANT_GEMM, LinearMethods, shape_key
 from .weights import DeviceWeights, LayerWeights
 
 SCRATCH_BYTES = 64 * 2**20  # the f16 dequantization scratch: rows of a weight at a time, never the whole LM head
+# The SwiGLU output `act` is only ever the down projection's input, which both GEMM methods round to f16 first:
+# stored in f16 it gives the same bits (kernels/activation.py), in half the bytes, and dequant_gemm's copy goes.
+ACT_DTYPE = torch.float16
+POOL_ALIGN = 256  # bytes: where the pool's output region starts, so its f32 views are aligned like an allocation
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // POOL_ALIGN) * POOL_ALIGN
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    """Bytes a chunk token takes in each region of the ActivationPool.
+
+    Inputs region: h (the normalised input of the qkv and gate_up projections), attn (the o projection's input)
+    and act (the down projection's), each written only once the one before is dead: attention writes attn after
+    the qkv projection has read h, the next norm writes h after the o projection has read attn, SiLU-gate writes
+    act after gate_up has read h. Outputs region: qkv and gate_up, each dead before the other is written. The
+    outputs region also holds any projection's f32 output [T, D] (the tuning times the o and down projections
+    into it)."""
+
+    input_bytes: int
+    output_bytes: int
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig) -> PoolLayout:
+        q_width = cfg.num_heads * cfg.head_dim
+        qkv_width = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        act_bytes = cfg.intermediate_size * ACT_DTYPE.itemsize
+        return cls(input_bytes=max(4 * cfg.hidden_size, 4 * q_width, act_bytes),
+                   output_bytes=4 * max(qkv_width, 2 * cfg.intermediate_size, cfg.hidden_size))
+
+    def output_offset(self, tokens: int) -> int:
+        return _aligned(tokens * self.input_bytes)
+
+    def nbytes(self, tokens: int) -> int:
+        return self.output_offset(tokens) + tokens * self.output_bytes
+
+
+class ActivationPool:
+    """One allocation for a chunk of `tokens` tokens holding a block's GEMM inputs and outputs (PoolLayout):
+    views of it are handed out by region, and views of one region alias each other."""
+
+    def __init__(self, cfg: ModelConfig, tokens: int, device: torch.device):
+        self.layout = PoolLayout.for_model(cfg)
+        self.tokens = tokens
+        self.storage = torch.empty(self.layout.nbytes(tokens), dtype=torch.uint8, device=device)
+
+    def gemm_input(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous `dtype` tensor of `shape` at the start of the inputs region."""
+        return self._view(0, self.tokens * self.layout.input_bytes, shape, dtype)
+
+    def gemm_output(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A contiguous f32 tensor of `shape` at the start of the outputs region."""
+        return self._view(self.layout.output_offset(self.tokens), self.tokens * self.layout.output_bytes, shape,
+                          torch.float32)
+
+    def _view(self, offset: int, capacity: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > capacity:
+            raise ValueError(f"activation pool: {list(shape)} {dtype} needs {nbytes} bytes, the region holds "
+                             f"{capacity} ({self.tokens} tokens)")
+        return self.storage[offset:offset + nbytes].view(dtype).view(shape)
 
 
 @dataclass
 class _ChunkBuffers:
-    """One chunk's activations, made per call (prefill is not on the per-token path)."""
+    """One chunk's activations, made per call (prefill is not on the per-token path): the residual stream and
+    views of one ActivationPool (h, attn, act share its inputs region; qkv, gate_up its outputs region)."""
 
     positions: torch.Tensor  # [T] int32
     page_table: torch.Tensor  # [T, max_pages] int32: the sequence's row for each token, as the rope kernel reads
@@ -47,22 +116,54 @@ class _ChunkBuffers:
     qkv: torch.Tensor  # [T, (Hq + 2 Hkv) Dh] f32
     attn: torch.Tensor  # [T, Hq, Dh] f32
     gate_up: torch.Tensor  # [T, 2F] f32
-    act: torch.Tensor  # [T, F] f32
+    act: torch.Tensor  # [T, F] ACT_DTYPE
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, token_ids: torch.Tensor, page_table_row: torch.Tensor,
                  start: int) -> _ChunkBuffers:
         T, device = token_ids.shape[0], token_ids.device
-
-        def f32(*shape):
-            return torch.empty(shape, dtype=torch.float32, device=device)
-
+        pool = ActivationPool(cfg, T, device)
+        f32 = torch.float32
         return cls(positions=torch.arange(start, start + T, dtype=torch.int32, device=device),
                    page_table=page_table_row.unsqueeze(0).expand(T, -1).contiguous(),
-                   x=f32(T, cfg.hidden_size), h=f32(T, cfg.hidden_size),
-                   qkv=f32(T, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim),
-                   attn=f32(T, cfg.num_heads, cfg.head_dim), gate_up=f32(T, 2 * cfg.intermediate_size),
-                   act=f32(T, cfg.intermediate_size))
+                   x=torch.empty(T, cfg.hidden_size, dtype=f32, device=device),
+                   h=pool.gemm_input((T, cfg.hidden_size), f32),
+                   qkv=pool.gemm_output((T, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim)),
+                   attn=pool.gemm_input((T, cfg.num_heads, cfg.head_dim), f32),
+                   gate_up=pool.gemm_output((T, 2 * cfg.intermediate_size)),
+                   act=pool.gemm_input((T, cfg.intermediate_size), ACT_DTYPE))
+
+
+def prefill_peak_bytes(cfg: ModelConfig, chunk_tokens: int, max_pages_per_seq: int,
+                       f16_weights: bool = False) -> int:
+    """Device bytes a prefill pass of `chunk_tokens` tokens allocates at its peak, on top of the loaded model.
+
+    Counted: the residual stream x (f32), the ActivationPool, each token's position and page-table row
+    (`max_pages_per_seq` int32), the largest transient of one block -- on the dequant_gemm path the f16 copy of
+    an f32 input and one slice's f16 product (a slice as large as a full scratch allows; whole products with
+    `f16_weights`, F16 matrices not being sliced), and qwen3's contiguous f32 copies of q and k, alive to the
+    end of the attention block -- and the last position's logits (this chunk's and the previous one's). The
+    tuning at load times in one pool for its largest bucket (at most the chunk) with the same transients and no
+    x, so this bounds it too.
+    Not counted: what load allocates once (the dequantization scratch, cuBLAS's workspace), the f32 [T, vocab]
+    logits of every position that `logits()` asks for, and the caching allocator's rounding (on an H200, a
+    4095-token prompt in chunks of 2048 peaked 0.8 MiB above this, of 298 MiB).
+    """
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    scratch_elements = max(SCRATCH_BYTES // 2, D, q_width, F)
+
+    def projection(n_rows: int, n_cols: int, input_dtype: torch.dtype) -> int:  # bytes a token
+        copy = 2 * n_cols if input_dtype != torch.float16 else 0
+        rows = n_rows if f16_weights else slice_rows(n_rows, n_cols, scratch_elements)
+        return copy + 2 * rows  # f16 copy of the input, f16 product
+
+    qk_copies = 4 * (q_width + kv_width) if cfg.has_qk_norm else 0
+    attention = max(projection(q_width + 2 * kv_width, D, torch.float32),
+                    qk_copies + projection(D, q_width, torch.float32))
+    mlp = max(projection(2 * F, D, torch.float32), projection(D, F, ACT_DTYPE))
+    per_token = 4 * D + 4 * (1 + max_pages_per_seq) + max(attention, mlp)
+    return chunk_tokens * per_token + PoolLayout.for_model(cfg).nbytes(chunk_tokens) + 2 * 4 * cfg.vocab_size
 
 
 class Prefiller:
@@ -70,6 +171,29 @@ class Prefiller:
         self.config, self.weights, self.cache, self.rope = config, weights, cache, rope
         self.methods = LinearMethods()  # every shape FUSED until `tune` has measured
         self.scratch: torch.Tensor | None = None  # made only if some shape is faster through the vendor GEMM
+
+    def activation_pool(self, tokens: int) -> ActivationPool:
+        """A pool for `tokens` chunk tokens, as a pass makes (the tuning times its GEMMs in one)."""
+        return ActivationPool(self.config, tokens, self.weights.output_norm.device)
+
+    def gemm_inputs(self) -> dict[tuple[str, int, int], tuple[QuantWeight, torch.dtype]]:
+        """Each distinct (type, n_rows, n_cols) of the layers' matrices, in pass order: one matrix of it and the
+        dtype of the activations a pass multiplies it by (h and attn f32, act ACT_DTYPE)."""
+        inputs = {}
+        for layer in self.weights.layers:
+            for w in (*layer.qkv, layer.attn_output, *layer.gate_up):
+                inputs.setdefault(shape_key(w), (w, torch.float32))
+            inputs.setdefault(shape_key(layer.ffn_down), (layer.ffn_down, ACT_DTYPE))
+        return inputs
+
+    def peak_bytes(self, chunk_tokens: int) -> int:
+        """prefill_peak_bytes of a pass of chunk_tokens tokens, for this model's weights and cache."""
+        f16_weights = any(m.ggml_type == GGMLQuantizationType.F16 for m in self.weights.layer_matrices())
+        return prefill_peak_bytes(self.config, chunk_tokens, self.cache.max_pages_per_seq, f16_weights)
+
+    def pending_scratch_bytes(self) -> int:
+        """Bytes the dequantization scratch will take once made (0 when it exists or nothing needs it)."""
+        return 0 if self.scratch is not None else 2 * self._scratch_elements()
 
     def tune(self, chunk_tokens: int, cache=None) -> LinearMethods:
         """Measure the ways of multiplying for every weight shape at a few chunk sizes up to chunk_tokens (on the
@@ -94,7 +218,7 @@ class Prefiller:
             self._attention_block(i, layer, bufs, page_table_row, start)
             self._mlp_block(layer, bufs)
         last = bufs.x if all_logits else bufs.x[-1:]
-        normed = torch.empty_like(last)
+        normed = bufs.h[:last.shape[0]]  # free once the last layer has run
         rmsnorm(last, self.weights.output_norm, self.config.rms_norm_eps, normed)
         logits = torch.empty(last.shape[0], self.weights.output.n_rows, dtype=torch.float32, device=last.device)
         if all_logits:
@@ -128,8 +252,9 @@ class Prefiller:
 
     def linear(self, x: torch.Tensor, matrices: list[QuantWeight], out: torch.Tensor,
                bias: torch.Tensor | None = None, accumulate: bool = False) -> None:
-        """out (+)= x [T, K] f32 @ [W0|W1|...]^T (+ bias): each matrix writes its column slice of out [T, N] f32,
-        by the method measured fastest for its shape and T."""
+        """out (+)= x [T, K] f32 or f16 @ [W0|W1|...]^T (+ bias): each matrix writes its column slice of out
+        [T, N] f32, by the method measured fastest for its shape and T. Both methods round x to f16 first, so an
+        f16 x gives the same result as the f32 x it was rounded from."""
         col = 0
         for w in matrices:
             part = out[:, col:col + w.n_rows]
@@ -152,19 +277,26 @@ class Prefiller:
     def _ensure_scratch(self) -> None:
         if self.scratch is not None:  # checked first: dequant_gemm calls this for every matrix of a pass
             return
+        elements = self._scratch_elements()
+        if elements:
+            self.scratch = torch.empty(elements, dtype=torch.float16, device=self.weights.output_norm.device)
+
+    def _scratch_elements(self) -> int:
+        """f16 elements of the scratch: the largest quantized matrix or SCRATCH_BYTES, whichever is smaller, but
+        at least its widest row; 0 when every matrix is F16."""
         quantized = [m for m in self.weights.matrices() if m.ggml_type != GGMLQuantizationType.F16]
-        if quantized:
-            largest = max(m.n_rows * m.n_cols for m in quantized)
-            widest = max(m.n_cols for m in quantized)
-            self.scratch = torch.empty(max(min(largest, SCRATCH_BYTES // 2), widest), dtype=torch.float16,
-                                       device=self.weights.output_norm.device)
+        if not quantized:
+            return 0
+        largest = max(m.n_rows * m.n_cols for m in quantized)
+        return max(min(largest, SCRATCH_BYTES // 2), max(m.n_cols for m in quantized))
 
 
 def dequant_gemm(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, scratch: torch.Tensor | None,
                  bias: torch.Tensor | None = None, accumulate: bool = False) -> None:
     """out (+)= x @ W^T (+ bias) through an f16 scratch: W dequantized a slice of rows at a time, each slice
-    multiplied by the vendor GEMM. An F16 weight is already what the vendor GEMM wants: no copy, no scratch."""
-    x16 = x.to(torch.float16)
+    multiplied by the vendor GEMM. An F16 weight is already what the vendor GEMM wants: no copy, no scratch.
+    An f32 x is copied to f16 once; an f16 x is used as it is."""
+    x16 = x.to(torch.float16)  # no copy when x is f16 already
     if w.ggml_type == GGMLQuantizationType.F16:
         _store(out, x16 @ w.qs.t(), accumulate)
     else:

@@ -154,42 +154,57 @@ def time_ms(fn, reps: int = 3, device: torch.device | str = "cuda") -> float:
     return sorted(times)[len(times) // 2]
 
 
+def tuning_buckets(chunk_tokens: int) -> list[int]:
+    """The row counts timed for a prefill chunk of chunk_tokens: the TUNING_BUCKETS below it, then the chunk."""
+    return [b for b in TUNING_BUCKETS if b < chunk_tokens] + [chunk_tokens]
+
+
 @torch.inference_mode()
 def tune_methods(prefiller, chunk_tokens: int, cache: TuningCache | None = None) -> LinearMethods:
     """Time FUSED (each of FUSED_CONFIGS) and DEQUANT_GEMM for each distinct weight shape of the layers at the
     buckets up to chunk_tokens; the fastest wins per bucket. Choices found in `cache` are not measured again; new
     ones are added to it and saved. (Not the LM head: prefill multiplies it for one row, with the decode GEMV,
-    except for all-position logits, which take the FUSED default.)"""
-    weights = prefiller.weights
-    device = weights.output_norm.device
-    buckets = [b for b in TUNING_BUCKETS if b < chunk_tokens] + [chunk_tokens]
-    distinct = {shape_key(w): w for w in weights.layer_matrices()}
+    except for all-position logits, which take the FUSED default.)
+
+    Every timing multiplies views of one activation pool made for chunk_tokens rows (made only if something is
+    timed), the input in the dtype a pass gives that matrix: the tuning needs no more memory than a pass of
+    the chunk does (prefill.prefill_peak_bytes)."""
+    device = prefiller.weights.output_norm.device
+    buckets = tuning_buckets(chunk_tokens)
+    pool = None
     methods = LinearMethods()
-    for key, w in distinct.items():
+    for key, (w, input_dtype) in prefiller.gemm_inputs().items():
         choices = []
         for rows in buckets:
             cached = cache.get(key, rows) if cache is not None else None
-            if cached is not None:
-                choices.append(cached)
-                continue
-            x = torch.randn(rows, w.n_cols, device=device)
-            out = torch.empty(rows, w.n_rows, device=device)
-            dequant = time_ms(lambda: prefiller.dequant_gemm(x, w, out, None, False), device=device)
-            fused, best = float("inf"), None
-            for cfg in FUSED_CONFIGS:
-                try:
-                    ms = time_ms(lambda: quant_matmul(x, w, out, config=cfg), device=device)
-                except Exception as exc:  # e.g. a launch shape this GPU cannot hold: the others may still run
-                    warnings.warn(f"prefill: the quantized GEMM {cfg} failed for {key} at {rows} rows "
-                                  f"({exc!r:.200})", stacklevel=2)
-                    continue
-                if ms < fused:
-                    fused, best = ms, cfg
-            method = FUSED if fused <= dequant else DEQUANT_GEMM
-            choices.append(Choice(rows, method, best if method == FUSED else None, fused, dequant))
-            if cache is not None:
-                cache.put(key, choices[-1])
+            if cached is None:
+                if pool is None:
+                    pool = prefiller.activation_pool(buckets[-1])
+                x = pool.gemm_input((rows, w.n_cols), input_dtype).normal_()
+                cached = _measure(prefiller, w, x, pool.gemm_output((rows, w.n_rows)), key, device)
+                if cache is not None:
+                    cache.put(key, cached)
+            choices.append(cached)
         methods.table[key] = choices
     if cache is not None:
         cache.save()
     return methods
+
+
+def _measure(prefiller, w: QuantWeight, x: torch.Tensor, out: torch.Tensor, key: tuple[str, int, int],
+             device: torch.device) -> Choice:
+    """Time out = x @ w^T both ways (every FUSED_CONFIGS shape) and choose the faster, for x.shape[0] rows."""
+    rows = x.shape[0]
+    dequant = time_ms(lambda: prefiller.dequant_gemm(x, w, out, None, False), device=device)
+    fused, best = float("inf"), None
+    for cfg in FUSED_CONFIGS:
+        try:
+            ms = time_ms(lambda: quant_matmul(x, w, out, config=cfg), device=device)
+        except Exception as exc:  # e.g. a launch shape this GPU cannot hold: the others may still run
+            warnings.warn(f"prefill: the quantized GEMM {cfg} failed for {key} at {rows} rows ({exc!r:.200})",
+                          stacklevel=3)
+            continue
+        if ms < fused:
+            fused, best = ms, cfg
+    method = FUSED if fused <= dequant else DEQUANT_GEMM
+    return Choice(rows, method, best if method == FUSED else None, fused, dequant)
