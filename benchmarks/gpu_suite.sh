@@ -14,6 +14,7 @@
 #     full   the tests, then benchmarks/run_gpu_benchmarks.py, which starts no stage past BENCH_DEADLINE_S
 #            seconds (default 330) so that a run under a wall-clock limit still brings results back
 #     types  the 7B F16 and Q8_0 benchmarks alone (run_gpu_benchmarks.py --only types), no tests
+#     fit    the 7B Q4_K_M under a 6 GiB cap alone, in a fresh process (run_gpu_benchmarks.py --only fit), no tests
 # The default model (98 MB) is larger than one transfer to the GPU host may be, and that host has no network: it
 # travels in two halves over two runs on the same host (`stage`, then a run with .carry/b/smol.part01). Without both,
 # its tests are skipped with that reason. Write .commit (git rev-parse --short=12 HEAD) first: the machine's
@@ -78,7 +79,7 @@ if [ "$MODE" = full ]; then
      "$REPLAYLLM_SYNTH_DIR/llama2-7b-q4_k_m.gguf" && echo "synth llama2-7b q4_k_m done at $(date +%T)") >> "$LOG" 2>&1 &
 fi
 status=0
-if [ "$MODE" != types ]; then  # types: the benchmarks alone, after a full run has tested the same commit
+if [ "$MODE" != types ] && [ "$MODE" != fit ]; then  # types, fit: the benchmarks alone, after a full run has tested the same commit
   # Unmarked kernel tests that take the GPU when there is one: the integer-dot GEMVs (16-bit and int8) and the
   # kernels that write their activations.
   python3 -m pytest -q -p no:cacheprovider tests/kernels/test_quant_matvec_q8.py \
@@ -95,6 +96,11 @@ if [ "$MODE" = full ]; then
 fi
 if [ "$MODE" = types ]; then
   python3 benchmarks/run_gpu_benchmarks.py --out "$OUT" --deadline-s "$DEADLINE" --only types 2>&1 | tee -a "$LOG"
+fi
+if [ "$MODE" = fit ]; then
+  python3 -m replayllm.cli.main synth --shape llama2-7b --quant q4_k_m --workers 16 --quiet \
+    "$REPLAYLLM_SYNTH_DIR/llama2-7b-q4_k_m.gguf" >> "$LOG" 2>&1
+  python3 benchmarks/run_gpu_benchmarks.py --out "$OUT" --deadline-s "$DEADLINE" --only fit 2>&1 | tee -a "$LOG"
 fi
 echo "==== summary ===="
 head -n 2 "$LOG"

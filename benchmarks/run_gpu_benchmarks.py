@@ -493,12 +493,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--deadline-s", type=float, default=400.0, help="start no stage after this many seconds")
-    parser.add_argument("--only", choices=["types"], default=None,
-                        help="types: only the 7B F16 and Q8_0 files (a run of its own: they take minutes to write)")
+    parser.add_argument("--only", choices=["types", "fit"], default=None,
+                        help="types: only the 7B F16 and Q8_0 files (a run of its own: they take minutes to write); "
+                             "fit: only the 7B Q4_K_M under a 6 GiB cap, in a process that has loaded nothing else")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out, args.deadline_s)
+    if args.only == "fit":
+        run.stage("llama2-7b Q4_K_M in 6 GiB: 4096-token context, 4095-token prompt + 1 token", fit_6gib_7b, run,
+                  SYNTH_DIR / "llama2-7b-q4_k_m.gguf")
+        run.flush()
+        return
     if args.only == "types":
         run.results["copy_gbps"] = measure_copy_gbps(torch.device("cuda"))
         other_types(run)

@@ -136,8 +136,8 @@ def test_rmsnorm_at_model_shapes_and_in_cuda_graph():
 @pytest.mark.parametrize("wide", [False, True], ids=["int8", "16bit"])
 @pytest.mark.parametrize("rows, row_size", [(1, 4096), (2, 96)])  # 96: a masked block past the row in BLOCK_D
 def test_quantized_copy_equals_quantize_activations_of_the_output(wide, rows, row_size):
-    """The int8 or 16-bit copy written by the same launch is bit for bit what quantize_activations makes of
-    `out`."""
+    """The int8 or 16-bit copy written by the same launch has the quants and scales quantize_activations makes of
+    `out`, bit for bit, and its block sums."""
     from replayllm.kernels.int8_activations import ActivationQ8, quantize_activations, wide_values
 
     gen = torch.Generator().manual_seed(3)
@@ -148,7 +148,9 @@ def test_quantized_copy_equals_quantize_activations_of_the_output(wide, rows, ro
     separate = quantize_activations(out, ActivationQ8.allocate(rows, row_size, DEVICE, wide=wide))
     assert _relative_error(out, rmsnorm_reference(x, w, 1e-5)) < TOLERANCE
     assert torch.equal(fused.q, separate.q) and wide_values(fused.q).abs().max() == (32512 if wide else 127)
-    assert torch.equal(fused.scale, separate.scale) and torch.equal(fused.block_sum, separate.block_sum)
+    assert torch.equal(fused.scale, separate.scale)
+    # The block sums come from two kernels' reductions, which add in different orders on a GPU (f32 rounding).
+    assert torch.allclose(fused.block_sum, separate.block_sum, rtol=1e-5, atol=1e-5)
 
 
 def test_quantized_copy_needs_whole_blocks():

@@ -14,7 +14,8 @@ f32 sum of the block's original values is kept too (the Q4_K min term needs it).
 The width is the quant tensor's dtype (int8 or int16). The block arithmetic is one Triton helper,
 `_quantize_blocks`, shared by the standalone kernel here and by the kernels that produce an activation and
 quantize it in the same launch (rmsnorm, silu_mul, the decode-attention merge), which read the width from the
-pointer they are given: every path gives bit-identical results.
+pointer they are given: every path gives bit-identical quants and scales (the block sums may differ in the
+order f32 additions take in each kernel's reduction).
 """
 
 from __future__ import annotations
