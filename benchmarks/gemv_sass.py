@@ -38,13 +38,16 @@ def compile_gemv(ggml_type: GGMLQuantizationType, n_cols: int, block_n: int, gro
     w_stub = type("W", (), {"ggml_type": ggml_type, "n_cols": n_cols})  # plan_steps reads only these two
     plan = plan_steps(w_stub, groups)
     constants = dict(QTYPE=int(ggml_type), IS_FLOAT=ggml_type in FLOAT_TYPES, S=plan.groups, W=plan.width,
-                     BLOCK_N=block_n, BLOCK_B=1, HAS_BIAS=False, ACCUMULATE=False, USE_PDL=False)
+                     BLOCK_N=block_n, BLOCK_B=1, HAS_BIAS=False, ACCUMULATE=False, F16_PRODUCT=False,
+                     USE_PDL=False)
     types = {}
     for name in _quant_matvec_kernel.arg_names:
         if name in _POINTER:
             types[name] = _POINTER[name]
         elif name in _FIELD_OF_ARG:
             field = _FIELD_OF_ARG[name]
+            if name == "mn_ptr" and "scales_hi" in layout:  # the K-quants' min slot: their scales' top bits
+                field = "scales_hi"
             dtype = layout.get(field, layout["qs"])[0]  # absent fields get a placeholder, as weight_args does
             types[name] = _TRITON_DTYPE[str(dtype).removeprefix("torch.")]
         else:

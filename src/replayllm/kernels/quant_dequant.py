@@ -86,7 +86,10 @@ def _kquant_scales(sc_ptr, hi_ptr, row_sc, row_hi, chunk, ok):
     `scales_hi` byte c (their top 2 bits). row_sc, row_hi: the row's offsets in the two tensors."""
     lo0 = tl.load(sc_ptr + row_sc + 2 * chunk, mask=ok, other=0).to(tl.int32)
     lo1 = tl.load(sc_ptr + row_sc + 2 * chunk + 1, mask=ok, other=0).to(tl.int32)
-    hi = tl.load(hi_ptr + row_hi + chunk, mask=ok, other=0).to(tl.int32)
+    # Byte c, indexed as (2c + 1) >> 1 on purpose: an index that Triton sees contiguous along the group axis gets
+    # this load a vectorized layout of its own, converted to the tile's through shared memory, with barriers
+    # (the f32 GEMV's loop had 44 instead of 18 a step: benchmarks/gemv_sass.py, NOTES.md).
+    hi = tl.load(hi_ptr + row_hi + ((2 * chunk + 1) >> 1), mask=ok, other=0).to(tl.int32)
     return ((lo0 & 0x0F) | ((hi & 0x03) << 4), (lo0 >> 4) | ((hi & 0x0C) << 2),
             (lo1 & 0x0F) | (hi & 0x30), (lo1 >> 4) | ((hi >> 6) << 4))
 
