@@ -43,16 +43,19 @@ def test_quantize_activations_matches_the_reference(batch, n_cols, wide, device)
 
 
 def test_wide_quants_keep_both_bytes_in_signed_range():
-    # The extremes and the values around each carry of the two-byte form decode back exactly.
+    # The extremes and the values around each carry of the two-byte form decode back exactly, and every run of 4
+    # quants is 8 bytes: its 4 high bytes (each in [-127, 127]), then its 4 low ones.
     v = torch.tensor([-32512, -32385, -32384, -257, -256, -129, -128, -1, 0, 1, 127, 128, 255, 256, 32383, 32384,
-                      32512], dtype=torch.float32)
+                      32512, 300, -300, 7], dtype=torch.float32)  # 20 values: 5 runs of 4
     x = torch.zeros(1, 32 * len(v))
     x.view(len(v), 32)[:, 0] = v
     x.view(len(v), 32)[:, 1] = 32512.0  # each block's amax: quants equal the values
-    q = quantize_activations_reference(x, wide=True).q.view(len(v), 32)
-    assert torch.equal(wide_values(q[:, 0]), v.to(torch.int32))
-    high_bytes = q[:, 0].contiguous().view(torch.int8).view(len(v), 2)[:, 1]  # little-endian: byte 1 is the high one
-    assert high_bytes.abs().max() <= 127
+    q = quantize_activations_reference(x, wide=True).q
+    assert torch.equal(wide_values(q).view(len(v), 32)[:, 0], v.to(torch.int32))
+    planes = q.view(torch.int8).view(-1, 2, 4).to(torch.int32)  # [runs, (high, low), 4]
+    assert planes[:, 0].abs().max() <= 127
+    first = planes.view(len(v), 8, 2, 4)[:, 0, :, 0]  # each block's quant 0: (high, low) bytes
+    assert torch.equal(first[:, 0] * 256 + first[:, 1], v.to(torch.int32))
 
 
 # (type, n_cols): the default step is 32 chunks (1024 weights of a row for Q4_0, Q4_1 and Q8_0, 2048 for Q4_K

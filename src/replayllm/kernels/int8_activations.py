@@ -7,8 +7,9 @@ f32 sum of the block's original values is kept too (the Q4_K min term needs it).
 - 16-bit (QMAX = 32512 = 127 * 256): the default path's. Its rounding, at most 1.5e-5 of the block's largest
   value, is below f16's for all but the block's smallest values, so greedy output keeps to the f32
   reference's. A quant v is split into two signed bytes, v = 256 hi + lo with hi = floor((v + 128) / 256) in
-  [-127, 127] and lo in [-128, 127], and stored as the int16 whose high byte is hi and low byte lo (not v
-  itself): the GEMVs then multiply each byte plane with the int8 path's instructions,
+  [-127, 127] and lo in [-128, 127], and each run of 4 quants is stored as 8 bytes, the 4 hi then the 4 lo
+  (the int16 tensor holds these bytes, not the values; `wide_values` decodes them). The GEMVs read a run as
+  one int64 word whose halves are the two byte planes, and multiply each with the int8 path's instructions:
   sum_i q_i v_i = 256 sum_i q_i hi_i + sum_i q_i lo_i, exact in integers.
 
 The width is the quant tensor's dtype (int8 or int16). The block arithmetic is one Triton helper,
@@ -100,7 +101,12 @@ def _quantize_blocks(x, q_ptrs, scale_ptrs, sum_ptrs, block_ok):
         v = q.to(tl.int32)
         hi = (v + 128) >> 8  # arithmetic shift: floor((v + 128) / 256), in [-127, 127]
         lo = v - hi * 256  # in [-128, 127]
-        tl.store(q_ptrs, ((hi << 8) | (lo & 0xFF)).to(tl.int16), mask=block_ok[:, None])
+        # Quant 4g + k (k < 4) of a block: its hi byte at byte 8g + k, its lo byte at 8g + 4 + k, so each run of 4
+        # is one int64 word of two byte planes. Its int16 slot starts at byte 8g + 2k: k bytes past the hi byte.
+        k = tl.arange(0, 32)[None, :] % 4
+        hi_ptrs = q_ptrs.to(tl.pointer_type(tl.int8)) - k
+        tl.store(hi_ptrs, hi.to(tl.int8), mask=block_ok[:, None])
+        tl.store(hi_ptrs + 4, lo.to(tl.int8), mask=block_ok[:, None])
     else:
         tl.store(q_ptrs, q.to(tl.int8), mask=block_ok[:, None])
     tl.store(scale_ptrs, amax / QMAX, mask=block_ok)
@@ -154,18 +160,19 @@ def quantize_activations_reference(x: torch.Tensor, wide: bool = False) -> Activ
     inverse = torch.where(amax > 0, qmax / amax, torch.zeros_like(amax))
     q = torch.floor(blocks * inverse[..., None] + 0.5).view(x.shape)
     if wide:
-        v = q.to(torch.int32)
+        v = q.to(torch.int32).view(x.shape[0], -1, 1, 4)  # runs of 4 quants
         hi = torch.div(v + 128, 256, rounding_mode="floor")
-        q = ((hi << 8) | ((v - hi * 256) & 0xFF)).to(torch.int16)
+        planes = torch.cat([hi, v - hi * 256], dim=2).to(torch.int8)  # [B, K/4, 2, 4]: hi bytes, then lo bytes
+        q = planes.reshape(x.shape[0], -1).view(torch.int16)
     else:
         q = q.to(torch.int8)
     return ActivationQ8(q, amax / qmax, blocks.sum(dim=-1))
 
 
 def wide_values(q: torch.Tensor) -> torch.Tensor:
-    """The quant values (int32) of int8 quants, or of 16-bit quants in their two-byte form: 256 hi + lo."""
+    """The quant values (int32, q's shape) of int8 quants, or of 16-bit quants in their byte-plane form
+    [B, K] (runs of 4: 4 hi bytes, 4 lo bytes): 256 hi + lo."""
     if q.dtype == torch.int8:
         return q.to(torch.int32)
-    v = q.to(torch.int32)
-    lo = v & 0xFF
-    return (v >> 8) * 256 + torch.where(lo >= 128, lo - 256, lo)
+    planes = q.contiguous().view(torch.int8).view(*q.shape[:-1], -1, 2, 4).to(torch.int32)
+    return (planes[..., 0, :] * 256 + planes[..., 1, :]).reshape(q.shape)

@@ -83,21 +83,12 @@ def _dot4(a, b, USE_DP4A: tl.constexpr, A_BYTES: tl.constexpr = _U8):
 
 
 @triton.jit
-def _byte_planes(words, USE_DP4A: tl.constexpr):
-    """16-bit activation quants, 4 to an int64 word (each in its two-byte form: int8_activations) -> (coarse,
-    fine): int32 words of their 4 high bytes and of their 4 low bytes, in order. Each plane then meets the
-    weights exactly as int8 activations do, and sum q v = 256 (q . coarse) + (q . fine). Two byte permutes."""
-    a = words.to(tl.int32)  # activations 0, 1 (low half of the word)
-    b = (words >> 32).to(tl.int32)  # activations 2, 3
-    if USE_DP4A:
-        coarse = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7531;", "=r,r,r", [a, b], dtype=tl.int32,
-                                           is_pure=True, pack=1)
-        fine = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x6420;", "=r,r,r", [a, b], dtype=tl.int32,
-                                         is_pure=True, pack=1)
-        return coarse, fine
-    coarse = ((a >> 8) & 0xFF) | ((a >> 16) & 0xFF00) | ((b << 8) & 0xFF0000) | ((b >> 24) << 24)
-    fine = (a & 0xFF) | ((a >> 8) & 0xFF00) | ((b << 16) & 0xFF0000) | (((b << 8) >> 24) << 24)
-    return coarse, fine
+def _byte_planes(words):
+    """16-bit activation quants, a run of 4 to an int64 word in their byte-plane form (int8_activations: the 4
+    high bytes, then the 4 low ones) -> (coarse, fine): the two int32 halves. Each plane then meets the weights
+    exactly as int8 activations do, and sum q v = 256 (q . coarse) + (q . fine). No instruction: the halves are
+    the word's two registers."""
+    return words.to(tl.int32), (words >> 32).to(tl.int32)
 
 
 @triton.jit
@@ -208,8 +199,8 @@ def _q4_matvec_q8_kernel(
         w = tl.load(qs_ptr + src3 * stride_qw + 4 * c3 + u)  # [BLOCK_N, C, 4]
         x = xrow + 8 * c3 + u + 0 * src3  # at the tile's full shape, so it takes the quant words' layout
         if WIDE:  # [BLOCK_N, C]: sum (q [- 8]) xq over both byte planes
-            coarse_lo, fine_lo = _byte_planes(tl.load(x), USE_DP4A)
-            coarse_hi, fine_hi = _byte_planes(tl.load(x + 4), USE_DP4A)
+            coarse_lo, fine_lo = _byte_planes(tl.load(x))
+            coarse_hi, fine_hi = _byte_planes(tl.load(x + 4))
             s = (_q4_sums(w, coarse_lo, coarse_hi, HAS_MIN, USE_DP4A).to(tl.float32) * 256.0
                  + _q4_sums(w, fine_lo, fine_hi, HAS_MIN, USE_DP4A).to(tl.float32))
         else:
@@ -243,10 +234,10 @@ def _kquant_chunk_sums(qs0, qs1, qh0, qh1, x, bit, HAS_QH: tl.constexpr, WIDE: t
     """The integer sums q . xq of sub-blocks 2c and 2c + 1 of a Q4_K / Q5_K tile (qs0, qs1: its quant words
     t < 4 and t >= 4; x: pointers to activation word 16c + t, t < 4): f32 [BLOCK_N, C] each, exact."""
     if WIDE:
-        c0, f0 = _byte_planes(tl.load(x), USE_DP4A)
-        c8, f8 = _byte_planes(tl.load(x + 8), USE_DP4A)
-        c4, f4 = _byte_planes(tl.load(x + 4), USE_DP4A)
-        c12, f12 = _byte_planes(tl.load(x + 12), USE_DP4A)
+        c0, f0 = _byte_planes(tl.load(x))
+        c8, f8 = _byte_planes(tl.load(x + 8))
+        c4, f4 = _byte_planes(tl.load(x + 4))
+        c12, f12 = _byte_planes(tl.load(x + 12))
         s_lo, s_hi = _kquant_half_chunk(qs0, qh0, c0, c8, bit, 0, 0, HAS_QH, USE_DP4A)
         s_lo, s_hi = _kquant_half_chunk(qs1, qh1, c4, c12, bit, s_lo, s_hi, HAS_QH, USE_DP4A)
         t_lo, t_hi = _kquant_half_chunk(qs0, qh0, f0, f8, bit, 0, 0, HAS_QH, USE_DP4A)
@@ -369,7 +360,7 @@ def _word_sums(q, x, A_BYTES: tl.constexpr, WIDE: tl.constexpr, USE_DP4A: tl.con
     """sum over the last axis (4 words) of q . x, q's bytes read as A_BYTES says, x the activation words (int64
     words of 16-bit quants when WIDE): f32 [..., 1], exact."""
     if WIDE:
-        coarse, fine = _byte_planes(x, USE_DP4A)
+        coarse, fine = _byte_planes(x)
         total = (tl.sum(_dot4(q, coarse, USE_DP4A, A_BYTES), axis=3, keep_dims=True).to(tl.float32) * 256.0
                  + tl.sum(_dot4(q, fine, USE_DP4A, A_BYTES), axis=3, keep_dims=True).to(tl.float32))
     else:  # (not code after a return: see _kquant_chunk_sums)
