@@ -58,21 +58,17 @@ def kernel_rows(backend, context_tokens: int, config: MatvecConfig | None = None
     `activations` (runner.decode_step.ACTIVATION_FORMS): "f32" times the f32-activation GEMVs (rows named
     "<kind>"); "16bit" or "int8" the decode step's routing with those quantized activations
     (runner.decode_step.project), rows named "<kind> 16bit" / "<kind> int8"."""
-    from ..runner.decode_step import ACTIVATION_FORMS, project
+    from ..runner.decode_step import check_activation_form, project
 
-    if activations not in ACTIVATION_FORMS:
-        raise ValueError(f"activations must be one of {ACTIVATION_FORMS}, got {activations!r}")
+    check_activation_form(activations)
     weights, bufs = backend.weights, backend.bufs
-    wide = activations == "16bit"
-    copies = {"h": bufs.h_q16 if wide else bufs.h_q8, "attn": bufs.attn_q16 if wide else bufs.attn_q8,
-              "act": bufs.act_q16 if wide else bufs.act_q8}
+    h_q, attn_q, act_q = bufs.quantized_inputs(activations)
     kinds = {
-        "qkv": ([w for layer in weights.layers for w in layer.qkv], bufs.h, copies["h"], bufs.qkv),
-        "attn_output": ([layer.attn_output for layer in weights.layers], bufs.attn.view(1, -1), copies["attn"],
-                        bufs.x),
-        "gate_up": ([w for layer in weights.layers for w in layer.gate_up], bufs.h, copies["h"], bufs.gate_up),
-        "ffn_down": ([layer.ffn_down for layer in weights.layers], bufs.act, copies["act"], bufs.x),
-        "lm_head": ([weights.output], bufs.h, copies["h"], bufs.logits),
+        "qkv": ([w for layer in weights.layers for w in layer.qkv], bufs.h, h_q, bufs.qkv),
+        "attn_output": ([layer.attn_output for layer in weights.layers], bufs.attn.view(1, -1), attn_q, bufs.x),
+        "gate_up": ([w for layer in weights.layers for w in layer.gate_up], bufs.h, h_q, bufs.gate_up),
+        "ffn_down": ([layer.ffn_down for layer in weights.layers], bufs.act, act_q, bufs.x),
+        "lm_head": ([weights.output], bufs.h, h_q, bufs.logits),
     }
     if activations != "f32" and not bufs.can_quantize_activations:
         raise ValueError("this model's widths have no quantized activation buffers")

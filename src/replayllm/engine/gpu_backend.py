@@ -24,7 +24,7 @@ import torch
 from ..default_model import cache_dir
 from ..errors import InvalidParameterError
 from ..gguf import dequantize
-from ..runner.decode_step import ACTIVATION_FORMS, RopeTables, StepBuffers, decode_step, default_activations
+from ..runner.decode_step import RopeTables, StepBuffers, check_activation_form, decode_step, default_activations
 from ..runner.graph import DecodeGraph
 from ..runner.kv_cache import PagedKVCache
 from ..runner.prefill import Prefiller
@@ -108,10 +108,8 @@ class GPUBackend(Backend):
         self.host_sampler = SamplerState.create(1, config.vocab_size, torch.device("cpu"))
         self._graphs: dict[tuple[int, bool, bool], DecodeGraph] = {}
         self.load_seconds = time.perf_counter() - started
-        if int8_activations:
-            self._enable_int8(True)
-        elif activations is not None:
-            self._set_activation_form(activations)
+        if int8_activations or activations is not None:
+            self._set_activation_form("int8" if int8_activations else activations)
         self._enable_pdl(self.supports_pdl if pdl is None else pdl)  # None: on wherever the GPU has it
         self.set_mode(mode)
         self._note_peak("graph_capture")
@@ -156,8 +154,7 @@ class GPUBackend(Backend):
         self._recapture()
 
     def _set_activation_form(self, form: str) -> None:
-        if form not in ACTIVATION_FORMS:
-            raise InvalidParameterError(f"activations must be one of {', '.join(ACTIVATION_FORMS)}, got {form!r}")
+        check_activation_form(form)
         if form != "f32" and not self.bufs.can_quantize_activations:
             raise InvalidParameterError(f"{form} activations need every projection's input width and the head "
                                         "dimension to be multiples of 32")
@@ -166,8 +163,7 @@ class GPUBackend(Backend):
     def set_int8_activations(self, enabled: bool) -> None:
         """Experimental: Q4_0/Q4_1/Q4_K/Q5_K/Q6_K/Q8_0 matrices multiply int8-quantized activations
         (kernels/quant_matvec_q8.py). Recaptures the current mode's graphs, which bake the choice in."""
-        self._enable_int8(enabled)
-        self._recapture()
+        self.set_activations("int8" if enabled else default_activations(self.bufs))
 
     @property
     def supports_pdl(self) -> bool:
@@ -192,10 +188,6 @@ class GPUBackend(Backend):
             raise InvalidParameterError("programmatic dependent launch needs a GPU of compute capability 9.0 or "
                                         "later (Hopper)")
         self.bufs.pdl = bool(enabled)
-
-    def _enable_int8(self, enabled: bool) -> None:
-        """On: "int8"; off: the default form (default_activations)."""
-        self._set_activation_form("int8" if enabled else default_activations(self.bufs))
 
     def set_mode(self, mode: str) -> None:
         """Switch decode mode; a graph is captured the first time its mode is used and kept."""

@@ -67,11 +67,9 @@ class LLM:
             if value and self.device != "cuda":
                 raise InvalidParameterError(f"{name} is a GPU decode option; use device='cuda'")
         if activations is not None:
-            from ..runner.decode_step import ACTIVATION_FORMS  # here: importing the GPU runner loads Triton
+            from ..runner.decode_step import check_activation_form  # here: importing the GPU runner loads Triton
 
-            if activations not in ACTIVATION_FORMS:
-                raise InvalidParameterError(f"activations must be one of {', '.join(ACTIVATION_FORMS)}, got "
-                                            f"{activations!r}")
+            check_activation_form(activations)
             if self.device != "cuda":
                 raise InvalidParameterError("activations is a GPU decode option; use device='cuda'")
             if int8_activations and activations != "int8":

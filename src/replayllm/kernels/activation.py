@@ -2,8 +2,8 @@
 
 The gate and up projections run as one matrix-vector product whose output row is [gate | up]
 (gate_up [B, 2F]), so the activation reads both halves of a row and writes [B, F]; with `out_q8` the same
-launch also writes it quantized to int8 in blocks of 32 (int8_activations), the down projection's input on the
-int8-activation path. `out` may be f16: prefill's down projection rounds its input to f16 anyway, and the
+launch also writes it quantized in blocks of 32 (int8 or 16-bit: int8_activations), the down projection's input
+on the integer-dot path. `out` may be f16: prefill's down projection rounds its input to f16 anyway, and the
 kernel's f32 result rounded on the store (to nearest even) is bit for bit what `out_f32.to(torch.float16)` gives.
 """
 
@@ -26,7 +26,7 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, q_ptr, q_scale_ptr, q_sum_ptr, ffn_si
                      USE_PDL: tl.constexpr):
     _pdl_wait(USE_PDL)
     # gate_up: [B, 2 * ffn_size] f32 (gate = first half); out: [B, ffn_size] f32 or f16; grid (B, cdiv(ffn_size, BLOCK))
-    # q: [B, ffn_size] int8, q_scale, q_sum: [B, ffn_size / 32] f32 (QUANTIZE only; BLOCK is a multiple of 32)
+    # q: [B, ffn_size] int8 or int16, q_scale, q_sum: [B, ffn_size / 32] f32 (QUANTIZE only; BLOCK is a multiple of 32)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < ffn_size
@@ -41,9 +41,9 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, q_ptr, q_scale_ptr, q_sum_ptr, ffn_si
 
 def silu_mul(gate_up: torch.Tensor, out: torch.Tensor, out_q8: ActivationQ8 | None = None, *,
              pdl: bool = False) -> torch.Tensor:
-    """out [B, F] f32 or f16 = silu(gate_up[:, :F]) * gate_up[:, F:] for gate_up [B, 2F] f32, computed in f32 (an f16
-    `out` gets it rounded once); with `out_q8` (F a multiple of 32), also the f32 result quantized to int8 in blocks
-    of 32, as quantize_activations would. Returns `out`."""
+    """out [B, F] f32 or f16 = silu(gate_up[:, :F]) * gate_up[:, F:] for gate_up [B, 2F] f32, computed in f32 (an
+    f16 `out` gets it rounded once); with `out_q8` (F a multiple of 32), also the f32 result quantized in blocks
+    of 32 (int8 or 16-bit), as quantize_activations would. Returns `out`."""
     check_tensor("gate_up", gate_up, torch.float32, (None, None), layout="rows")
     batch, width = gate_up.shape
     if width % 2:

@@ -105,8 +105,8 @@ def _merge_splits_kernel(part_max_ptr, part_sum_ptr, part_acc_ptr, positions_ptr
                          BLOCK_D: tl.constexpr, QUANTIZE: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_wait(USE_PDL)
     # part_*: as written by _paged_decode_attention_kernel; out: [B, Hq, Dh] f32; grid (B, Hq)
-    # QUANTIZE (HEAD_DIM % 32 == 0): also row b of the int8 copy of out viewed as [B, Hq * Dh]: q [B, Hq * Dh]
-    # int8, q_scale, q_sum [B, Hq * Dh / 32] f32; this program's head is blocks head * Dh / 32 onwards.
+    # QUANTIZE (HEAD_DIM % 32 == 0): also row b of the quantized copy of out viewed as [B, Hq * Dh]: q [B, Hq * Dh]
+    # int8 or int16, q_scale, q_sum [B, Hq * Dh / 32] f32; this program's head is blocks head * Dh / 32 onwards.
     row = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(positions_ptr + row) + 1
@@ -197,7 +197,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     q [B, Hq, Dh] f32 (rotated); k_cache, v_cache [pages, Hkv, page_size, Dh] f16 with Hq % Hkv == 0;
     page_table [B, max_pages] int32; positions [B] int32. With `out_q8` (Dh a multiple of 32), the merge also
-    writes out, viewed as [B, Hq * Dh], quantized to int8 in blocks of 32, as quantize_activations would.
+    writes out, viewed as [B, Hq * Dh], quantized (int8 or 16-bit) in blocks of 32, as quantize_activations would.
     `block_n` (tokens a tile; None: the largest that fits, up to 64) and `num_warps` are the split kernel's
     launch shape, for tuning. Returns `out`."""
     check_tensor("q", q, torch.float32, (None, None, None), layout="rows")
@@ -220,7 +220,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"head_dim {head_dim} > 256 is not supported by the decode attention kernel")
     if out_q8 is not None:
         if head_dim % ACTIVATION_BLOCK:
-            raise ValueError(f"out_q8: the int8 copy is made per head and needs head_dim a multiple of "
+            raise ValueError(f"out_q8: the quantized copy is made per head and needs head_dim a multiple of "
                              f"{ACTIVATION_BLOCK}, got {head_dim}")
         check_activation_q8("out_q8", out_q8, batch, num_q_heads * head_dim)
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, positions=positions, out=out,

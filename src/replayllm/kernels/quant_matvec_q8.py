@@ -1,7 +1,7 @@
-"""Experimental decode GEMVs for Q4_0, Q4_1, Q4_K, Q5_K, Q6_K and Q8_0 with int8 activations and integer dot
-products (used by the decode step when int8 activations are switched on).
+"""Decode GEMVs for Q4_0, Q4_1, Q4_K, Q5_K, Q6_K and Q8_0 with integer dot products, on activations quantized
+to 16 bits (the decode step's default) or to int8 (opt-in: faster, coarser).
 
-The default GEMV (quant_matvec) dequantizes every weight to f32 and spends ~9 instructions a weight
+The f32-activation GEMV (quant_matvec) dequantizes every weight to f32 and spends ~9 instructions a weight
 (benchmarks/NOTES.md), so it is issue-bound near a quarter of the memory bandwidth. Here, as the reference C++
 engine does for quantized weights, the activation vector is first quantized to int8 in blocks of 32 with one
 f32 scale each (`quantize_activations`, once per input vector); then each 32-bit word of quant bits gives the
@@ -31,6 +31,10 @@ run of quant words whose weights use whole activation blocks:
     Q5_K   64 weights     8 qs (as Q4_K) + 8 qh (one bit of each byte each)   u8 x s8
     Q6_K   128 weights    16 ql (4 runs of 32 weights) + 8 qh (2 bits each)   (u8 - 32) x s8
     Q8_0   32 weights     8 qs                                               s8 x s8
+
+16-bit activations (`ActivationQ8.wide`) are two planes of signed bytes, v = 256 hi + lo, each word of 4
+activations an int64 whose halves are the planes: every dp4a above runs once per plane and the two integer
+sums combine as 256 coarse + fine (int8_activations).
 
 Under Triton's interpreter (no PTX), `dp4a` is computed with shifts and multiplies instead: the same integers.
 """
@@ -229,27 +233,33 @@ def _kquant_half_chunk(qs, qh, x_lo, x_hi, bit, s_lo, s_hi, HAS_QH: tl.constexpr
 
 
 @triton.jit
+def _kquant_plane_sums(qs0, qs1, qh0, qh1, x0, x4, x8, x12, bit, HAS_QH: tl.constexpr, USE_DP4A: tl.constexpr):
+    """The integer sums q . xq of sub-blocks 2c and 2c + 1 of a Q4_K / Q5_K tile against one plane of int8
+    activation words (x_t: word 16c + t + u): f32 [BLOCK_N, C] each, exact."""
+    s_lo, s_hi = _kquant_half_chunk(qs0, qh0, x0, x8, bit, 0, 0, HAS_QH, USE_DP4A)
+    s_lo, s_hi = _kquant_half_chunk(qs1, qh1, x4, x12, bit, s_lo, s_hi, HAS_QH, USE_DP4A)
+    return tl.sum(s_lo, axis=2).to(tl.float32), tl.sum(s_hi, axis=2).to(tl.float32)
+
+
+@triton.jit
 def _kquant_chunk_sums(qs0, qs1, qh0, qh1, x, bit, HAS_QH: tl.constexpr, WIDE: tl.constexpr,
                        USE_DP4A: tl.constexpr):
-    """The integer sums q . xq of sub-blocks 2c and 2c + 1 of a Q4_K / Q5_K tile (qs0, qs1: its quant words
-    t < 4 and t >= 4; x: pointers to activation word 16c + t, t < 4): f32 [BLOCK_N, C] each, exact."""
+    """The sums q . xq of sub-blocks 2c and 2c + 1 (qs0, qs1: the tile's quant words t < 4 and t >= 4; x: pointers
+    to activation word 16c + t, t < 4): f32 [BLOCK_N, C] each, exact; 16-bit quants (WIDE) as 256 x the coarse
+    plane's sums plus the fine plane's."""
+    words = (tl.load(x), tl.load(x + 4), tl.load(x + 8), tl.load(x + 12))
     if WIDE:
-        c0, f0 = _byte_planes(tl.load(x))
-        c8, f8 = _byte_planes(tl.load(x + 8))
-        c4, f4 = _byte_planes(tl.load(x + 4))
-        c12, f12 = _byte_planes(tl.load(x + 12))
-        s_lo, s_hi = _kquant_half_chunk(qs0, qh0, c0, c8, bit, 0, 0, HAS_QH, USE_DP4A)
-        s_lo, s_hi = _kquant_half_chunk(qs1, qh1, c4, c12, bit, s_lo, s_hi, HAS_QH, USE_DP4A)
-        t_lo, t_hi = _kquant_half_chunk(qs0, qh0, f0, f8, bit, 0, 0, HAS_QH, USE_DP4A)
-        t_lo, t_hi = _kquant_half_chunk(qs1, qh1, f4, f12, bit, t_lo, t_hi, HAS_QH, USE_DP4A)
-        sum_lo = tl.sum(s_lo, axis=2).to(tl.float32) * 256.0 + tl.sum(t_lo, axis=2).to(tl.float32)
-        sum_hi = tl.sum(s_hi, axis=2).to(tl.float32) * 256.0 + tl.sum(t_hi, axis=2).to(tl.float32)
+        c0, f0 = _byte_planes(words[0])
+        c4, f4 = _byte_planes(words[1])
+        c8, f8 = _byte_planes(words[2])
+        c12, f12 = _byte_planes(words[3])
+        coarse_lo, coarse_hi = _kquant_plane_sums(qs0, qs1, qh0, qh1, c0, c4, c8, c12, bit, HAS_QH, USE_DP4A)
+        fine_lo, fine_hi = _kquant_plane_sums(qs0, qs1, qh0, qh1, f0, f4, f8, f12, bit, HAS_QH, USE_DP4A)
+        sum_lo = coarse_lo * 256.0 + fine_lo
+        sum_hi = coarse_hi * 256.0 + fine_hi
     else:  # (an else, not code after a return: Triton compiles what follows a constexpr if's return too)
-        s_lo, s_hi = _kquant_half_chunk(qs0, qh0, tl.load(x), tl.load(x + 8), bit, 0, 0, HAS_QH, USE_DP4A)
-        s_lo, s_hi = _kquant_half_chunk(qs1, qh1, tl.load(x + 4), tl.load(x + 12), bit, s_lo, s_hi, HAS_QH,
-                                        USE_DP4A)
-        sum_lo = tl.sum(s_lo, axis=2).to(tl.float32)
-        sum_hi = tl.sum(s_hi, axis=2).to(tl.float32)
+        sum_lo, sum_hi = _kquant_plane_sums(qs0, qs1, qh0, qh1, words[0], words[1], words[2], words[3], bit,
+                                            HAS_QH, USE_DP4A)
     return sum_lo, sum_hi
 
 
@@ -463,7 +473,8 @@ def quant_matvec_q8(xq: ActivationQ8, w: QuantWeight, out: torch.Tensor, bias: t
 
     out [B, n_rows] f32 (unit column stride); one launch, no host sync, graph-capturable. Launch shape: `block_n`
     rows a program (None: DEFAULT_BLOCK_N, INTERPRETER_BLOCK_N under Triton's interpreter), `chunks` chunks a step
-    (a chunk is 32, 64 or 128 weights by type, see the module docstring), both powers of two; `num_warps`, `num_stages` as for any Triton launch."""
+    (a chunk is 32, 64 or 128 weights by type, see the module docstring), both powers of two; `num_warps`,
+    `num_stages` as for any Triton launch."""
     if not isinstance(w, QuantWeight) or w.ggml_type not in SUPPORTED_TYPES:
         got = w.ggml_type.name if isinstance(w, QuantWeight) else type(w).__name__
         supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))

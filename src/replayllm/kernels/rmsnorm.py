@@ -3,8 +3,8 @@
 One program normalises one row held entirely in registers, so the same kernel serves the hidden state
 ([B, D], D up to a few thousand) and qwen3's per-head QK norm (q viewed as [B * H, head_dim]). Each element is
 read before the same thread writes it, so `out` may be `x` itself (in-place normalisation). With `out_q8` the
-same launch also writes the normalised row quantized to int8 in blocks of 32 (int8_activations), the input of
-the int8-activation GEMVs, saving the decode step a launch per projection input.
+same launch also writes the normalised row quantized in blocks of 32 (int8 or 16-bit: int8_activations), the
+input of the integer-dot GEMVs, saving the decode step a launch per projection input.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, q_ptr, q_scale_ptr
                     HAS_RESIDUAL: tl.constexpr, QUANTIZE: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_wait(USE_PDL)
     # x, residual, out: [R, row_size] f32, unit column stride; weight: [row_size] f32; grid (R,)
-    # q: [R, row_size] int8, q_scale, q_sum: [R, row_size / 32] f32 (QUANTIZE only)
+    # q: [R, row_size] int8 or int16, q_scale, q_sum: [R, row_size / 32] f32 (QUANTIZE only)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < row_size
@@ -49,7 +49,8 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, q_ptr, q_scale_ptr
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor,
             out_q8: ActivationQ8 | None = None, *, pdl: bool = False) -> torch.Tensor:
     """out [R, D] f32 = rmsnorm(x [R, D] f32) * weight [D] f32. `out` may be `x`. With `out_q8` (D a multiple of
-    32), also out quantized to int8 in blocks of 32, as quantize_activations(out) would. Returns `out`."""
+    32), also out quantized in blocks of 32 (int8 or 16-bit, as out_q8.q's dtype says), as
+    quantize_activations(out) would. Returns `out`."""
     _launch(x, None, weight, eps, out, out_q8, pdl)
     return out
 

@@ -33,6 +33,7 @@ from ..kernels import (
 )
 from ..kernels.int8_activations import ACTIVATION_BLOCK, ActivationQ8
 from ..kernels.quant_matvec_q8 import SUPPORTED_TYPES as INT8_ACTIVATION_TYPES, quant_matvec_q8
+from ..errors import InvalidParameterError
 from ..kernels.quant_weight import QuantWeight
 from ..models import ModelConfig
 from .kv_cache import PagedKVCache
@@ -85,7 +86,7 @@ class StepBuffers:
             q, k, v = (t.view(1, -1, Dh) for t in qkv.split([Hq * Dh, Hkv * Dh, Hkv * Dh], dim=1))
         else:
             q, k, v = f32(B, Hq, Dh), f32(B, Hkv, Dh), f32(B, Hkv, Dh)
-        return cls(
+        bufs = cls(
             batch_size=B,
             tokens=torch.zeros(B, dtype=torch.int64, device=device),
             positions=torch.zeros(B, dtype=torch.int32, device=device),
@@ -99,38 +100,33 @@ class StepBuffers:
                for name, width in (("h", config.hidden_size), ("act", config.intermediate_size),
                                    ("attn", Hq * Dh if Dh % ACTIVATION_BLOCK == 0 else None))
                for suffix, wide in (("q8", False), ("q16", True))},
-        )._with_default_activations()
-
-    def _with_default_activations(self) -> StepBuffers:
-        self.activations = default_activations(self)
-        return self
+        )
+        bufs.activations = default_activations(bufs)
+        return bufs
 
     @property
     def can_quantize_activations(self) -> bool:
         return None not in (self.h_q8, self.attn_q8, self.act_q8)
 
-    can_use_int8_activations = can_quantize_activations
-
-    @property
-    def int8_activations(self) -> bool:
-        return self.activations == "int8"
-
-    @int8_activations.setter
-    def int8_activations(self, enabled: bool) -> None:
-        """On: "int8"; off: back to the default form."""
-        self.activations = "int8" if enabled else default_activations(self)
-
-    def quantized_inputs(self) -> tuple[ActivationQ8 | None, ActivationQ8 | None, ActivationQ8 | None]:
-        """(h, attn, act) copies for the step's activation form, Nones for "f32": what the norm, attention and SiLU
-        kernels write beside their f32 outputs and the GEMVs read."""
-        if self.activations == "int8":
+    def quantized_inputs(self, form: str | None = None
+                         ) -> tuple[ActivationQ8 | None, ActivationQ8 | None, ActivationQ8 | None]:
+        """(h, attn, act) copies for activation form `form` (None: the step's), Nones for "f32": what the norm,
+        attention and SiLU kernels write beside their f32 outputs and the GEMVs read."""
+        form = form or self.activations
+        if form == "int8":
             return self.h_q8, self.attn_q8, self.act_q8
-        if self.activations == "16bit":
+        if form == "16bit":
             return self.h_q16, self.attn_q16, self.act_q16
         return None, None, None
 
 
 ACTIVATION_FORMS = ("16bit", "int8", "f32")
+
+
+def check_activation_form(form: str) -> None:
+    """InvalidParameterError unless `form` is one of ACTIVATION_FORMS."""
+    if form not in ACTIVATION_FORMS:
+        raise InvalidParameterError(f"activations must be one of {', '.join(ACTIVATION_FORMS)}, got {form!r}")
 MAX_QUANTIZED_BATCH = 4  # above it the f32 path's tensor-core GEMV reads the weights once for all rows
 
 
