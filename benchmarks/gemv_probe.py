@@ -55,10 +55,10 @@ def compiled_facts(kernel, out: Path, name: str, write_cubins: bool = False) -> 
 def probe_q8(weights, x, y, out: Path, write_cubins: bool = False) -> dict:
     """The experimental int8-activation Q4_K kernel on the same weights: its GB/s (quantizing the activations
     once per launch included, as the decode step would), and its agreement with the default kernel."""
-    from replayllm.kernels.int8_activations import ActivationQ8, quantize_activations
+    from replayllm.kernels.int8_activations import QuantizedActivations, quantize_activations
     from replayllm.kernels.quant_matvec_q8 import _kquant_matvec_q8_kernel, quant_matvec_q8
 
-    xq = ActivationQ8.allocate(1, x.shape[1], "cuda")
+    xq = QuantizedActivations.allocate(1, x.shape[1], "cuda")
     reference = torch.empty_like(y)
     quant_matvec(x, weights[0], reference)
     quantize_activations(x, xq)
@@ -97,9 +97,9 @@ def main() -> None:
             for i in range(args.launches):
                 quant_matvec(x, weights[i % COPIES], y)
             if ggml_type == T.Q4_K:  # the int8-activation kernel too (its own ncu pass filters by name)
-                from replayllm.kernels.int8_activations import ActivationQ8, quantize_activations
+                from replayllm.kernels.int8_activations import QuantizedActivations, quantize_activations
                 from replayllm.kernels.quant_matvec_q8 import quant_matvec_q8
-                xq = quantize_activations(x, ActivationQ8.allocate(1, n_cols, "cuda"))
+                xq = quantize_activations(x, QuantizedActivations.allocate(1, n_cols, "cuda"))
                 for i in range(args.launches):
                     quant_matvec_q8(xq, weights[i % COPIES], y)
             torch.cuda.synchronize()

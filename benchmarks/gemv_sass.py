@@ -61,7 +61,8 @@ def compile_q8_gemv(n_cols: int, block_n: int, chunks: int, warps: int, stages: 
     (`wide`: int64 activation words, two byte planes)."""
     from replayllm.kernels.quant_matvec_q8 import _kquant_matvec_q8_kernel
 
-    pointers = {"xq_ptr": "*i64" if wide else "*i32", "xs_ptr": "*fp32", "xsum_ptr": "*fp32", "out_ptr": "*fp32", "bias_ptr": "*fp32",
+    pointers = {"xq_ptr": "*i64" if wide else "*i32", "xs_ptr": "*fp32", "xsum_ptr": "*fp32", "out_ptr": "*fp32",
+                "bias_ptr": "*fp32",
                 "qs_ptr": "*i32", "qh_ptr": "*i32", "sc_ptr": "*u8", "mn_ptr": "*u8", "d_ptr": "*fp16",
                 "dm_ptr": "*fp16"}
     constants = dict(C=chunks, BLOCK_N=block_n, HAS_QH=False, HAS_BIAS=False, ACCUMULATE=False, WIDE=wide,

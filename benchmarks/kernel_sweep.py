@@ -86,7 +86,7 @@ def sweep_gemm(quick: bool, out_dir: Path) -> list[dict]:
 
 
 def sweep_gemv(quick: bool, out_dir: Path) -> list[dict]:
-    from replayllm.kernels.int8_activations import ActivationQ8, quantize_activations
+    from replayllm.kernels.int8_activations import QuantizedActivations, quantize_activations
     from replayllm.kernels.quant_matvec_q8 import quant_matvec_q8
 
     results = []
@@ -95,7 +95,7 @@ def sweep_gemv(quick: bool, out_dir: Path) -> list[dict]:
         nbytes = sum(w.nbytes for w in weights)
         x = torch.randn(1, n_cols, device="cuda")
         y = torch.empty(1, n_rows, device="cuda")
-        xq = quantize_activations(x, ActivationQ8.allocate(1, n_cols, "cuda"))  # once: the step fuses it away
+        xq = quantize_activations(x, QuantizedActivations.allocate(1, n_cols, "cuda"))  # once: the step fuses it away
 
         def default_body():
             for w in weights:

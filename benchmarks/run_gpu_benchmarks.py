@@ -205,7 +205,8 @@ def correctness(run: Run, llm: LLM, path: Path) -> None:
         "decode_step_rel_error_default_vs_f32_activations": rel(decode["default"], decode["f32"]),
         "f32_greedy_32_identical_to_reference": [t == r for t, r in zip(tokens["graph-f32"], ref_tokens)],
         "f32_greedy_32_first_divergence": [a.first_divergence for a in f32],
-        "default_greedy_32_identical_to_f32_activations": [t == r for t, r in zip(tokens["graph"], tokens["graph-f32"])],
+        "default_greedy_32_identical_to_f32_activations":
+            [t == r for t, r in zip(tokens["graph"], tokens["graph-f32"])],
         "decode_step_rel_error_int8_vs_fp32": rel(decode["int8"], decode_ref),
         "decode_step_rel_error_int8_vs_int8_reference": rel(decode["int8"], decode_int8_ref),
         "decode_step_rel_error_int8_reference_vs_fp32": rel(decode_int8_ref, decode_ref),

@@ -97,14 +97,14 @@ def test_real_shapes_in_cuda_graph():
 @pytest.mark.parametrize("batch, ffn_size", [(1, 1088), (2, 64)])  # 1088: a last program with 2 of 16 blocks
 def test_quantized_copy_equals_quantize_activations_of_the_output(batch, ffn_size):
     """The int8 copy written by the same launch is bit for bit what quantize_activations makes of `out`."""
-    from replayllm.kernels.int8_activations import ActivationQ8, quantize_activations
+    from replayllm.kernels.int8_activations import QuantizedActivations, quantize_activations
 
     gen = torch.Generator().manual_seed(5)
     gate_up = (torch.randn(batch, 2 * ffn_size, generator=gen) * 3).to(DEVICE)
     out = torch.full((batch, ffn_size), float("nan"), device=DEVICE)
-    fused = ActivationQ8.allocate(batch, ffn_size, DEVICE)
+    fused = QuantizedActivations.allocate(batch, ffn_size, DEVICE)
     silu_mul(gate_up, out, out_q8=fused)
-    separate = quantize_activations(out, ActivationQ8.allocate(batch, ffn_size, DEVICE))
+    separate = quantize_activations(out, QuantizedActivations.allocate(batch, ffn_size, DEVICE))
     assert _relative_error(out, silu_mul_reference(gate_up)) < 1e-5
     assert torch.equal(fused.q, separate.q) and fused.q.abs().max() == 127
     assert torch.equal(fused.scale, separate.scale) and torch.equal(fused.block_sum, separate.block_sum)

@@ -120,15 +120,15 @@ def test_head_dim_not_a_power_of_two_and_page_size_one():
 def test_quantized_copy_equals_quantize_activations_of_the_output(wide, head_dim):
     """The merge's int8 or 16-bit copy of out (as [B, Hq * Dh]) is bit for bit what quantize_activations makes
     of it."""
-    from replayllm.kernels.int8_activations import ActivationQ8, quantize_activations, wide_values
+    from replayllm.kernels.int8_activations import QuantizedActivations, quantize_activations, wide_values
 
     args = _setup([5, 40], 4, 2, head_dim, 4, 64, seed=11, q_scale=2.0)
     workspace = DecodeAttentionWorkspace.create(2, 4, head_dim, 64, DEVICE, split_tokens=16)
     out = torch.full(args[0].shape, float("nan"), device=DEVICE)
-    fused = ActivationQ8.allocate(2, 4 * head_dim, DEVICE, wide=wide)
+    fused = QuantizedActivations.allocate(2, 4 * head_dim, DEVICE, wide=wide)
     paged_decode_attention(*args, 0.3, out, workspace, out_q8=fused)
     assert _relative_error(out, paged_decode_attention_reference(*args, 0.3)) < TOLERANCE
-    separate = quantize_activations(out.view(2, -1), ActivationQ8.allocate(2, 4 * head_dim, DEVICE, wide=wide))
+    separate = quantize_activations(out.view(2, -1), QuantizedActivations.allocate(2, 4 * head_dim, DEVICE, wide=wide))
     assert torch.equal(fused.q, separate.q) and wide_values(fused.q).abs().max() == (32512 if wide else 127)
     assert torch.equal(fused.scale, separate.scale) and torch.equal(fused.block_sum, separate.block_sum)
 
@@ -145,13 +145,13 @@ def test_other_launch_shapes_give_the_same_result(block_n, num_warps):
 
 
 def test_int8_copy_needs_heads_of_whole_blocks():
-    from replayllm.kernels.int8_activations import ActivationQ8
+    from replayllm.kernels.int8_activations import QuantizedActivations
 
     args = _setup([3], 2, 2, 24, 4, 16, seed=2)
     workspace = DecodeAttentionWorkspace.create(1, 2, 24, 16, DEVICE, split_tokens=16)
     with pytest.raises(ValueError, match="head_dim a multiple of 32"):
         paged_decode_attention(*args, 0.3, torch.empty_like(args[0]), workspace,
-                               out_q8=ActivationQ8.allocate(1, 64, DEVICE))
+                               out_q8=QuantizedActivations.allocate(1, 64, DEVICE))
 
 
 def test_default_split_and_larger_workspace_batch():

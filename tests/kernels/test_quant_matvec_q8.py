@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType
 
 from replayllm.errors import UnsupportedError
 from replayllm.kernels.int8_activations import (
-    ActivationQ8,
+    QuantizedActivations,
     quantize_activations,
     quantize_activations_reference,
     wide_values,
@@ -29,7 +29,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def test_quantize_activations_matches_the_reference(batch, n_cols, wide, device):
     x = torch.randn(batch, n_cols, device=device) * 3
     x[0, :32] = 0.0  # an all-zero block: scale 0, quants 0
-    out = quantize_activations(x, ActivationQ8.allocate(batch, n_cols, device, wide=wide))
+    out = quantize_activations(x, QuantizedActivations.allocate(batch, n_cols, device, wide=wide))
     ref = quantize_activations_reference(x.cpu(), wide=wide)
     assert out.q.dtype == (torch.int16 if wide else torch.int8)
     assert torch.allclose(out.scale.cpu(), ref.scale, rtol=1e-6, atol=0)
@@ -72,7 +72,7 @@ def case(gguf_rows, device):
     def make(ggml_type, n_rows, n_cols, batch, seed, wide=False):
         w = pack_weight(ggml_type, gguf_rows(ggml_type, n_rows, n_cols, seed=seed), n_cols).to(device)
         x = torch.randn(batch, n_cols, generator=torch.Generator().manual_seed(seed)).to(device)
-        return w, x, quantize_activations(x, ActivationQ8.allocate(batch, n_cols, device, wide=wide))
+        return w, x, quantize_activations(x, QuantizedActivations.allocate(batch, n_cols, device, wide=wide))
     return make
 
 
@@ -120,7 +120,7 @@ def test_bias_and_accumulate_into_a_column_slice(ggml_type, case, device):
 
 def test_other_types_are_refused(gguf_rows):
     w = pack_weight(T.F16, gguf_rows(T.F16, 4, 256, seed=0), 256)
-    xq = ActivationQ8.allocate(1, 256, "cpu")
+    xq = QuantizedActivations.allocate(1, 256, "cpu")
     with pytest.raises(UnsupportedError, match="supports Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0 weights, got F16"):
         quant_matvec_q8(xq, w, torch.empty(1, 4))
     with pytest.raises(UnsupportedError, match="no kernel for F16"):
@@ -129,6 +129,6 @@ def test_other_types_are_refused(gguf_rows):
 
 def test_launch_shapes_must_be_powers_of_two(gguf_rows):
     w = pack_weight(T.Q8_0, gguf_rows(T.Q8_0, 4, 256, seed=0), 256)
-    xq = ActivationQ8.allocate(1, 256, "cpu")
+    xq = QuantizedActivations.allocate(1, 256, "cpu")
     with pytest.raises(ValueError, match="chunks must be a power of two, got 3"):
         quant_matvec_q8(xq, w, torch.empty(1, 4), chunks=3)

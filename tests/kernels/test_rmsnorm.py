@@ -138,14 +138,14 @@ def test_rmsnorm_at_model_shapes_and_in_cuda_graph():
 def test_quantized_copy_equals_quantize_activations_of_the_output(wide, rows, row_size):
     """The int8 or 16-bit copy written by the same launch has the quants and scales quantize_activations makes of
     `out`, bit for bit, and its block sums."""
-    from replayllm.kernels.int8_activations import ActivationQ8, quantize_activations, wide_values
+    from replayllm.kernels.int8_activations import QuantizedActivations, quantize_activations, wide_values
 
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(rows, row_size, generator=gen) * 4).to(DEVICE)
     w = torch.randn(row_size, generator=gen).to(DEVICE)
-    out, fused = _poisoned(rows, row_size), ActivationQ8.allocate(rows, row_size, DEVICE, wide=wide)
+    out, fused = _poisoned(rows, row_size), QuantizedActivations.allocate(rows, row_size, DEVICE, wide=wide)
     rmsnorm(x, w, 1e-5, out, out_q8=fused)
-    separate = quantize_activations(out, ActivationQ8.allocate(rows, row_size, DEVICE, wide=wide))
+    separate = quantize_activations(out, QuantizedActivations.allocate(rows, row_size, DEVICE, wide=wide))
     assert _relative_error(out, rmsnorm_reference(x, w, 1e-5)) < TOLERANCE
     assert torch.equal(fused.q, separate.q) and wide_values(fused.q).abs().max() == (32512 if wide else 127)
     assert torch.equal(fused.scale, separate.scale)
@@ -154,9 +154,9 @@ def test_quantized_copy_equals_quantize_activations_of_the_output(wide, rows, ro
 
 
 def test_quantized_copy_needs_whole_blocks():
-    from replayllm.kernels.int8_activations import ActivationQ8
+    from replayllm.kernels.int8_activations import QuantizedActivations
 
     x = torch.zeros(1, 40, device=DEVICE)
-    q8 = ActivationQ8(torch.zeros(1, 40, dtype=torch.int8), torch.zeros(1, 1), torch.zeros(1, 1))
+    q8 = QuantizedActivations(torch.zeros(1, 40, dtype=torch.int8), torch.zeros(1, 1), torch.zeros(1, 1))
     with pytest.raises(ValueError, match="multiple of 32"):
         rmsnorm(x, torch.ones(40, device=DEVICE), 1e-5, torch.zeros_like(x), out_q8=q8)

@@ -134,7 +134,7 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
     from gguf import GGMLQuantizationType as T
 
     from .. import kernels as K
-    from ..kernels.int8_activations import ActivationQ8, quantize_activations
+    from ..kernels.int8_activations import QuantizedActivations, quantize_activations
     from ..kernels.quant_matvec_q8 import quant_matvec_q8
     from ..kernels.quant_weight import MATVEC_TYPES
     from ..synth.random_rows import random_gguf_rows
@@ -155,12 +155,12 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
     calls.append(("Q4_K dequantize: ", lambda: K.dequantize_into(w4, torch.zeros(32, hidden, dtype=torch.float16))))
     calls.append(("Q4_K gather rows: ", lambda: K.gather_rows(w4, torch.zeros(3, dtype=torch.int64),
                                                               torch.zeros(3, hidden))))
-    xq = ActivationQ8.allocate(1, ffn, "cpu")
+    xq = QuantizedActivations.allocate(1, ffn, "cpu")
     calls.append(("int8 activations: ", lambda: quantize_activations(torch.zeros(1, ffn), xq)))
     for t in (T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0):
         w = weight(t, n_cols=ffn)
         calls.append((f"{t.name} int8 GEMV: ", lambda w=w: quant_matvec_q8(xq, w, torch.zeros(1, 32))))
-    xq16 = ActivationQ8.allocate(1, ffn, "cpu", wide=True)  # the default decode path's 16-bit activations
+    xq16 = QuantizedActivations.allocate(1, ffn, "cpu", wide=True)  # the default decode path's 16-bit activations
     calls.append(("16-bit activations: ", lambda: quantize_activations(torch.zeros(1, ffn), xq16)))
     for t in (T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0):
         w = weight(t, n_cols=ffn)
@@ -169,10 +169,10 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
     calls.append(("", lambda: K.rmsnorm(x1, norm, 1e-5, torch.zeros(1, hidden))))
     calls.append(("", lambda: K.add_rmsnorm(x1, torch.zeros(1, hidden), norm, 1e-5, torch.zeros(1, hidden))))
     calls.append(("", lambda: K.silu_mul(torch.zeros(1, 2 * ffn), torch.zeros(1, ffn))))
-    h_q8 = ActivationQ8.allocate(1, hidden, "cpu")
+    h_q8 = QuantizedActivations.allocate(1, hidden, "cpu")
     calls.append(("+ int8 copy: ", lambda: K.rmsnorm(x1, norm, 1e-5, torch.zeros(1, hidden), h_q8)))
     calls.append(("+ int8 copy: ", lambda: K.silu_mul(torch.zeros(1, 2 * ffn), torch.zeros(1, ffn), xq)))
-    h_q16 = ActivationQ8.allocate(1, hidden, "cpu", wide=True)
+    h_q16 = QuantizedActivations.allocate(1, hidden, "cpu", wide=True)
     calls.append(("+ 16-bit copy: ", lambda: K.rmsnorm(x1, norm, 1e-5, torch.zeros(1, hidden), h_q16)))
     calls.append(("+ 16-bit copy: ", lambda: K.silu_mul(torch.zeros(1, 2 * ffn), torch.zeros(1, ffn), xq16)))
     cache = torch.zeros(4, heads, page, head_dim, dtype=torch.float16)
@@ -187,10 +187,10 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
                                                        torch.zeros_like(q), workspace)))
     calls.append(("PDL: ", lambda: K.paged_decode_attention(q, cache, cache, table, positions, 0.1,
                                                             torch.zeros_like(q), workspace, pdl=True)))
-    attn_q8 = ActivationQ8.allocate(1, heads * head_dim, "cpu")
+    attn_q8 = QuantizedActivations.allocate(1, heads * head_dim, "cpu")
     calls.append(("+ int8 copy: ", lambda: K.paged_decode_attention(q, cache, cache, table, positions, 0.1,
                                                                     torch.zeros_like(q), workspace, out_q8=attn_q8)))
-    attn_q16 = ActivationQ8.allocate(1, heads * head_dim, "cpu", wide=True)
+    attn_q16 = QuantizedActivations.allocate(1, heads * head_dim, "cpu", wide=True)
     calls.append(("+ 16-bit copy: ", lambda: K.paged_decode_attention(q, cache, cache, table, positions, 0.1,
                                                                       torch.zeros_like(q), workspace, out_q8=attn_q16)))
     calls.append(("PDL: ", lambda: quant_matvec_q8(xq, weight(T.Q4_K, n_cols=ffn), torch.zeros(1, 32), pdl=True)))

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from ._tensor_checks import check_same_device, check_tensor
-from .int8_activations import ActivationQ8, _store_int8_row, check_activation_q8, q8_launch_args, q8_tensors
+from .int8_activations import (QuantizedActivations, _store_quantized_row, check_activation_q8, q8_launch_args,
+                               q8_tensors)
 from .pdl import _pdl_wait, launch_options
 
 BLOCK_F = 512  # a multiple of ACTIVATION_BLOCK: each program quantizes whole blocks
@@ -35,11 +36,11 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, q_ptr, q_scale_ptr, q_sum_ptr, ffn_si
     act = gate * tl.sigmoid(gate) * up  # zero past ffn_size
     tl.store(out_ptr + row * out_row_stride + cols, act.to(out_ptr.dtype.element_ty), mask=mask)
     if QUANTIZE:
-        _store_int8_row(act, tl.program_id(1) * (BLOCK // 32), ffn_size, q_ptr + row * q_row_stride,
+        _store_quantized_row(act, tl.program_id(1) * (BLOCK // 32), ffn_size, q_ptr + row * q_row_stride,
                         q_scale_ptr + row * q_scale_row_stride, q_sum_ptr + row * q_scale_row_stride, BLOCK // 32)
 
 
-def silu_mul(gate_up: torch.Tensor, out: torch.Tensor, out_q8: ActivationQ8 | None = None, *,
+def silu_mul(gate_up: torch.Tensor, out: torch.Tensor, out_q8: QuantizedActivations | None = None, *,
              pdl: bool = False) -> torch.Tensor:
     """out [B, F] f32 or f16 = silu(gate_up[:, :F]) * gate_up[:, F:] for gate_up [B, 2F] f32, computed in f32 (an
     f16 `out` gets it rounded once); with `out_q8` (F a multiple of 32), also the f32 result quantized in blocks

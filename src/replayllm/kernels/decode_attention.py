@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..errors import InvalidParameterError
 from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
-from .int8_activations import (ACTIVATION_BLOCK, ActivationQ8, _store_int8_row, check_activation_q8,
+from .int8_activations import (ACTIVATION_BLOCK, QuantizedActivations, _store_quantized_row, check_activation_q8,
                                q8_launch_args, q8_tensors)
 from .kv_cache import check_paged_cache, gather_paged_cache_reference
 from .pdl import _pdl_wait, launch_options
@@ -134,7 +134,7 @@ def _merge_splits_kernel(part_max_ptr, part_sum_ptr, part_acc_ptr, positions_ptr
     tl.store(out_ptr + row.to(tl.int64) * out_row_stride + head * out_head_stride + dims, result, mask=dim_mask)
     if QUANTIZE:
         r = row.to(tl.int64)
-        _store_int8_row(result, head * (HEAD_DIM // 32), (head + 1) * HEAD_DIM, q_ptr + r * q_row_stride,
+        _store_quantized_row(result, head * (HEAD_DIM // 32), (head + 1) * HEAD_DIM, q_ptr + r * q_row_stride,
                         q_scale_ptr + r * q_scale_row_stride, q_sum_ptr + r * q_scale_row_stride, BLOCK_D // 32)
 
 
@@ -191,7 +191,7 @@ class DecodeAttentionWorkspace:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            page_table: torch.Tensor, positions: torch.Tensor, scale: float, out: torch.Tensor,
-                           workspace: DecodeAttentionWorkspace, *, out_q8: ActivationQ8 | None = None,
+                           workspace: DecodeAttentionWorkspace, *, out_q8: QuantizedActivations | None = None,
                            pdl: bool = False, block_n: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """out [B, Hq, Dh] f32 = softmax(scale * q k^T) v over tokens 0..positions[b] of each sequence b.
 

@@ -37,7 +37,7 @@ _QUANT_DTYPES = (torch.int8, torch.int16)
 
 
 @dataclass(frozen=True)
-class ActivationQ8:
+class QuantizedActivations:
     """B activation rows of K values quantized in blocks of 32: x ~ q * scale (for 16-bit quants, q's value as
     `wide_values` decodes it); `block_sum` is the exact sum of each block's original values (the Q4_K min term
     needs it)."""
@@ -51,7 +51,7 @@ class ActivationQ8:
         return self.q.dtype == torch.int16
 
     @classmethod
-    def allocate(cls, batch: int, n_cols: int, device: torch.device | str, wide: bool = False) -> ActivationQ8:
+    def allocate(cls, batch: int, n_cols: int, device: torch.device | str, wide: bool = False) -> QuantizedActivations:
         if n_cols % ACTIVATION_BLOCK:
             raise ValueError(f"n_cols must be a multiple of {ACTIVATION_BLOCK}, got {n_cols}")
         blocks = n_cols // ACTIVATION_BLOCK
@@ -60,7 +60,7 @@ class ActivationQ8:
                    torch.zeros(batch, blocks, dtype=torch.float32, device=device))
 
 
-def q8_launch_args(out_q8: ActivationQ8 | None, placeholder: torch.Tensor) -> tuple:
+def q8_launch_args(out_q8: QuantizedActivations | None, placeholder: torch.Tensor) -> tuple:
     """(q, scale, block_sum, q's row stride, scale's row stride) for a kernel that may also write an int8 copy:
     out_q8's, or `placeholder` five times over (never written: the kernel's QUANTIZE is off)."""
     if out_q8 is None:
@@ -68,14 +68,14 @@ def q8_launch_args(out_q8: ActivationQ8 | None, placeholder: torch.Tensor) -> tu
     return out_q8.q, out_q8.scale, out_q8.block_sum, out_q8.q.stride(0), out_q8.scale.stride(0)
 
 
-def q8_tensors(name: str, out_q8: ActivationQ8 | None) -> dict[str, torch.Tensor]:
+def q8_tensors(name: str, out_q8: QuantizedActivations | None) -> dict[str, torch.Tensor]:
     """out_q8's tensors by name, for check_same_device (none without out_q8)."""
     if out_q8 is None:
         return {}
     return {f"{name}.q": out_q8.q, f"{name}.scale": out_q8.scale, f"{name}.block_sum": out_q8.block_sum}
 
 
-def check_activation_q8(name: str, xq: ActivationQ8, batch: int, n_cols: int) -> None:
+def check_activation_q8(name: str, xq: QuantizedActivations, batch: int, n_cols: int) -> None:
     """xq holds `batch` rows of `n_cols` values (contiguous, as `allocate` makes them)."""
     if n_cols % ACTIVATION_BLOCK:
         raise ValueError(f"{name}: int8 activations need a width that is a multiple of {ACTIVATION_BLOCK}, "
@@ -114,7 +114,7 @@ def _quantize_blocks(x, q_ptrs, scale_ptrs, sum_ptrs, block_ok):
 
 
 @triton.jit
-def _store_int8_row(values, first_block, end, q_row_ptr, scale_row_ptr, sum_row_ptr, N_BLOCKS: tl.constexpr):
+def _store_quantized_row(values, first_block, end, q_row_ptr, scale_row_ptr, sum_row_ptr, N_BLOCKS: tl.constexpr):
     """The epilogue of a kernel that writes an activation and its int8 copy in one launch: values [N_BLOCKS * 32]
     f32 are blocks first_block.. of one row (zero past element `end`); q_row_ptr, scale_row_ptr, sum_row_ptr are
     that row's starts in the copy. Blocks that start at or past `end` are not stored."""
@@ -138,8 +138,8 @@ def _quantize_activations_kernel(x_ptr, q_ptr, scale_ptr, sum_ptr, n_blocks, str
                      sum_ptr + row * stride_s + b, ok)
 
 
-def quantize_activations(x: torch.Tensor, out: ActivationQ8, *, pdl: bool = False) -> ActivationQ8:
-    """out = x [B, K] f32 quantized in blocks of 32 (see ActivationQ8). One launch, graph-capturable."""
+def quantize_activations(x: torch.Tensor, out: QuantizedActivations, *, pdl: bool = False) -> QuantizedActivations:
+    """out = x [B, K] f32 quantized in blocks of 32 (see QuantizedActivations). One launch, graph-capturable."""
     check_tensor("x", x, torch.float32, (None, None), layout="rows")
     batch, n_cols = x.shape
     check_activation_q8("out", out, batch, n_cols)
@@ -152,8 +152,8 @@ def quantize_activations(x: torch.Tensor, out: ActivationQ8, *, pdl: bool = Fals
     return out
 
 
-def quantize_activations_reference(x: torch.Tensor, wide: bool = False) -> ActivationQ8:
-    """What quantize_activations(x, ActivationQ8.allocate(..., wide)) stores, in plain torch."""
+def quantize_activations_reference(x: torch.Tensor, wide: bool = False) -> QuantizedActivations:
+    """What quantize_activations(x, QuantizedActivations.allocate(..., wide)) stores, in plain torch."""
     qmax = float(QMAX_WIDE if wide else QMAX_INT8)
     blocks = x.float().view(x.shape[0], -1, ACTIVATION_BLOCK)  # [B, K/32, 32]
     amax = blocks.abs().amax(dim=-1)
@@ -166,7 +166,7 @@ def quantize_activations_reference(x: torch.Tensor, wide: bool = False) -> Activ
         q = planes.reshape(x.shape[0], -1).view(torch.int16)
     else:
         q = q.to(torch.int8)
-    return ActivationQ8(q, amax / qmax, blocks.sum(dim=-1))
+    return QuantizedActivations(q, amax / qmax, blocks.sum(dim=-1))
 
 
 def wide_values(q: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ run of quant words whose weights use whole activation blocks:
     Q6_K   128 weights    16 ql (4 runs of 32 weights) + 8 qh (2 bits each)   (u8 - 32) x s8
     Q8_0   32 weights     8 qs                                               s8 x s8
 
-16-bit activations (`ActivationQ8.wide`) are two planes of signed bytes, v = 256 hi + lo, each word of 4
+16-bit activations (`QuantizedActivations.wide`) are two planes of signed bytes, v = 256 hi + lo, each word of 4
 activations an int64 whose halves are the planes: every dp4a above runs once per plane and the two integer
 sums combine as 256 coarse + fine (int8_activations).
 
@@ -49,7 +49,7 @@ from gguf import GGMLQuantizationType
 
 from ..errors import UnsupportedError
 from ._tensor_checks import check_same_device, check_tensor
-from .int8_activations import ACTIVATION_BLOCK, ActivationQ8, wide_values
+from .int8_activations import ACTIVATION_BLOCK, QuantizedActivations, wide_values
 from .quant_dequant import _kquant_scales
 from .quant_weight import QuantWeight
 from .pdl import _pdl_wait, launch_options
@@ -409,7 +409,7 @@ def _q80_matvec_q8_kernel(
     _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
 
 
-def _launch_q4(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
+def _launch_q4(grid, xq: QuantizedActivations, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
                bias: torch.Tensor, n_chunks: int, n_steps: int, meta: dict) -> None:
     """Q4_0 and Q4_1 (which adds mins)."""
     qs_words = w.qs.view(torch.int32)  # [n_rows, K / 8]
@@ -420,7 +420,7 @@ def _launch_q4(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, o
         out.shape[0], n_steps, HAS_MIN=w.mins is not None, **meta)
 
 
-def _launch_kquant(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
+def _launch_kquant(grid, xq: QuantizedActivations, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
                    bias: torch.Tensor, n_chunks: int, n_steps: int, meta: dict) -> None:
     """Q4_K and Q5_K (which adds qh, the 5th bits)."""
     qs_words = w.qs.view(torch.int32)  # [n_rows, K / 8]
@@ -432,7 +432,7 @@ def _launch_kquant(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeigh
         **meta)
 
 
-def _launch_q6k(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
+def _launch_q6k(grid, xq: QuantizedActivations, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
                 bias: torch.Tensor, n_chunks: int, n_steps: int, meta: dict) -> None:
     ql_words = w.qs.view(torch.int32)  # [n_rows, K / 8]
     qh_words = w.qh.view(torch.int32)  # [n_rows, K / 16]
@@ -442,7 +442,7 @@ def _launch_q6k(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, 
         xq.scale.stride(0), out.stride(0), w.n_rows, n_chunks, out.shape[0], n_steps, **meta)
 
 
-def _launch_q80(grid, xq: ActivationQ8, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
+def _launch_q80(grid, xq: QuantizedActivations, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
                 bias: torch.Tensor, n_chunks: int, n_steps: int, meta: dict) -> None:
     qs_words = w.qs.view(torch.int32)  # [n_rows, K / 4]
     _q80_matvec_q8_kernel[grid](
@@ -465,7 +465,7 @@ DEFAULT_NUM_WARPS = 2
 SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(_KERNELS)
 
 
-def quant_matvec_q8(xq: ActivationQ8, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None = None,
+def quant_matvec_q8(xq: QuantizedActivations, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None = None,
                     accumulate: bool = False, block_n: int | None = None, chunks: int = DEFAULT_CHUNKS,
                     num_warps: int = DEFAULT_NUM_WARPS, num_stages: int = 1, pdl: bool = False) -> torch.Tensor:
     """out (+)= x @ W^T (+ bias) for a weight of one of SUPPORTED_TYPES (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0) and
@@ -507,7 +507,7 @@ def quant_matvec_q8(xq: ActivationQ8, w: QuantWeight, out: torch.Tensor, bias: t
     return out
 
 
-def quant_matvec_q8_reference(xq: ActivationQ8, w: QuantWeight) -> torch.Tensor:
+def quant_matvec_q8_reference(xq: QuantizedActivations, w: QuantWeight) -> torch.Tensor:
     """What quant_matvec_q8 computes, in float64: the GGUF dequantized weights (`dequantize_reference`: exact
     for Q4_0 and Q8_0, rounded once to f32 for the others as GGUF does) times the quantized activations; for the
     types with a min (Q4_1, Q4_K, Q5_K) the min term is taken on the exact block sums. [B, n_rows]."""

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
-from .int8_activations import (ACTIVATION_BLOCK, ActivationQ8, _store_int8_row, check_activation_q8,
+from .int8_activations import (ACTIVATION_BLOCK, QuantizedActivations, _store_quantized_row, check_activation_q8,
                                q8_launch_args, q8_tensors)
 from .pdl import _pdl_wait, launch_options
 
@@ -42,12 +42,12 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, q_ptr, q_scale_ptr
     y = x * inv_rms * weight  # zero past row_size
     tl.store(out_ptr + row * out_row_stride + cols, y, mask=mask)
     if QUANTIZE:
-        _store_int8_row(y, 0, row_size, q_ptr + row * q_row_stride, q_scale_ptr + row * q_scale_row_stride,
+        _store_quantized_row(y, 0, row_size, q_ptr + row * q_row_stride, q_scale_ptr + row * q_scale_row_stride,
                         q_sum_ptr + row * q_scale_row_stride, BLOCK_D // 32)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor,
-            out_q8: ActivationQ8 | None = None, *, pdl: bool = False) -> torch.Tensor:
+            out_q8: QuantizedActivations | None = None, *, pdl: bool = False) -> torch.Tensor:
     """out [R, D] f32 = rmsnorm(x [R, D] f32) * weight [D] f32. `out` may be `x`. With `out_q8` (D a multiple of
     32), also out quantized in blocks of 32 (int8 or 16-bit, as out_q8.q's dtype says), as
     quantize_activations(out) would. Returns `out`."""
@@ -63,7 +63,7 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, e
 
 
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-            out: torch.Tensor, out_q8: ActivationQ8 | None = None, pdl: bool = False) -> None:
+            out: torch.Tensor, out_q8: QuantizedActivations | None = None, pdl: bool = False) -> None:
     check_tensor("x", x, torch.float32, (None, None), layout="rows")
     rows, row_size = x.shape
     check_tensor("weight", weight, torch.float32, (row_size,))

@@ -31,7 +31,7 @@ from ..kernels import (
     rope_and_cache_write,
     silu_mul,
 )
-from ..kernels.int8_activations import ACTIVATION_BLOCK, ActivationQ8
+from ..kernels.int8_activations import ACTIVATION_BLOCK, QuantizedActivations
 from ..kernels.quant_matvec_q8 import SUPPORTED_TYPES as INT8_ACTIVATION_TYPES, quant_matvec_q8
 from ..errors import InvalidParameterError
 from ..kernels.quant_weight import QuantWeight
@@ -62,12 +62,12 @@ class StepBuffers:
     # Quantized copies of the projection inputs (kernels/int8_activations.py), int8 and 16-bit, used by the
     # matrices of quant_matvec_q8's SUPPORTED_TYPES when `activations` says so (read when the step is captured).
     # None where a width (or, for attn, the head dimension) is not a multiple of the activation block.
-    h_q8: ActivationQ8 | None = None
-    attn_q8: ActivationQ8 | None = None
-    act_q8: ActivationQ8 | None = None
-    h_q16: ActivationQ8 | None = None
-    attn_q16: ActivationQ8 | None = None
-    act_q16: ActivationQ8 | None = None
+    h_q8: QuantizedActivations | None = None
+    attn_q8: QuantizedActivations | None = None
+    act_q8: QuantizedActivations | None = None
+    h_q16: QuantizedActivations | None = None
+    attn_q16: QuantizedActivations | None = None
+    act_q16: QuantizedActivations | None = None
     activations: str = "f32"  # one of ACTIVATION_FORMS
     # kernels/pdl.py: every kernel of the step launched with programmatic dependent launch (Hopper and later;
     # the engine's default there), read when the step is captured.
@@ -108,8 +108,7 @@ class StepBuffers:
     def can_quantize_activations(self) -> bool:
         return None not in (self.h_q8, self.attn_q8, self.act_q8)
 
-    def quantized_inputs(self, form: str | None = None
-                         ) -> tuple[ActivationQ8 | None, ActivationQ8 | None, ActivationQ8 | None]:
+    def quantized_inputs(self, form: str | None = None) -> tuple[QuantizedActivations | None, ...]:
         """(h, attn, act) copies for activation form `form` (None: the step's), Nones for "f32": what the norm,
         attention and SiLU kernels write beside their f32 outputs and the GEMVs read."""
         form = form or self.activations
@@ -135,10 +134,10 @@ def default_activations(bufs: StepBuffers) -> str:
     return "16bit" if bufs.can_quantize_activations and bufs.batch_size <= MAX_QUANTIZED_BATCH else "f32"
 
 
-def _quantized(batch: int, width: int | None, device: torch.device, wide: bool) -> ActivationQ8 | None:
+def _quantized(batch: int, width: int | None, device: torch.device, wide: bool) -> QuantizedActivations | None:
     if width is None or width % ACTIVATION_BLOCK:
         return None
-    return ActivationQ8.allocate(batch, width, device, wide)
+    return QuantizedActivations.allocate(batch, width, device, wide)
 
 
 @dataclass
@@ -201,7 +200,7 @@ def _mlp_block(config: ModelConfig, layer: LayerWeights, bufs: StepBuffers) -> N
 
 
 def project(x: torch.Tensor, matrices: list[QuantWeight], out: torch.Tensor, bias: torch.Tensor | None,
-             xq: ActivationQ8 | None = None, accumulate: bool = False, pdl: bool = False) -> None:
+             xq: QuantizedActivations | None = None, accumulate: bool = False, pdl: bool = False) -> None:
     """out (+)= x @ [W0|W1|...]^T + bias: one launch per run of same-typed matrices (Q4_K_M keeps some V in
     Q6_K); with `accumulate` the product is added to out (the residual add, fused). Matrices of the integer-dot
     kernels' types (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0) take the quantized activations `xq` when given.
