@@ -116,10 +116,13 @@ def load(run: Run, key: str, path: Path, mode: str = "graph") -> LLM:
             "peak_allocated_gib": torch.cuda.max_memory_allocated() / gib,
             "reserved_gib": torch.cuda.memory_reserved() / gib, "context_tokens": CONTEXT,
             "prefill_scratch_gib": 0.0 if b.prefiller.scratch is None else b.prefiller.scratch.nbytes / gib,
+            "prefill_graph_gib": b.memory.prefill_graph_bytes / gib,
+            "prefill_graph_capture_s": 0.0 if b.prefill_graphs is None else b.prefill_graphs.capture_seconds,
             "peak_after_gib": {phase: peak / gib for phase, peak in b.load_peaks.items()}}
     run.results[key] = info
     phases = ", ".join(f"{phase} {peak:.2f}" for phase, peak in info["peak_after_gib"].items())
-    run.summary.append(f"    {key}: ready in {total:.1f} s (weights loaded in {b.load_seconds:.1f} s); {b.memory}; "
+    run.summary.append(f"    {key}: ready in {total:.1f} s (weights loaded in {b.load_seconds:.1f} s, prefill "
+                       f"graphs captured in {info['prefill_graph_capture_s']:.1f} s); {b.memory}; "
                        f"peak allocated {info['peak_allocated_gib']:.2f} GiB (peak after {phases})")
     return llm
 
@@ -296,9 +299,24 @@ def prefill_breakdown(run: Run, llm: LLM, key: str, n_tokens: int = 512) -> None
     events.sort(key=lambda e: e.self_device_time_total, reverse=True)
     gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
     top = [{"kernel": e.key[:90], "ms": e.self_device_time_total / 1e3, "calls": e.count} for e in events[:10]]
+    # the same passes launched kernel by kernel (prefill graphs off): what the graphs save on the host
+    graphs, llm.backend.prefill_graphs = llm.backend.prefill_graphs, None
+    try:
+        llm.backend.prefill_only(ids, 2048)
+        launched = []
+        for _ in range(3):
+            started = time.perf_counter()
+            llm.backend.prefill_only(ids, 2048)
+            launched.append(1e3 * (time.perf_counter() - started))
+    finally:
+        llm.backend.prefill_graphs = graphs
+    launched_ms = min(launched)
     run.results[key] = {"tokens": n_tokens, "wall_ms": wall_ms, "gpu_ms": gpu_ms, "top_kernels": top,
+                        "prefill_graphs": graphs is not None, "launched_wall_ms": launched_ms,
                         "methods": llm.backend.prefiller.methods.as_json()}
-    run.summary.append(f"    {key}: {n_tokens}-token prefill {wall_ms:.1f} ms wall, {gpu_ms:.1f} ms GPU; top: " +
+    how = "one graph replay" if graphs is not None else "launched"
+    run.summary.append(f"    {key}: {n_tokens}-token prefill {wall_ms:.1f} ms wall ({how}; {launched_ms:.1f} ms "
+                       f"launched kernel by kernel), {gpu_ms:.1f} ms GPU; top: " +
                        ", ".join(f"{t['kernel'][:40]} {t['ms']:.2f} ms x{t['calls']}" for t in top[:5]))
 
 

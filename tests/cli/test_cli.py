@@ -60,11 +60,11 @@ def test_bad_parameters_are_one_line_errors(capsys, argv, fragment):
     assert_user_error(code, err, fragment)
 
 
-@pytest.mark.parametrize("flag", ["--pdl", "--int8-activations"])
+@pytest.mark.parametrize("flag", ["--pdl", "--int8-activations", "--prefill-graphs"])
 def test_gpu_only_options_on_the_cpu_are_one_line_errors(capsys, tiny_model_path, flag):
     code, _, err = run_catching_exit(capsys, ["generate", "x", "--model", str(tiny_model_path), "--device", "cpu",
                                               flag])
-    assert_user_error(code, err, "GPU decode option")
+    assert_user_error(code, err, "is a GPU option")
 
 
 def test_pdl_can_be_turned_off_anywhere(capsys, tiny_model_path):

@@ -188,6 +188,35 @@ def test_prefill_matches_the_reference_at_every_length_and_chunk_boundary(long_c
     assert list(out) == list(eager.backend.generate_ids(ids, params, 0, 8))
 
 
+@pytest.mark.parametrize("length", [1, 7, 512, 3000])
+def test_captured_prefill_passes_match_the_launched_ones(long_context_models, length):
+    """Prefill by graph replay (a chunk padded to its bucket: 7 rows run in 16, the 952 after 2048 in 1024) gives
+    the last position's logits of the passes launched one by one and of the reference, and the decode that reads
+    its cache the same greedy tokens."""
+    reference, graph, _ = long_context_models
+    backend = graph.backend
+    assert backend.prefill_graphs is not None and backend.memory.prefill_graph_bytes > 0
+    ids = [(1009 * i + 17) % reference.config.vocab_size for i in range(length)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    device_ids = torch.tensor(ids, dtype=torch.int64, device="cuda")
+    with backend.sequence(length):
+        captured = backend._prefill_chunks(device_ids, backend.prefill_chunk_tokens)
+    replayed_tokens = list(backend.generate_ids(ids, params, 0, 8))
+    graphs, backend.prefill_graphs = backend.prefill_graphs, None
+    try:
+        with backend.sequence(length):
+            launched = backend._prefill_chunks(device_ids, backend.prefill_chunk_tokens)
+        launched_tokens = list(backend.generate_ids(ids, params, 0, 8))
+    finally:
+        backend.prefill_graphs = graphs
+    assert captured.shape == launched.shape == (1, reference.config.vocab_size)
+    assert _relative_error(captured[0], launched[0]) < 1e-3  # the same kernels; a GEMM's method may differ by M
+    expected = reference.logits(ids)[-1]
+    assert _relative_error(captured[0].cpu(), expected) < LOGIT_TOLERANCE
+    assert int(captured.argmax()) == int(launched.argmax()) == int(expected.argmax())
+    assert replayed_tokens == launched_tokens
+
+
 def test_programmatic_dependent_launch_changes_no_token(models):
     """PDL only lets a kernel launch before the previous one ends (each waits for it before touching memory):
     the same kernels on the same inputs, so the same tokens, in graph and eager mode."""
@@ -216,13 +245,17 @@ def test_a_prefill_pass_allocates_no_more_than_its_estimate(models):
     lets a pass run out of memory nor shrinks the chunk for nothing."""
     _, _, graph, _ = models
     backend, chunk = graph.backend, 64
-    with backend.sequence(2 * chunk):
-        ids = torch.arange(3, 3 + 2 * chunk, device="cuda") % graph.config.vocab_size
-        backend._prefill_chunks(ids, chunk)  # warm-up: compilation, cuBLAS's workspace
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        backend._prefill_chunks(ids, chunk)
-        used = torch.cuda.max_memory_allocated() - before
+    graphs, backend.prefill_graphs = backend.prefill_graphs, None  # passes launched one by one: their own memory
+    try:
+        with backend.sequence(2 * chunk):
+            ids = torch.arange(3, 3 + 2 * chunk, device="cuda") % graph.config.vocab_size
+            backend._prefill_chunks(ids, chunk)  # warm-up: compilation, cuBLAS's workspace
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            backend._prefill_chunks(ids, chunk)
+            used = torch.cuda.max_memory_allocated() - before
+    finally:
+        backend.prefill_graphs = graphs
     estimate = backend.prefiller.peak_bytes(chunk)
     assert 0.5 * estimate < used <= estimate + 8 * 512  # the allocator rounds each block up to 512 bytes

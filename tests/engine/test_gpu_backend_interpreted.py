@@ -104,6 +104,41 @@ def test_chunked_prefill_gives_the_same_logits_and_tokens(pair):
     assert chunked_tokens == whole_tokens == [int(reference.logits(ids)[-1].argmax())]
 
 
+def test_a_padded_prefill_pass_equals_the_exact_one(pair):
+    """What a prefill CUDA graph runs (runner/prefill_graph): a chunk of 7 tokens at positions 12..18 in a pass
+    of 16 rows, span and last row on the device. Same last-row logits and cache slots as the exact 7-row pass
+    from the same cache; the 9 padding rows write no slot (every other slot keeps its bytes)."""
+    _, backend = pair
+    ids = torch.tensor([1] + [(11 * i) % 380 + 2 for i in range(18)], dtype=torch.int64)
+    prefiller, cache = backend.prefiller, backend.cache
+    with backend.sequence(ids.shape[0]):
+        page_table_row = backend.bufs.page_table[0]
+        prefiller.run(ids[:12], page_table_row, start=0)
+        before_k, before_v = cache.k.clone(), cache.v.clone()
+        exact = prefiller.run(ids[12:], page_table_row, start=12)
+        exact_k, exact_v = cache.k.clone(), cache.v.clone()
+        cache.k.copy_(before_k)
+        cache.v.copy_(before_v)
+        padded_ids = torch.cat([ids[12:], torch.full((9,), 3, dtype=torch.int64)])
+        span = torch.tensor([12, 7], dtype=torch.int32)
+        padded = prefiller.run_padded(padded_ids, page_table_row, span, torch.tensor([6]))
+        pages = [int(page_table_row[p // cache.page_size]) for p in range(12, 19)]
+    assert padded.shape == exact.shape == (1, backend.config.vocab_size)
+    # Each row's GEMM and attention sums run in the same order whatever the number of rows: near-bitwise.
+    assert ((padded - exact).abs().max() / exact.abs().max()).item() < 1e-5
+    written = torch.zeros(cache.k.shape[1], cache.page_size, dtype=torch.bool)
+    for position, page in zip(range(12, 19), pages):
+        written[page, position % cache.page_size] = True
+    assert written.sum() == 7
+    for got, want in ((cache.k, exact_k), (cache.v, exact_v)):
+        got, want = got.transpose(2, 3)[:, written].float(), want.transpose(2, 3)[:, written].float()
+        assert (got - want).abs().max().item() <= 2e-3 * want.abs().max().item()
+    untouched = ~written
+    for got, before in ((cache.k, before_k), (cache.v, before_v)):
+        assert torch.equal(got.transpose(2, 3)[:, untouched], before.transpose(2, 3)[:, untouched])
+    assert not torch.equal(before_k.transpose(2, 3)[:, written], exact_k.transpose(2, 3)[:, written])
+
+
 def test_both_prefill_gemm_methods_give_the_same_logits(pair):
     """The per-shape choice between the quantized GEMM and dequantize + vendor GEMM must not change results
     beyond f32 summation order: force every shape to each method in turn."""

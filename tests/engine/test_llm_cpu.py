@@ -79,13 +79,16 @@ def test_user_errors_are_clear(tiny, tmp_path):
         LLM(tmp_path / "missing.gguf", device="tpu")
     with pytest.raises(InvalidParameterError, match="max_context"):
         LLM(tiny.model_file.path, device="cpu", max_context=10**6, progress=False)
-    for option in ({"pdl": "yes"}, {"int8_activations": None}, {"int8_activations": 1}):
+    for option in ({"pdl": "yes"}, {"int8_activations": None}, {"int8_activations": 1}, {"prefill_graphs": 0}):
         with pytest.raises(InvalidParameterError, match="must be True or False"):
             LLM(tiny.model_file.path, device="cpu", progress=False, **option)
     LLM(tiny.model_file.path, device="cpu", progress=False, pdl=False).close()  # off is fine anywhere
+    LLM(tiny.model_file.path, device="cpu", progress=False, prefill_graphs=False).close()
+    with pytest.raises(InvalidParameterError, match="prefill_graphs is a GPU option"):
+        LLM(tiny.model_file.path, device="cpu", progress=False, prefill_graphs=True)
     for option, message in (({"activations": "fp8"}, "activations must be one of 16bit, int8, f32"),
                             ({"activations": "16bit"}, "GPU decode option"),
-                            ({"activations": "f32", "int8_activations": True}, "GPU decode option")):
+                            ({"activations": "f32", "int8_activations": True}, "is a GPU option")):
         with pytest.raises(InvalidParameterError, match=message):
             LLM(tiny.model_file.path, device="cpu", progress=False, **option)
 

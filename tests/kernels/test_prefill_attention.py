@@ -96,6 +96,25 @@ def test_two_chunks_equal_one_chunk(device):
     assert _max_relative_error(torch.cat([first, second]), whole) < 1e-5
 
 
+@pytest.mark.parametrize("rows, start", [(7, 0), (21, 9), (1, 30), (0, 12)])
+def test_a_span_on_the_device_attends_its_rows_only(rows, start, device):
+    # What a prefill graph launches: q of a 48-row bucket, of which the span's first `rows` are the chunk. Those
+    # rows equal the host-span launch on q[:rows] bit for bit; the padding rows keep the output's poison.
+    # The cache holds keys 0..start+rows-1 only (NaN past them), so a padding query block that loaded a key
+    # would show too.
+    q, k_cache, v_cache, page_table_row = _setup(max(rows, 1), start, 4, 2, 32, 16, device, seed=rows + start)
+    padded_q = torch.randn(48, 4, 32, device=device)
+    padded_q[:rows] = q[:rows]
+    span = torch.tensor([start, rows], dtype=torch.int32, device=device)
+    out = _run(padded_q, k_cache, v_cache, page_table_row, span, block_m=16, block_n=16)
+    assert out[rows:].isnan().all()
+    if rows:
+        exact = _run(q[:rows], k_cache, v_cache, page_table_row, start, block_m=16, block_n=16)
+        assert torch.equal(out[:rows], exact)
+        assert _max_relative_error(out[:rows], paged_prefill_attention_reference(
+            q[:rows], k_cache, v_cache, page_table_row, start)) < TOLERANCE
+
+
 def test_q_and_out_as_strided_views(device):
     # prefill passes q as a view into its fused [T, (Hq + 2 Hkv) Dh] projection output
     q, k_cache, v_cache, page_table_row = _setup(19, 5, 4, 2, 16, 16, device, seed=5)

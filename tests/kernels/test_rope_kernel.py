@@ -173,3 +173,33 @@ def test_real_shapes(neox):
     assert _relative_error(r["q"], _rotate_as_complex(r["q_in"], r["positions"], 128, neox)) < 1e-5
     _assert_within_one_f16_ulp(r["cached_k"], _rotate_as_complex(r["k_in"], r["positions"], 128, neox))
     assert torch.equal(r["cached_v"], r["v_in"].half().float())
+
+
+@pytest.mark.parametrize("num_rows", [0, 2, 5])
+def test_rows_past_num_rows_are_left_alone(num_rows):
+    # A prefill graph's padding rows: neither rotated nor cached, and their positions (here past the tables)
+    # and page-table rows beyond the first entry are never read.
+    gen = torch.Generator().manual_seed(num_rows)
+    batch, page_size = 5, 4
+    q, k, v = (torch.randn(batch, h, 16, generator=gen).to(DEVICE) for h in (2, 1, 1))
+    positions = torch.tensor([3, 6, 1000, 2000, 3000], dtype=torch.int32, device=DEVICE)
+    positions[:num_rows] = torch.arange(num_rows, dtype=torch.int32) * 2 + 1
+    page_table = torch.tensor([[1, 0, 2]] * batch, dtype=torch.int32, device=DEVICE)
+    k_cache = torch.full((3, 1, page_size, 16), -5.0, dtype=torch.float16, device=DEVICE)
+    v_cache = torch.full_like(k_cache, -5.0)
+    cos, sin = _tables(16, 16)
+    q_in = q.clone()
+    limit = torch.tensor([num_rows], dtype=torch.int32, device=DEVICE)
+    rope_and_cache_write(q, k, v, cos, sin, positions, k_cache, v_cache, page_table, neox=False, num_rows=limit)
+    real = positions[:num_rows]
+    assert torch.equal(q[num_rows:], q_in[num_rows:])
+    expected = rope_reference(q_in[:num_rows], cos, sin, real, neox=False)
+    if num_rows:
+        assert _relative_error(q[:num_rows], expected) < 1e-5
+    written = torch.zeros(3, page_size, dtype=torch.bool)
+    for b, position in enumerate(real.tolist()):
+        page, slot = int(page_table[b, position // page_size]), position % page_size
+        written[page, slot] = True
+        assert torch.equal(v_cache[page, 0, slot].cpu(), v[b, 0].half().cpu())
+    untouched = ~written
+    assert (k_cache[:, 0].cpu()[untouched] == -5.0).all() and (v_cache[:, 0].cpu()[untouched] == -5.0).all()

@@ -62,8 +62,8 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_chunk_buffers_alias_only_what_is_never_live_at_once(tokens):
     cfg = dataclasses.replace(LLAMA2_7B, num_layers=1, hidden_size=64, intermediate_size=176, num_heads=4,
                               num_kv_heads=2, head_dim=16, rope_dim=16)
-    bufs = _ChunkBuffers.allocate(cfg, torch.zeros(tokens, dtype=torch.int64), torch.zeros(3, dtype=torch.int32),
-                                  start=5)
+    bufs = _ChunkBuffers.allocate(cfg, torch.arange(5, 5 + tokens, dtype=torch.int32),
+                                  torch.zeros(3, dtype=torch.int32))
     assert bufs.act.dtype == ACT_DTYPE and bufs.h.dtype == bufs.attn.dtype == bufs.qkv.dtype == torch.float32
     assert bufs.positions.tolist() == list(range(5, 5 + tokens)) and bufs.page_table.shape == (tokens, 3)
     # inputs share one start, outputs another, in one allocation

@@ -87,7 +87,8 @@ def _signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict, 
     options = {"warps": kwargs.pop("num_warps", 4), "stages": kwargs.pop("num_stages", 3),
                "launch_pdl": kwargs.pop("launch_pdl", False)}
     bound = dict(zip(fn.arg_names, args)) | kwargs
-    constants = {n: v for n, v in bound.items() if fn.params[fn.arg_names.index(n)].is_constexpr}
+    # None (an unused optional pointer) is a constant to Triton's launcher too
+    constants = {n: v for n, v in bound.items() if fn.params[fn.arg_names.index(n)].is_constexpr or v is None}
     types, aligned = {}, []
     for name, value in bound.items():
         if name in constants:
@@ -200,6 +201,14 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
     q_prefill = torch.zeros(48, heads, head_dim)
     calls.append(("", lambda: K.paged_prefill_attention(q_prefill, cache, cache, table[0], 0,
                                                         torch.zeros_like(q_prefill))))
+    # what a prefill CUDA graph launches: the span and the number of real rows read on the device
+    span = torch.zeros(2, dtype=torch.int32)
+    calls.append(("span on the device: ", lambda: K.paged_prefill_attention(q_prefill, cache, cache, table[0], span,
+                                                                            torch.zeros_like(q_prefill))))
+    rows_q = torch.zeros(4, heads, head_dim)
+    calls.append(("row limit: ", lambda: K.rope_and_cache_write(
+        rows_q, rows_q.clone(), rows_q.clone(), rope, rope, positions.repeat(4), cache, cache.clone(),
+        table.repeat(4, 1), neox=False, num_rows=span[1:])))
     return calls
 
 

@@ -54,6 +54,9 @@ def add_prefill_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, metavar="N",
                         help="GPU: prompt tokens per prefill pass, a power of two from 16 to 8192 (default: 2048, or "
                              "less when the GPU memory left after loading would not hold a pass of 2048)")
+    parser.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="GPU: prefill each prompt chunk by one replay of a pass captured at load (default: on; "
+                             "the same logits either way)")
 
 
 def add_decode_options(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +88,7 @@ def _load(args: argparse.Namespace):
 
     return LLM(args.model, device=args.device, max_context=args.ctx, mode=args.mode, progress=not args.quiet,
                int8_activations=args.int8_activations, pdl=args.pdl, prefill_chunk=args.prefill_chunk,
-               activations=args.activations)
+               activations=args.activations, prefill_graphs=args.prefill_graphs)
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -7,6 +7,9 @@
   the per-token CPU work the graph mode removes, kept as the baseline it is measured against.
 - "graph-host-sampling": the graph stops at the logits, which are sampled on the host (isolates sampling).
 - "graph-Nstep": N decode steps captured in one graph (fewer replays; tokens reach the host N at a time).
+
+In every mode, a prompt chunk that gives only its last position's logits is prefilled by one replay of a
+captured pass (runner/prefill_graph) unless `prefill_graphs` is off; all-position logits run launch by launch.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ..runner.decode_step import RopeTables, StepBuffers, check_activation_form,
 from ..runner.graph import DecodeGraph
 from ..runner.kv_cache import PagedKVCache
 from ..runner.prefill import Prefiller
+from ..runner.prefill_graph import PrefillGraphs
 from ..runner.prefill_tuning import TuningCache
 from ..runner.weights import load_device_weights
 from ..sampling import SamplerState, SamplingParams, sampler_for
@@ -51,26 +55,33 @@ class MemoryReport:
     kv_cache_bytes: int
     workspace_bytes: int  # step buffers, prefill scratch, CUDA-graph pools, rope tables
     prefill_chunk_tokens: int
-    prefill_peak_bytes: int  # allocated while a prefill pass of a whole chunk runs, on top of total_bytes
+    prefill_peak_bytes: int  # allocated while a prefill pass of a whole chunk runs, on top of the rest
+    # Held by the captured prefill passes' pool (reserved, not allocated between passes): a pass of a whole
+    # chunk runs inside it. 0 without prefill graphs, where a pass takes prefill_peak_bytes while it runs.
+    prefill_graph_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_cache_bytes + self.workspace_bytes
+        return self.weights_bytes + self.kv_cache_bytes + self.workspace_bytes + self.prefill_graph_bytes
 
     def __str__(self) -> str:
         gib = 2**30
-        return (f"GPU memory: weights {self.weights_bytes / gib:.2f} GiB, KV cache {self.kv_cache_bytes / gib:.2f} "
-                f"GiB, workspace {self.workspace_bytes / gib:.2f} GiB, total {self.total_bytes / gib:.2f} GiB; "
-                f"prefill chunk {self.prefill_chunk_tokens} tokens, ~{self.prefill_peak_bytes / gib:.2f} GiB more "
-                f"at its peak")
+        parts = (f"GPU memory: weights {self.weights_bytes / gib:.2f} GiB, KV cache {self.kv_cache_bytes / gib:.2f} "
+                 f"GiB, workspace {self.workspace_bytes / gib:.2f} GiB")
+        if self.prefill_graph_bytes:
+            return (f"{parts}, prefill graphs {self.prefill_graph_bytes / gib:.2f} GiB (chunks of up to "
+                    f"{self.prefill_chunk_tokens} tokens), total {self.total_bytes / gib:.2f} GiB")
+        return (f"{parts}, total {self.total_bytes / gib:.2f} GiB; prefill chunk {self.prefill_chunk_tokens} tokens, "
+                f"~{self.prefill_peak_bytes / gib:.2f} GiB more at its peak")
 
 
 class GPUBackend(Backend):
     def __init__(self, model_file: ModelFile, max_context_tokens: int, mode: str = "graph",
                  progress: bool = True, device: torch.device | None = None, int8_activations: bool = False,
-                 pdl: bool | None = None, prefill_chunk: int | None = None, activations: str | None = None):
+                 pdl: bool | None = None, prefill_chunk: int | None = None, activations: str | None = None,
+                 prefill_graphs: bool = True):
         """`prefill_chunk`: prompt tokens per prefill pass (already validated, see LLM); None chooses it at load
-        (`_default_prefill_chunk`)."""
+        (`_default_prefill_chunk`). `prefill_graphs` (CUDA): capture the prefill passes at load."""
         started = time.perf_counter()
         self.config = config = model_file.config
         self.max_context_tokens = max_context_tokens
@@ -113,10 +124,19 @@ class GPUBackend(Backend):
         self._enable_pdl(self.supports_pdl if pdl is None else pdl)  # None: on wherever the GPU has it
         self.set_mode(mode)
         self._note_peak("graph_capture")
-        self.startup_seconds = time.perf_counter() - started
+        self.prefill_graphs: PrefillGraphs | None = None
+        if self.is_cuda and prefill_graphs:
+            # no chunk is longer than the context: no bucket past it
+            self.prefill_graphs = PrefillGraphs(self.prefiller, self.bufs.page_table[0],
+                                                min(self.prefill_chunk_tokens, max_context_tokens))
         workspace = _allocated(self.device) - base - weights_bytes - self.cache.nbytes if self.is_cuda else 0
+        if self.prefill_graphs is not None:  # its pool is measured apart: reserved, hardly any of it allocated
+            self.prefill_graphs.capture(progress)
+            self._note_peak("prefill_graphs")
+        self.startup_seconds = time.perf_counter() - started
         self.memory = MemoryReport(weights_bytes, self.cache.nbytes, max(workspace, 0), self.prefill_chunk_tokens,
-                                   self.prefiller.peak_bytes(self.prefill_chunk_tokens))
+                                   self.prefiller.peak_bytes(self.prefill_chunk_tokens),
+                                   self.prefill_graphs.pool_bytes if self.prefill_graphs is not None else 0)
         if progress and self.is_cuda:
             print(f"replayllm: {self.memory}; ready in {self.startup_seconds:.1f} s "
                   f"(load {self.load_seconds:.1f} s)", file=sys.stderr)
@@ -235,9 +255,13 @@ class GPUBackend(Backend):
         attention scratch stay bounded by the chunk whatever the prompt's length. Returns the last position's
         logits [1, vocab] on the device, or with `all_logits` every position's [T, vocab] on the host."""
         rows, logits = [], None
+        graphs = None if all_logits else self.prefill_graphs
         for start in range(0, ids.shape[0], chunk_tokens):
-            logits = self.prefiller.run(ids[start:start + chunk_tokens], self.bufs.page_table[0], start=start,
-                                        all_logits=all_logits)
+            chunk = ids[start:start + chunk_tokens]
+            if graphs is not None and chunk.shape[0] <= graphs.max_tokens:
+                logits = graphs.run(chunk, start)
+                continue
+            logits = self.prefiller.run(chunk, self.bufs.page_table[0], start=start, all_logits=all_logits)
             if all_logits:
                 rows.append(logits.cpu())
         return torch.cat(rows) if all_logits else logits
@@ -400,6 +424,7 @@ class GPUBackend(Backend):
 
     def close(self) -> None:
         self._graphs.clear()
+        self.prefill_graphs = None
         self.weights = self.cache = self.bufs = self.prefiller = None
         if self.is_cuda:
             torch.cuda.empty_cache()

@@ -45,12 +45,15 @@ class LLM:
     `prefill_chunk` (GPU): prompt tokens per prefill pass, a power of two from 16 to 8192; longer prompts are
     prefilled chunk by chunk, so it bounds prefill's activation memory. None (default): 2048, or less where the
     GPU memory left after loading would not hold a pass of 2048 (said on stderr with `progress`).
+    `prefill_graphs` (GPU): capture the prefill passes as CUDA graphs at load (one per bucket of chunk sizes),
+    so that a prompt chunk is one replay instead of a thousand launches from Python; None (default) turns
+    it on wherever the device is CUDA, False prefills launch by launch (same logits, bit for bit).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", *,
                  max_context: int | None = None, mode: str = "graph", progress: bool = True,
                  int8_activations: bool = False, pdl: bool | None = None, prefill_chunk: int | None = None,
-                 activations: str | None = None):
+                 activations: str | None = None, prefill_graphs: bool | None = None):
         if device not in DEVICES:
             raise InvalidParameterError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         DecodeMode.parse(mode)  # an unknown mode fails before anything loads
@@ -61,11 +64,11 @@ class LLM:
         self.tokenizer = self._model_file.tokenizer
         self.max_context_tokens = _resolve_max_context(max_context, self.config.max_context_tokens)
         self.device = _resolve_device(device)
-        for name, value in (("int8_activations", int8_activations), ("pdl", pdl)):
-            if not isinstance(value, bool) and not (name == "pdl" and value is None):
+        for name, value in (("int8_activations", int8_activations), ("pdl", pdl), ("prefill_graphs", prefill_graphs)):
+            if not isinstance(value, bool) and not (name != "int8_activations" and value is None):
                 raise InvalidParameterError(f"{name} must be True or False, got {value!r}")
             if value and self.device != "cuda":
-                raise InvalidParameterError(f"{name} is a GPU decode option; use device='cuda'")
+                raise InvalidParameterError(f"{name} is a GPU option (decode or prefill); use device='cuda'")
         if activations is not None:
             from ..runner.decode_step import check_activation_form  # here: importing the GPU runner loads Triton
 
@@ -74,11 +77,12 @@ class LLM:
                 raise InvalidParameterError("activations is a GPU decode option; use device='cuda'")
             if int8_activations and activations != "int8":
                 raise InvalidParameterError(f"int8_activations=True contradicts activations={activations!r}")
-        self.backend = self._make_backend(mode, progress, int8_activations, pdl, prefill_chunk, activations)
+        self.backend = self._make_backend(mode, progress, int8_activations, pdl, prefill_chunk, activations,
+                                          prefill_graphs is not False)
         self.last_output: GenerationOutput | None = None
 
     def _make_backend(self, mode: str, progress: bool, int8_activations: bool, pdl: bool | None,
-                      prefill_chunk: int | None, activations: str | None) -> Backend:
+                      prefill_chunk: int | None, activations: str | None, prefill_graphs: bool = True) -> Backend:
         if self.device == "cpu":  # the reference has no prefill activations to bound: it ignores prefill_chunk
             from .reference_backend import ReferenceBackend
 
@@ -87,7 +91,7 @@ class LLM:
 
         return GPUBackend(self._model_file, self.max_context_tokens, mode=mode, progress=progress,
                           int8_activations=int8_activations, pdl=pdl, prefill_chunk=prefill_chunk,
-                          activations=activations)
+                          activations=activations, prefill_graphs=prefill_graphs)
 
     @property
     def model_file(self) -> ModelFile:

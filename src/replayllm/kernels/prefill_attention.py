@@ -17,6 +17,11 @@ output is off by 2e-4..3e-4 of its largest magnitude (measured up to 4096 keys; 
 Prefill is compute-bound, so the hi/lo split that keeps decode attention at f32 accuracy would cost twice the
 tensor-core work here.
 q * scale * log2(e) must stay below 65504 in magnitude, the f16 range.
+
+The chunk's span (start, number of real queries) is either two host integers or an int32 [2] tensor read on
+the device. The second lets one CUDA graph serve every chunk up to its size (runner/prefill_graph): q has as
+many rows as the graph's bucket, rows past the span's count are padding, never written, and their query blocks
+load no key.
 """
 
 from __future__ import annotations
@@ -80,12 +85,16 @@ def _attend_tile(q, acc, running_max, running_sum, k_cache_ptr, v_cache_ptr, pag
 
 @triton.jit
 def _paged_prefill_attention_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, out_ptr, start, num_tokens,
+        q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, out_ptr, start, num_tokens, span_ptr,
         q_row_stride, q_head_stride, out_row_stride, out_head_stride, qk_scale_log2,
         NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPAN_ON_DEVICE: tl.constexpr):
     # q: [T, Hq, HEAD_DIM] f32 (rotated); out: [T, Hq, HEAD_DIM] f32; page_table: [max_pages] int32
     # k_cache, v_cache: [pages, Hkv, PAGE_SIZE, HEAD_DIM] f16; grid (cdiv(T, BLOCK_M), Hq)
+    # SPAN_ON_DEVICE: start and num_tokens (<= T) are span_ptr[0], span_ptr[1] (int32), not the arguments.
+    if SPAN_ON_DEVICE:
+        start = tl.load(span_ptr)
+        num_tokens = tl.load(span_ptr + 1)
     # The last query blocks see the most keys: hand them to the first programs so that the short ones fill
     # the tail of the launch.
     m_block = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -107,6 +116,9 @@ def _paged_prefill_attention_kernel(
     # tiles ending at or before the block's first query are visible to all its queries: no mask
     unmasked_end = (first_query + 1) // BLOCK_N * BLOCK_N
     end = tl.minimum(kv_len, first_query + BLOCK_M)  # past the block's last query every key is masked
+    if SPAN_ON_DEVICE:  # a block of padding rows only (first_query >= kv_len) loads no key
+        end = tl.where(first_query < kv_len, end, 0)
+        unmasked_end = tl.minimum(unmasked_end, end)
     for tile_start in range(0, unmasked_end, BLOCK_N):
         acc, running_max, running_sum = _attend_tile(
             q, acc, running_max, running_sum, k_cache_ptr, v_cache_ptr, page_table_ptr, tile_start, kv_len,
@@ -126,7 +138,7 @@ def _check_block(name: str, value: int) -> None:
 
 
 def _check_arguments(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table_row: torch.Tensor,
-                     start: int, out: torch.Tensor) -> None:
+                     start: int | torch.Tensor, out: torch.Tensor) -> None:
     check_tensor("q", q, torch.float32, (None, None, None), layout="rows")
     num_tokens, num_q_heads, head_dim = q.shape
     if num_tokens < 1:
@@ -144,10 +156,13 @@ def _check_arguments(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if page_size < 1 or page_size & (page_size - 1):
         raise ValueError(f"k_cache: page size (dim 2) must be a power of two, got {page_size}")
     check_tensor("page_table_row", page_table_row, torch.int32, (None,))
-    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-        raise ValueError(f"start must be a non-negative integer, got {start!r}")
+    if isinstance(start, torch.Tensor):  # a span read on the device: the caller guarantees its bounds
+        check_tensor("span", start, torch.int32, (2,))
+        check_same_device(q=q, span=start)
+    elif isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"start must be a non-negative integer or an int32 [2] span tensor, got {start!r}")
     capacity = page_table_row.numel() * page_size
-    if start + num_tokens > capacity:
+    if isinstance(start, int) and start + num_tokens > capacity:
         raise ValueError(f"start + T = {start} + {num_tokens} = {start + num_tokens} tokens exceed the "
                          f"{capacity} tokens that page_table_row ({page_table_row.numel()} pages of {page_size}) "
                          f"covers")
@@ -155,7 +170,8 @@ def _check_arguments(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            page_table_row: torch.Tensor, start: int, out: torch.Tensor, scale: float | None = None,
+                            page_table_row: torch.Tensor, start: int | torch.Tensor, out: torch.Tensor,
+                            scale: float | None = None,
                             *, block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N,
                             num_warps: int = DEFAULT_NUM_WARPS) -> torch.Tensor:
     """out[t] = softmax(scale * q[t] K^T) V over cached positions 0..start+t of one sequence; returns `out`.
@@ -165,6 +181,9 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     0..start+T-1; page_table_row [max_pages] int32; out [T, Hq, Dh] f32 (last-dim stride 1).
     q head h reads kv head h // (Hq // Hkv). scale None: Dh ** -0.5. Dh: up to 256 (a power of two runs without
     padding).
+    `start` may instead be an int32 [2] device tensor (start, n) with n <= T: the queries are q[:n] at positions
+    start..start+n-1, and out[n:] is left as it was. Its values are read on the device only, so the launch is
+    the same for every span (capturable in a CUDA graph): the caller guarantees start + n is covered.
     The page table is read on the device only: the caller guarantees the pages it names are in range."""
     _check_arguments(q, k_cache, v_cache, page_table_row, start, out)
     _check_block("block_m", block_m)
@@ -175,12 +194,14 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     num_kv_heads = k_cache.shape[1]
     if scale is None:
         scale = head_dim ** -0.5
+    span = start if isinstance(start, torch.Tensor) else None
     _paged_prefill_attention_kernel[(triton.cdiv(num_tokens, block_m), num_q_heads)](
-        q, k_cache, v_cache, page_table_row, out, start, num_tokens,
+        q, k_cache, v_cache, page_table_row, out, 0 if span is not None else start, num_tokens, span,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), float(scale) * math.log2(math.e),
         NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=num_q_heads // num_kv_heads, HEAD_DIM=head_dim,
         PAGE_SIZE=k_cache.shape[2], BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(MIN_HEAD_DIM, next_power_of_2(head_dim)), num_warps=num_warps)
+        BLOCK_D=max(MIN_HEAD_DIM, next_power_of_2(head_dim)), SPAN_ON_DEVICE=span is not None,
+        num_warps=num_warps)
     return out
 
 

@@ -8,6 +8,10 @@ rope scaling. With rope_dim < head_dim only the first rope_dim dimensions rotate
 
 Each program handles one head of one batch row, and each thread stores exactly the elements it loaded, so q is
 rotated in place without a race between threads.
+
+`num_rows`, an int32 device scalar, limits the work to the first rows: a prefill CUDA graph captured for a
+bucket of rows serves shorter chunks, and its padding rows must neither write the cache nor read a position
+table row that may not exist.
 """
 
 from __future__ import annotations
@@ -24,20 +28,31 @@ from .pdl import _pdl_wait, launch_options
 @triton.jit
 def _rope_and_cache_write_kernel(
         q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr,
-        q_row_stride, q_head_stride, k_row_stride, k_head_stride, v_row_stride, v_head_stride,
+        num_rows_ptr, q_row_stride, q_head_stride, k_row_stride, k_head_stride, v_row_stride, v_head_stride,
         table_row_stride, page_table_row_stride,
         NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_ROPE: tl.constexpr,
         PAGE_SIZE: tl.constexpr, NEOX: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-        USE_PDL: tl.constexpr):
+        USE_PDL: tl.constexpr, LIMIT_ROWS: tl.constexpr):
     _pdl_wait(USE_PDL)
     # q: [B, Hq, Dh] f32 (rotated in place); k, v: [B, Hkv, Dh] f32; cos, sin: [max_ctx, HALF_ROPE] f32
     # positions: [B] int32; page_table: [B, max_pages] int32; k_cache, v_cache: [pages, Hkv, PAGE_SIZE, Dh] f16
     # grid (B, Hq + Hkv): head < Hq rotates a q head, otherwise kv head (head - Hq) is rotated and cached.
+    # LIMIT_ROWS: rows >= num_rows_ptr[0] are padding and left alone.
     row = tl.program_id(0)
     head = tl.program_id(1)
-    position = tl.load(positions_ptr + row)
     pairs = tl.arange(0, BLOCK_HALF)
+    dims = tl.arange(0, BLOCK_D)
     pair_mask = pairs < HALF_ROPE
+    dim_mask = dims < HEAD_DIM
+    if LIMIT_ROWS:
+        num_rows = tl.load(num_rows_ptr)
+        is_real = row < num_rows
+        # compared as vectors: the interpreter refuses a vector mask combined with a scalar boolean
+        pair_mask = pair_mask & ((pairs * 0 + row) < num_rows)
+        dim_mask = dim_mask & ((dims * 0 + row) < num_rows)
+        position = tl.load(positions_ptr + tl.where(is_real, row, 0))  # row 0's position: in the tables' range
+    else:
+        position = tl.load(positions_ptr + row)
     if NEOX:
         first = pairs
         second = pairs + HALF_ROPE
@@ -55,6 +70,7 @@ def _rope_and_cache_write_kernel(
         tl.store(q_head + second, x2 * cos + x1 * sin, mask=pair_mask)
     else:
         kv_head = head - NUM_Q_HEADS
+        # a padding row reads the entry of row 0's position in its own page-table row; its stores are masked
         page = tl.load(page_table_ptr + row.to(tl.int64) * page_table_row_stride + position // PAGE_SIZE)
         slot = ((page.to(tl.int64) * NUM_KV_HEADS + kv_head) * PAGE_SIZE + position % PAGE_SIZE) * HEAD_DIM
         k_head = k_ptr + row.to(tl.int64) * k_row_stride + kv_head * k_head_stride
@@ -62,11 +78,9 @@ def _rope_and_cache_write_kernel(
         x2 = tl.load(k_head + second, mask=pair_mask, other=0.0)
         tl.store(k_cache_ptr + slot + first, (x1 * cos - x2 * sin).to(tl.float16), mask=pair_mask)
         tl.store(k_cache_ptr + slot + second, (x2 * cos + x1 * sin).to(tl.float16), mask=pair_mask)
-        dims = tl.arange(0, BLOCK_D)
-        passthrough = (dims >= 2 * HALF_ROPE) & (dims < HEAD_DIM)  # disjoint from the rotated dims
+        passthrough = (dims >= 2 * HALF_ROPE) & dim_mask  # disjoint from the rotated dims
         k_rest = tl.load(k_head + dims, mask=passthrough, other=0.0)
         tl.store(k_cache_ptr + slot + dims, k_rest.to(tl.float16), mask=passthrough)
-        dim_mask = dims < HEAD_DIM
         v = tl.load(v_ptr + row.to(tl.int64) * v_row_stride + kv_head * v_head_stride + dims, mask=dim_mask,
                     other=0.0)
         tl.store(v_cache_ptr + slot + dims, v.to(tl.float16), mask=dim_mask)
@@ -74,11 +88,13 @@ def _rope_and_cache_write_kernel(
 
 def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         page_table: torch.Tensor, *, neox: bool, pdl: bool = False) -> None:
+                         page_table: torch.Tensor, *, neox: bool, pdl: bool = False,
+                         num_rows: torch.Tensor | None = None) -> None:
     """Rotate q [B, Hq, Dh] in place; write rotated k [B, Hkv, Dh] and v [B, Hkv, Dh] as f16 into the cache slot
     of positions[b] for each batch row b (k and v themselves are left unchanged). cos, sin: [max_ctx, rope_dim/2]
     f32 with rope_dim <= Dh; the caller guarantees positions[b] < max_ctx (read on the device, never checked
-    on the host)."""
+    on the host). `num_rows`: an int32 [1] device tensor n <= B; rows b >= n are neither rotated nor cached
+    (positions[b] and page_table[b] are not used beyond their first entry)."""
     check_tensor("q", q, torch.float32, (None, None, None), layout="rows")
     batch, num_q_heads, head_dim = q.shape
     check_tensor("k", k, torch.float32, (batch, None, head_dim), layout="rows")
@@ -93,15 +109,18 @@ def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos:
     page_size = check_paged_cache(k_cache, v_cache, page_table, positions, batch, num_kv_heads, head_dim)
     check_same_device(q=q, k=k, v=v, cos=cos, sin=sin, positions=positions, k_cache=k_cache, v_cache=v_cache,
                       page_table=page_table)
+    if num_rows is not None:
+        check_tensor("num_rows", num_rows, torch.int32, (1,))
+        check_same_device(q=q, num_rows=num_rows)
     if batch == 0:
         return
     _rope_and_cache_write_kernel[(batch, num_q_heads + num_kv_heads)](
-        q, k, v, cos, sin, positions, k_cache, v_cache, page_table,
+        q, k, v, cos, sin, positions, k_cache, v_cache, page_table, num_rows,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), page_table.stride(0),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF_ROPE=half_rope,
         PAGE_SIZE=page_size, NEOX=bool(neox), BLOCK_HALF=next_power_of_2(half_rope),
-        BLOCK_D=next_power_of_2(head_dim), num_warps=1, **launch_options(pdl))
+        BLOCK_D=next_power_of_2(head_dim), LIMIT_ROWS=num_rows is not None, num_warps=1, **launch_options(pdl))
 
 
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, *,

@@ -119,12 +119,11 @@ class _ChunkBuffers:
     act: torch.Tensor  # [T, F] ACT_DTYPE
 
     @classmethod
-    def allocate(cls, cfg: ModelConfig, token_ids: torch.Tensor, page_table_row: torch.Tensor,
-                 start: int) -> _ChunkBuffers:
-        T, device = token_ids.shape[0], token_ids.device
+    def allocate(cls, cfg: ModelConfig, positions: torch.Tensor, page_table_row: torch.Tensor) -> _ChunkBuffers:
+        T, device = positions.shape[0], positions.device
         pool = ActivationPool(cfg, T, device)
         f32 = torch.float32
-        return cls(positions=torch.arange(start, start + T, dtype=torch.int32, device=device),
+        return cls(positions=positions,
                    page_table=page_table_row.unsqueeze(0).expand(T, -1).contiguous(),
                    x=torch.empty(T, cfg.hidden_size, dtype=f32, device=device),
                    h=pool.gemm_input((T, cfg.hidden_size), f32),
@@ -132,6 +131,16 @@ class _ChunkBuffers:
                    attn=pool.gemm_input((T, cfg.num_heads, cfg.head_dim), f32),
                    gate_up=pool.gemm_output((T, 2 * cfg.intermediate_size)),
                    act=pool.gemm_input((T, cfg.intermediate_size), ACT_DTYPE))
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Where a pass's rows sit in the sequence, as the attention and rope kernels take it: `start` a host int
+    (every row is real), or an int32 [2] device tensor (start, n) with `num_rows` its view [1] of n (rows from
+    n on are padding: nothing cached, nothing attended)."""
+
+    start: int | torch.Tensor
+    num_rows: torch.Tensor | None = None
 
 
 def prefill_peak_bytes(cfg: ModelConfig, chunk_tokens: int, max_pages_per_seq: int,
@@ -212,23 +221,48 @@ class Prefiller:
             all_logits: bool = False) -> torch.Tensor:
         """token_ids [T] int64 on the device, at positions start..start+T-1 of the sequence whose pages are
         `page_table_row` [max_pages] int32. Returns f32 logits [T, vocab] if `all_logits` else [1, vocab]."""
-        bufs = _ChunkBuffers.allocate(self.config, token_ids, page_table_row, start)
+        T, device = token_ids.shape[0], token_ids.device
+        positions = torch.arange(start, start + T, dtype=torch.int32, device=device)
+        bufs = self._layers(token_ids, positions, page_table_row, _Span(start))
+        if all_logits:
+            return self._logits(bufs.x, bufs, all_rows=True)
+        return self._logits(bufs.x[-1:], bufs)
+
+    @torch.inference_mode()
+    def run_padded(self, token_ids: torch.Tensor, page_table_row: torch.Tensor, span: torch.Tensor,
+                   last_row: torch.Tensor) -> torch.Tensor:
+        """The same pass with every host value fixed but the shapes, for capture in a CUDA graph
+        (runner/prefill_graph): token_ids [B] int64, of which the first n are the chunk's and the rest padding
+        (any valid ids); span int32 [2] = (start, n), n <= B; last_row int64 [1] = n - 1. Returns the logits of
+        row n - 1, [1, vocab] f32. The padding rows run through the GEMMs (each row its own), but write no
+        cache slot and attend to nothing; the real rows never see them."""
+        B = token_ids.shape[0]
+        positions = torch.arange(B, dtype=torch.int32, device=token_ids.device) + span[0]
+        bufs = self._layers(token_ids, positions, page_table_row, _Span(span, span[1:]))
+        return self._logits(bufs.x.index_select(0, last_row), bufs)
+
+    def _layers(self, token_ids: torch.Tensor, positions: torch.Tensor, page_table_row: torch.Tensor,
+                span: _Span) -> _ChunkBuffers:
+        bufs = _ChunkBuffers.allocate(self.config, positions, page_table_row)
         gather_rows(self.weights.token_embd, token_ids, bufs.x)
         for i, layer in enumerate(self.weights.layers):
-            self._attention_block(i, layer, bufs, page_table_row, start)
+            self._attention_block(i, layer, bufs, page_table_row, span)
             self._mlp_block(layer, bufs)
-        last = bufs.x if all_logits else bufs.x[-1:]
+        return bufs
+
+    def _logits(self, last: torch.Tensor, bufs: _ChunkBuffers, all_rows: bool = False) -> torch.Tensor:
+        """Final norm and LM head of the rows `last` [R, D] (the pass's x or rows of it)."""
         normed = bufs.h[:last.shape[0]]  # free once the last layer has run
         rmsnorm(last, self.weights.output_norm, self.config.rms_norm_eps, normed)
         logits = torch.empty(last.shape[0], self.weights.output.n_rows, dtype=torch.float32, device=last.device)
-        if all_logits:
+        if all_rows:
             self.linear(normed, [self.weights.output], logits)
         else:  # one row: the decode GEMV reads the LM head once, no tensor-core tile to fill
             quant_matvec(normed, self.weights.output, logits)
         return logits
 
     def _attention_block(self, i: int, layer: LayerWeights, bufs: _ChunkBuffers, page_table_row: torch.Tensor,
-                         start: int) -> None:
+                         span: _Span) -> None:
         cfg = self.config
         T, Hq, Hkv, Dh = bufs.x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         rmsnorm(bufs.x, layer.attn_norm, cfg.rms_norm_eps, bufs.h)
@@ -240,8 +274,8 @@ class Prefiller:
             q, k = q.contiguous(), k.contiguous()
             head_norms(cfg, layer, q, k)
         rope_and_cache_write(q, k, v, self.rope.cos, self.rope.sin, bufs.positions, self.cache.k[i],
-                             self.cache.v[i], bufs.page_table, neox=cfg.rope_neox)
-        paged_prefill_attention(q, self.cache.k[i], self.cache.v[i], page_table_row, start, bufs.attn)
+                             self.cache.v[i], bufs.page_table, neox=cfg.rope_neox, num_rows=span.num_rows)
+        paged_prefill_attention(q, self.cache.k[i], self.cache.v[i], page_table_row, span.start, bufs.attn)
         self.linear(bufs.attn.view(T, Hq * Dh), [layer.attn_output], bufs.x, accumulate=True)
 
     def _mlp_block(self, layer: LayerWeights, bufs: _ChunkBuffers) -> None:
