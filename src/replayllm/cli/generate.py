@@ -56,7 +56,7 @@ def add_prefill_option(parser: argparse.ArgumentParser) -> None:
                              "less when the GPU memory left after loading would not hold a pass of 2048)")
     parser.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="GPU: prefill each prompt chunk by one replay of a pass captured at load (default: on; "
-                             "the same logits either way)")
+                             "the same kernels either way)")
 
 
 def add_decode_options(parser: argparse.ArgumentParser) -> None:

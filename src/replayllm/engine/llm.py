@@ -47,7 +47,8 @@ class LLM:
     GPU memory left after loading would not hold a pass of 2048 (said on stderr with `progress`).
     `prefill_graphs` (GPU): capture the prefill passes as CUDA graphs at load (one per bucket of chunk sizes),
     so that a prompt chunk is one replay instead of a thousand launches from Python; None (default) turns
-    it on wherever the device is CUDA, False prefills launch by launch (same logits, bit for bit).
+    it on wherever the device is CUDA, False prefills launch by launch (the same kernels; a chunk padded to its
+    bucket may take another GEMM method, so logits agree to the GEMMs' rounding).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", *,
@@ -64,8 +65,9 @@ class LLM:
         self.tokenizer = self._model_file.tokenizer
         self.max_context_tokens = _resolve_max_context(max_context, self.config.max_context_tokens)
         self.device = _resolve_device(device)
-        for name, value in (("int8_activations", int8_activations), ("pdl", pdl), ("prefill_graphs", prefill_graphs)):
-            if not isinstance(value, bool) and not (name != "int8_activations" and value is None):
+        for name, value, optional in (("int8_activations", int8_activations, False), ("pdl", pdl, True),
+                                      ("prefill_graphs", prefill_graphs, True)):  # optional: None is the default
+            if not isinstance(value, bool) and not (optional and value is None):
                 raise InvalidParameterError(f"{name} must be True or False, got {value!r}")
             if value and self.device != "cuda":
                 raise InvalidParameterError(f"{name} is a GPU option (decode or prefill); use device='cuda'")

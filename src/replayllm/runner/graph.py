@@ -10,11 +10,35 @@ measure what sampling on the host costs), the graph stops at the logits and adva
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from ..sampling import SamplerState, sampler_for
 from .decode_step import StepBuffers
+
+T = TypeVar("T")
+
+
+def capture_after_warm_up(body: Callable[[], T], pool=None,
+                          free_warm_up: bool = False) -> tuple[torch.cuda.CUDAGraph, T]:
+    """Run `body` once on a side stream (Triton compiles and autotunes there, outside any capture), then record
+    it into a new graph, in memory pool `pool` if given. Returns the graph and what the recorded body returned
+    (tensors the replays overwrite). `free_warm_up`: give the warm-up's cached memory back to the GPU first,
+    so that only the graph's pool holds the body's activations."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    if free_warm_up:
+        torch.cuda.empty_cache()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = body()
+    torch.cuda.synchronize()
+    return graph, out
 
 
 class DecodeGraph:
@@ -52,17 +76,7 @@ class DecodeGraph:
         only while no sequence owns cache pages, and reset positions and the sampler rows afterwards (every
         request does at its start).
         """
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.run_steps()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.run_steps()
-        torch.cuda.synchronize()
-        self.graph = graph
+        self.graph, _ = capture_after_warm_up(self.run_steps)
 
     def replay(self) -> None:
         self.graph.replay()

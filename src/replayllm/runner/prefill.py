@@ -136,11 +136,15 @@ class _ChunkBuffers:
 @dataclass(frozen=True)
 class _Span:
     """Where a pass's rows sit in the sequence, as the attention and rope kernels take it: `start` a host int
-    (every row is real), or an int32 [2] device tensor (start, n) with `num_rows` its view [1] of n (rows from
-    n on are padding: nothing cached, nothing attended)."""
+    (every row is real), or an int32 [2] device tensor (start, n) (rows from n on are padding: nothing cached,
+    nothing attended)."""
 
     start: int | torch.Tensor
-    num_rows: torch.Tensor | None = None
+
+    @property
+    def num_rows(self) -> torch.Tensor | None:
+        """The device span's n as an int32 [1] view, for the rope kernel; None for a host span."""
+        return self.start[1:] if isinstance(self.start, torch.Tensor) else None
 
 
 def prefill_peak_bytes(cfg: ModelConfig, chunk_tokens: int, max_pages_per_seq: int,
@@ -238,7 +242,7 @@ class Prefiller:
         cache slot and attend to nothing; the real rows never see them."""
         B = token_ids.shape[0]
         positions = torch.arange(B, dtype=torch.int32, device=token_ids.device) + span[0]
-        bufs = self._layers(token_ids, positions, page_table_row, _Span(span, span[1:]))
+        bufs = self._layers(token_ids, positions, page_table_row, _Span(span))
         return self._logits(bufs.x.index_select(0, last_row), bufs)
 
     def _layers(self, token_ids: torch.Tensor, positions: torch.Tensor, page_table_row: torch.Tensor,

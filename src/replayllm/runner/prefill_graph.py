@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from .graph import capture_after_warm_up
 from .prefill import Prefiller
 
 # Rows of the captured passes: multiples of 16 (the tensor-core tiles' granularity), then x1.5 and x2 in turn.
@@ -79,17 +80,7 @@ class PrefillGraphs:
         def body() -> torch.Tensor:
             return self.prefiller.run_padded(self.token_ids[:bucket], self.page_table_row, self.span, self.last_row)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # compiles every kernel of this shape outside the capture
-            body()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()  # the warm-up's activations, so that only the pool holds a pass's memory
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            logits = body()
-        return graph, logits
+        return capture_after_warm_up(body, pool, free_warm_up=True)  # only the pool holds a pass's memory
 
     def run(self, token_ids: torch.Tensor, start: int) -> torch.Tensor:
         """Prefill token_ids [T] int64 (device, 1 <= T <= max_tokens) at positions start..start+T-1 by one replay.
