@@ -406,7 +406,11 @@ def fit_6gib_7b(run: Run, path: Path) -> None:
                           peak_reserved_gib=torch.cuda.max_memory_reserved() / gib,
                           fits=len(out.token_ids) == 1 and peak <= FIT_BYTES)
     except torch.OutOfMemoryError as exc:
-        result.update(fits=False, error=str(exc)[:300], peak_allocated_gib=torch.cuda.max_memory_allocated() / gib,
+        root = f"{Path(__file__).resolve().parents[1]}/"  # frames named from the repository's root
+        where = [line.strip().replace(root, "") for line in traceback.format_exc().splitlines()
+                 if line.lstrip().startswith("File ")]
+        result.update(fits=False, error=str(exc)[:300], where=where[-4:],
+                      peak_allocated_gib=torch.cuda.max_memory_allocated() / gib,
                       peak_reserved_gib=torch.cuda.max_memory_reserved() / gib)
         raise
     finally:
@@ -420,6 +424,8 @@ def fit_6gib_7b(run: Run, path: Path) -> None:
             f"{result.get('peak_reserved_gib', 0):.2f} GiB (after load {result.get('reserved_after_load_gib', 0):.2f}, "
             f"of which free in split blocks {result.get('inactive_split_after_load_gib', 0):.2f}), over the 4095-token "
             f"prompt and 1 token")
+        if result.get("where"):
+            run.summary.append(f"    out of memory in {result['where'][-2:]}")
 
 
 def fit_6gib_7b_fresh(run: Run, path: Path) -> None:
@@ -437,7 +443,10 @@ def fit_6gib_7b_fresh(run: Run, path: Path) -> None:
         if summary.exists():
             run.summary.extend(line for line in summary.read_text().splitlines() if line.strip())
     if done.returncode != 0:
-        raise RuntimeError(f"the fit process failed ({done.returncode}): {done.stderr[-400:]}")
+        root = f"{Path(__file__).resolve().parents[1]}/"
+        frames = [line.strip().replace(root, "") for line in done.stderr.splitlines()
+                  if line.lstrip().startswith("File ")]
+        raise RuntimeError(f"the fit process failed ({done.returncode}) in {frames[-3:]}: {done.stderr[-300:]}")
 
 
 def long_prompt(run: Run) -> None:

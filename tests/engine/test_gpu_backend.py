@@ -217,6 +217,56 @@ def test_captured_prefill_passes_match_the_launched_ones(long_context_models, le
     assert replayed_tokens == launched_tokens
 
 
+def test_capturing_the_prefill_passes_needs_the_memory_of_one_pass(long_context_models):
+    """The load sizes the prefill chunk so that one pass fits beside the model (prefill_peak_bytes), and a
+    per-process cap counts reserved memory: capturing every bucket's pass must reserve no more, at any moment,
+    than the pool that then holds the largest pass. (Warming a bucket up beside a pool that already held the
+    largest pass reserved about 1.75 passes: a 7B model under a 6 GiB cap ran out of memory there.)"""
+    from replayllm.runner.prefill_graph import PrefillGraphs
+
+    _, graph, _ = long_context_models
+    backend = graph.backend
+    chunk = backend.prefill_chunk_tokens  # 2048: buckets of 2048, 1536, 1024, ...
+    graphs = PrefillGraphs(backend.prefiller, backend.bufs.page_table[0], chunk)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    torch.cuda.reset_peak_memory_stats()
+    graphs.capture()
+    peak_allocated = torch.cuda.max_memory_allocated() - allocated
+    peak_reserved = torch.cuda.max_memory_reserved() - reserved
+    estimate = backend.prefiller.peak_bytes(chunk)
+    logits = len(graphs.buckets) * 4 * graph.config.vocab_size  # each graph keeps its own output
+    assert 0.5 * estimate < peak_allocated <= 1.05 * estimate + logits, (peak_allocated, estimate)
+    assert graphs.pool_bytes <= peak_reserved <= 1.25 * graphs.pool_bytes + 4 * 2**20, (peak_reserved,
+                                                                                     graphs.pool_bytes)
+    del graphs
+
+
+def test_without_memory_for_the_prefill_graphs_the_load_goes_on_without_them(models, capsys):
+    """Out of memory while capturing the prefill passes: the backend says so on stderr and prefills by launched
+    passes, whose greedy tokens are the captured ones'."""
+    _, _, graph, _ = models
+    backend = graph.backend
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    expected = graph.generate([PROMPTS[0]], params)[0].token_ids
+
+    class NoMemory:
+        pool_bytes = 0
+
+        def capture(self, progress: bool = False) -> None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    kept, backend.prefill_graphs = backend.prefill_graphs, NoMemory()
+    try:
+        backend._capture_prefill_graphs(progress=False)
+        assert backend.prefill_graphs is None
+        assert "not captured as CUDA graphs (CUDA out of memory)" in capsys.readouterr().err
+        assert graph.generate([PROMPTS[0]], params)[0].token_ids == expected
+    finally:
+        backend.prefill_graphs = kept
+
+
 def test_programmatic_dependent_launch_changes_no_token(models):
     """PDL only lets a kernel launch before the previous one ends (each waits for it before touching memory):
     the same kernels on the same inputs, so the same tokens, in graph and eager mode."""

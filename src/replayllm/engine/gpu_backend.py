@@ -14,6 +14,7 @@ captured pass (runner/prefill_graph) unless `prefill_graphs` is off; all-positio
 
 from __future__ import annotations
 
+import gc
 import itertools
 import sys
 import time
@@ -131,8 +132,7 @@ class GPUBackend(Backend):
                                                 min(self.prefill_chunk_tokens, max_context_tokens))
         workspace = _allocated(self.device) - base - weights_bytes - self.cache.nbytes if self.is_cuda else 0
         if self.prefill_graphs is not None:  # its pool is measured apart: reserved, hardly any of it allocated
-            self.prefill_graphs.capture(progress)
-            self._note_peak("prefill_graphs")
+            self._capture_prefill_graphs(progress)
         self.startup_seconds = time.perf_counter() - started
         self.memory = MemoryReport(weights_bytes, self.cache.nbytes, max(workspace, 0), self.prefill_chunk_tokens,
                                    self.prefiller.peak_bytes(self.prefill_chunk_tokens),
@@ -142,6 +142,21 @@ class GPUBackend(Backend):
                   f"(load {self.load_seconds:.1f} s)", file=sys.stderr)
         self._pinned = torch.zeros(PINNED_SLOTS, MAX_STEPS_PER_GRAPH, dtype=torch.int64, pin_memory=self.is_cuda)
         self._copied = [torch.cuda.Event() if self.is_cuda else None for _ in range(PINNED_SLOTS)]
+
+    def _capture_prefill_graphs(self, progress: bool) -> None:
+        """Capture the prefill passes; where the memory left cannot hold them (another process took some since
+        the chunk was chosen), go on without them, said on stderr: passes launched one by one give the same
+        logits, only with more host time per chunk."""
+        try:
+            self.prefill_graphs.capture(progress)
+        except torch.OutOfMemoryError as exc:
+            self.prefill_graphs = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            first_line = str(exc).split(".")[0]
+            print(f"replayllm: prefill passes not captured as CUDA graphs ({first_line}); they run launched one "
+                  f"by one", file=sys.stderr)
+        self._note_peak("prefill_graphs")
 
     def _default_prefill_chunk(self, progress: bool) -> int:
         """PREFILL_CHUNK_TOKENS; on a GPU where the memory left, less the prefill scratch still to be made and

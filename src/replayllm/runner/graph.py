@@ -20,25 +20,31 @@ from .decode_step import StepBuffers
 T = TypeVar("T")
 
 
-def capture_after_warm_up(body: Callable[[], T], pool=None,
-                          free_warm_up: bool = False) -> tuple[torch.cuda.CUDAGraph, T]:
-    """Run `body` once on a side stream (Triton compiles and autotunes there, outside any capture), then record
-    it into a new graph, in memory pool `pool` if given. Returns the graph and what the recorded body returned
-    (tensors the replays overwrite). `free_warm_up`: give the warm-up's cached memory back to the GPU first,
-    so that only the graph's pool holds the body's activations."""
+def warm_up(body: Callable[[], object]) -> None:
+    """Run `body` once on a side stream, outside any capture: Triton compiles and autotunes there, and vendor
+    libraries make their workspaces, which a capture may not do."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         body()
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    if free_warm_up:
-        torch.cuda.empty_cache()
+
+
+def record(body: Callable[[], T], pool=None) -> tuple[torch.cuda.CUDAGraph, T]:
+    """Record `body` (already warmed up) into a new graph, in memory pool `pool` if given. Returns the graph and
+    what the recorded body returned (tensors the replays overwrite)."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
         out = body()
     torch.cuda.synchronize()
     return graph, out
+
+
+def capture_after_warm_up(body: Callable[[], T], pool=None) -> tuple[torch.cuda.CUDAGraph, T]:
+    """`warm_up(body)`, then `record(body, pool)`."""
+    warm_up(body)
+    return record(body, pool)
 
 
 class DecodeGraph:

@@ -15,10 +15,11 @@ the largest pass's activations, which a pass launched one by one would leave in 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
-from .graph import capture_after_warm_up
+from .graph import record, warm_up
 from .prefill import Prefiller
 
 # Rows of the captured passes: multiples of 16 (the tensor-core tiles' granularity), then x1.5 and x2 in turn.
@@ -56,8 +57,10 @@ class PrefillGraphs:
         return next((b for b in self.buckets if b >= rows), None)
 
     def capture(self, progress: bool = False) -> None:
-        """Compile and record every bucket's pass, largest first into one pool. The warm-ups run with a span of
-        no rows, so they write no cache slot: safe whatever the page-table row holds."""
+        """Compile every bucket's pass, then record them all, largest first, into one pool. The warm-ups all run
+        before the first recording: a warm-up beside a pool that already holds the largest pass would need the
+        memory of two passes at once, and the memory left after load may hold only one (a 7B model in 6 GiB).
+        They run with a span of no rows, so they write no cache slot: safe whatever the page-table row holds."""
         from tqdm import tqdm
 
         started = time.perf_counter()
@@ -65,22 +68,27 @@ class PrefillGraphs:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         reserved_before = torch.cuda.memory_reserved(device)
-        pool = torch.cuda.graph_pool_handle()
-        for bucket in tqdm(self.buckets[::-1], desc="prefill graphs", unit="graph", disable=not progress,
-                           leave=False):
-            self._graphs[bucket] = self._capture_one(bucket, pool)
-        torch.cuda.empty_cache()  # what the warm-ups cached outside the pool
+        self.span.zero_()
+        self.last_row.zero_()
+        order = self.buckets[::-1]
+        with tqdm(total=2 * len(order), desc="prefill graphs", unit="step", disable=not progress,
+                  leave=False) as bar:
+            for bucket in order:  # the largest first: the smaller passes reuse its cached blocks
+                warm_up(self._body(bucket))
+                bar.update()
+            torch.cuda.empty_cache()  # only the pool holds a pass's memory from here on
+            pool = torch.cuda.graph_pool_handle()
+            for bucket in order:
+                self._graphs[bucket] = record(self._body(bucket), pool)
+                bar.update()
         self.pool_bytes = torch.cuda.memory_reserved(device) - reserved_before
         self.capture_seconds = time.perf_counter() - started
 
-    def _capture_one(self, bucket: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        self.span.zero_()
-        self.last_row.zero_()
-
+    def _body(self, bucket: int) -> Callable[[], torch.Tensor]:
         def body() -> torch.Tensor:
             return self.prefiller.run_padded(self.token_ids[:bucket], self.page_table_row, self.span, self.last_row)
 
-        return capture_after_warm_up(body, pool, free_warm_up=True)  # only the pool holds a pass's memory
+        return body
 
     def run(self, token_ids: torch.Tensor, start: int) -> torch.Tensor:
         """Prefill token_ids [T] int64 (device, 1 <= T <= max_tokens) at positions start..start+T-1 by one replay.
