@@ -15,6 +15,7 @@
 #            seconds (default 330) so that a run under a wall-clock limit still brings results back
 #     types  the 7B F16 and Q8_0 benchmarks alone (run_gpu_benchmarks.py --only types), no tests
 #     fit    the 7B Q4_K_M under a 6 GiB cap alone, in a fresh process (run_gpu_benchmarks.py --only fit), no tests
+#     sweep  launch-shape sweeps of the 16-bit GEMVs and of decode attention alone (benchmarks/kernel_sweep.py)
 # The default model (98 MB) is larger than one transfer to the GPU host may be, and that host has no network: it
 # travels in two halves over two runs on the same host (`stage`, then a run with .carry/b/smol.part01). Without both,
 # its tests are skipped with that reason. Write .commit (git rev-parse --short=12 HEAD) first: the machine's
@@ -71,6 +72,12 @@ if [ "$MODE" = probe ]; then
   grep -E '^Q[0-9]|-token prefill|^gemm|^gemv|^attention|^ +next|^sweep|passed|failed|^prefill' "$LOG"
   grep -E 'Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Theoretical Occupancy|Duration' \
     "$OUT/ncu_q8.txt" | head -n 12
+  exit 0
+fi
+if [ "$MODE" = sweep ]; then
+  timeout 200 python3 benchmarks/kernel_sweep.py --out "$OUT" --only gemv --form 16bit 2>&1 | tee -a "$LOG"
+  python3 benchmarks/kernel_sweep.py --out "$OUT" --only attention 2>&1 | tee -a "$LOG"
+  echo "==== summary ===="; head -n 1 "$LOG"; grep -E '^gemv|^attention|^ +next|^sweep' "$LOG"
   exit 0
 fi
 if [ "$MODE" = full ]; then

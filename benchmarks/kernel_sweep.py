@@ -2,14 +2,16 @@
 
 - prefill: quant_matmul (quantized GEMM) over a list of MatmulConfigs against dequantize-then-vendor-GEMM
   (the prefiller's fallback), for each weight type and shape of a 7B Q4_K_M model, at 128, 512 and 2048 rows;
-- decode: the int8-activation GEMV (quant_matvec_q8) over block_n / chunks / warps / stages, for each type it
-  supports, beside the default GEMV (quant_matvec), in GB/s of weights read (24 copies: nothing from L2; the
-  activations quantized once, outside the timing, as the decode step's own kernels write them);
+- decode: the integer-dot GEMV (quant_matvec_q8) over block_n / chunks / warps / stages, for each type it
+  supports and each activation form (16-bit, the default, and int8), beside the f32-activation GEMV
+  (quant_matvec), in GB/s of weights read (24 copies: nothing from L2; the activations quantized once, outside
+  the timing, as the decode step's own kernels write them);
 - decode attention over 32 layers' caches at 512 and 3840 tokens of context, per split size and tile.
 
 Writes --out/sweep_<part>.json for each part run (gemv, attention, gemm), rewritten after every shape in case
 the run is cut short, and prints the best shape per kernel. Figures are CUDA-event medians (graph replays for the
-GEMVs and attention). Usage: python benchmarks/kernel_sweep.py --out DIR [--quick] [--only gemv|attention|gemm]
+GEMVs and attention). Usage:
+python benchmarks/kernel_sweep.py --out DIR [--quick] [--only gemv|attention|gemm] [--form 16bit|int8]
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ GEMM_CONFIGS = [MatmulConfig(*c) for c in [
 GEMV_SHAPES = [(T.Q4_K, 22016, 4096), (T.Q4_K, 4096, 11008), (T.Q6_K, 4096, 11008), (T.Q8_0, 4096, 4096)]
 GEMV_CONFIGS = [  # block_n, chunks, num_warps, num_stages; the first is the engine's default
     (DEFAULT_BLOCK_N, DEFAULT_CHUNKS, DEFAULT_NUM_WARPS, 1), (4, 32, 4, 1), (4, 64, 4, 1), (2, 64, 4, 1),
-    (4, 32, 8, 1), (4, 16, 4, 1), (8, 32, 4, 1), (4, 32, 4, 2), (2, 32, 4, 1), (8, 16, 4, 1)]
+    (4, 32, 8, 1), (4, 16, 4, 1), (8, 32, 4, 1), (4, 32, 4, 2), (2, 32, 4, 1), (8, 16, 4, 1), (1, 32, 1, 1),
+    (1, 64, 2, 1), (2, 16, 2, 1), (2, 32, 2, 2), (4, 32, 2, 1)]
+GEMV_FORMS = ("16bit", "int8")  # the activation forms: QuantizedActivations.wide or not
 COPIES = 24
 
 
@@ -85,43 +89,55 @@ def sweep_gemm(quick: bool, out_dir: Path) -> list[dict]:
     return rows_out
 
 
-def sweep_gemv(quick: bool, out_dir: Path) -> list[dict]:
-    from replayllm.kernels.int8_activations import QuantizedActivations, quantize_activations
-    from replayllm.kernels.quant_matvec_q8 import quant_matvec_q8
-
+def sweep_gemv(quick: bool, out_dir: Path, forms: tuple[str, ...] = GEMV_FORMS) -> list[dict]:
     results = []
     for ggml_type, n_rows, n_cols in GEMV_SHAPES:
         weights = [weight(ggml_type, n_rows, n_cols, s) for s in range(COPIES)]
-        nbytes = sum(w.nbytes for w in weights)
-        x = torch.randn(1, n_cols, device="cuda")
-        y = torch.empty(1, n_rows, device="cuda")
-        xq = quantize_activations(x, QuantizedActivations.allocate(1, n_cols, "cuda"))  # once: the step fuses it away
-
-        def default_body():
-            for w in weights:
-                quant_matvec(x, w, y)
-        entry = {"type": ggml_type.name, "n_rows": n_rows, "n_cols": n_cols,
-                 "default_gbps": nbytes / (time_graph_replay(default_body) * 1e-3) / 1e9, "q8": []}
-        for block_n, chunks, warps, stages in GEMV_CONFIGS[:4] if quick else GEMV_CONFIGS:
-            def body():
-                for w in weights:
-                    quant_matvec_q8(xq, w, y, block_n=block_n, chunks=chunks, num_warps=warps, num_stages=stages)
-            shape = {"block_n": block_n, "chunks": chunks, "num_warps": warps, "num_stages": stages}
-            try:
-                entry["q8"].append({**shape, "gbps": nbytes / (time_graph_replay(body) * 1e-3) / 1e9})
-            except Exception as exc:  # an unsupported type or shape: recorded, the sweep goes on
-                entry["q8"].append({**shape, "error": repr(exc)[:300]})
-                if "supports" in repr(exc):
-                    break
-        ok = sorted((q for q in entry["q8"] if "gbps" in q), key=lambda q: -q["gbps"])
-        entry["best_q8"] = ok[0] if ok else None
-        print(f"gemv {ggml_type.name:5s} {n_rows:5d}x{n_cols:5d}: default {entry['default_gbps']:.0f} GB/s; q8 best "
-              f"{ok[0]['gbps'] if ok else float('nan'):.0f} GB/s {ok[0] if ok else entry['q8'][:1]}", flush=True)
-        for q in ok[1:4]:
-            print(f"     next {q}", flush=True)
-        results.append(entry)
-        _save(out_dir, "gemv", results)
+        for form in forms:
+            results.append(_sweep_gemv_form(weights, form, quick))
+            _save(out_dir, "gemv", results)
+        del weights
     return results
+
+
+def _sweep_gemv_form(weights: list, form: str, quick: bool) -> dict:
+    """Every GEMV_CONFIGS shape of quant_matvec_q8 on `weights` (copies of one type and shape) with activations of
+    `form`, beside the f32-activation GEMV on the same weights."""
+    from replayllm.kernels.int8_activations import QuantizedActivations, quantize_activations
+    from replayllm.kernels.quant_matvec_q8 import quant_matvec_q8
+
+    ggml_type, n_rows, n_cols = weights[0].ggml_type, weights[0].n_rows, weights[0].n_cols
+    nbytes = sum(w.nbytes for w in weights)
+    x = torch.randn(1, n_cols, device="cuda")
+    y = torch.empty(1, n_rows, device="cuda")
+    # Quantized once, outside the timing: the step's own kernels write this copy.
+    xq = quantize_activations(x, QuantizedActivations.allocate(1, n_cols, "cuda", wide=form == "16bit"))
+
+    def f32_body():
+        for w in weights:
+            quant_matvec(x, w, y)
+    entry = {"type": ggml_type.name, "n_rows": n_rows, "n_cols": n_cols, "form": form,
+             "f32_gbps": nbytes / (time_graph_replay(f32_body) * 1e-3) / 1e9, "q8": []}
+    for block_n, chunks, warps, stages in GEMV_CONFIGS[:4] if quick else GEMV_CONFIGS:
+        def body():
+            for w in weights:
+                quant_matvec_q8(xq, w, y, block_n=block_n, chunks=chunks, num_warps=warps, num_stages=stages)
+        shape = {"block_n": block_n, "chunks": chunks, "num_warps": warps, "num_stages": stages}
+        try:
+            entry["q8"].append({**shape, "gbps": nbytes / (time_graph_replay(body) * 1e-3) / 1e9})
+        except Exception as exc:  # an unsupported type or shape: recorded, the sweep goes on
+            entry["q8"].append({**shape, "error": repr(exc)[:300]})
+            if "supports" in repr(exc):
+                break
+    ok = sorted((q for q in entry["q8"] if "gbps" in q), key=lambda q: -q["gbps"])
+    entry["best_q8"] = ok[0] if ok else None
+    default = entry["q8"][0].get("gbps", float("nan"))
+    print(f"gemv {ggml_type.name:5s} {n_rows:5d}x{n_cols:5d} {form:5s}: f32 {entry['f32_gbps']:.0f} GB/s; default "
+          f"shape {default:.0f}; best {ok[0]['gbps'] if ok else float('nan'):.0f} GB/s {ok[0] if ok else ''}",
+          flush=True)
+    for q in ok[1:4]:
+        print(f"     next {q}", flush=True)
+    return entry
 
 
 ATTENTION_CONTEXTS = (512, 3840)
@@ -171,12 +187,13 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true", help="a few shapes and configs only")
     parser.add_argument("--only", choices=["gemm", "gemv", "attention"], default=None)
+    parser.add_argument("--form", choices=GEMV_FORMS, default=None, help="the GEMVs' activation form (default: both)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if args.only in (None, "gemv"):
-        sweep_gemv(args.quick, out)
+        sweep_gemv(args.quick, out, (args.form,) if args.form else GEMV_FORMS)
     if args.only in (None, "attention"):
         sweep_attention(out)
     if args.only in (None, "gemm"):
