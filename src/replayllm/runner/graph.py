@@ -20,10 +20,12 @@ from .decode_step import StepBuffers
 T = TypeVar("T")
 
 
-def warm_up(body: Callable[[], object]) -> None:
-    """Run `body` once on a side stream, outside any capture: Triton compiles and autotunes there, and vendor
-    libraries make their workspaces, which a capture may not do."""
-    side = torch.cuda.Stream()
+def warm_up(body: Callable[[], object], side: torch.cuda.Stream | None = None) -> None:
+    """Run `body` once on side stream `side` (None: a new one), outside any capture: Triton compiles and autotunes
+    there, and vendor libraries make their workspaces, which a capture may not do. Callers that warm several
+    bodies up pass one stream for all: cuBLAS keeps a workspace (32 MiB on Hopper) for every stream it ever ran
+    on, for the life of the process, so a new stream per warm-up would hold one each."""
+    side = side if side is not None else torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         body()
