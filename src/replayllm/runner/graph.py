@@ -20,12 +20,18 @@ from .decode_step import StepBuffers
 T = TypeVar("T")
 
 
-def warm_up(body: Callable[[], object], side: torch.cuda.Stream | None = None) -> None:
-    """Run `body` once on side stream `side` (None: a new one), outside any capture: Triton compiles and autotunes
-    there, and vendor libraries make their workspaces, which a capture may not do. Callers that warm several
-    bodies up pass one stream for all: cuBLAS keeps a workspace (32 MiB on Hopper) for every stream it ever ran
-    on, for the life of the process, so a new stream per warm-up would hold one each."""
-    side = side if side is not None else torch.cuda.Stream()
+_warm_up_streams: dict[int, torch.cuda.Stream] = {}  # device index -> the one side stream warm-ups run on
+
+
+def warm_up(body: Callable[[], object]) -> None:
+    """Run `body` once on a side stream, outside any capture: Triton compiles and autotunes there, and vendor
+    libraries make their workspaces, which a capture may not do. Every warm-up on a device shares one stream:
+    cuBLAS keeps a workspace (32 MiB on Hopper) for every stream it has run on, for the life of the process, so
+    a new stream per warm-up (each prefill bucket, each batch bucket) would hold one each."""
+    device = torch.cuda.current_device()
+    side = _warm_up_streams.get(device)
+    if side is None:
+        side = _warm_up_streams[device] = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         body()

@@ -71,11 +71,10 @@ class PrefillGraphs:
         self.span.zero_()
         self.last_row.zero_()
         order = self.buckets[::-1]
-        side = torch.cuda.Stream(device)  # one for all warm-ups: one cuBLAS workspace, not one a bucket
         with tqdm(total=2 * len(order), desc="prefill graphs", unit="step", disable=not progress,
                   leave=False) as bar:
             for bucket in order:  # the largest first: the smaller passes reuse its cached blocks
-                warm_up(self._body(bucket), side)
+                warm_up(self._body(bucket))
                 bar.update()
             torch.cuda.empty_cache()  # only the pool holds a pass's memory from here on
             pool = torch.cuda.graph_pool_handle()
