@@ -56,21 +56,22 @@ def compile_gemv(ggml_type: GGMLQuantizationType, n_cols: int, block_n: int, gro
     return compile_for_hopper(_quant_matvec_kernel, types, constants, aligned, warps, stages), plan
 
 
-def compile_q8_gemv(n_cols: int, block_n: int, chunks: int, warps: int, stages: int, wide: bool = False):
+def compile_q8_gemv(n_cols: int, block_n: int, chunks: int, warps: int, stages: int, wide: bool = False,
+                    rows: int = 1):
     """The integer-dot Q4_K kernel (kernels/quant_matvec_q8.py), with dp4a: int8 activations, or 16-bit ones
-    (`wide`: int64 activation words, two byte planes)."""
+    (`wide`: int64 activation words, two byte planes); `rows` row tiles a program."""
     from replayllm.kernels.quant_matvec_q8 import _kquant_matvec_q8_kernel
 
     pointers = {"xq_ptr": "*i64" if wide else "*i32", "xs_ptr": "*fp32", "xsum_ptr": "*fp32", "out_ptr": "*fp32",
                 "bias_ptr": "*fp32",
                 "qs_ptr": "*i32", "qh_ptr": "*i32", "sc_ptr": "*u8", "mn_ptr": "*u8", "d_ptr": "*fp16",
                 "dm_ptr": "*fp16"}
-    constants = dict(C=chunks, BLOCK_N=block_n, HAS_QH=False, HAS_BIAS=False, ACCUMULATE=False, WIDE=wide,
+    constants = dict(C=chunks, BLOCK_N=block_n, ROWS=rows, HAS_QH=False, HAS_BIAS=False, ACCUMULATE=False, WIDE=wide,
                      USE_DP4A=True, USE_PDL=False)
     types = {n: pointers.get(n, "i32") for n in _kquant_matvec_q8_kernel.arg_names if n not in constants}
     aligned = [n for n in types if n in pointers or n.startswith("stride")]
     kernel = compile_for_hopper(_kquant_matvec_q8_kernel, types, constants, aligned, warps, stages)
-    return kernel, block_n * chunks * 64
+    return kernel, block_n * rows * chunks * 64
 
 
 def loop_histogram(sass: str) -> collections.Counter:
@@ -104,12 +105,13 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=1)
     parser.add_argument("--q8", action="store_true", help="the int8-activation Q4_K kernel (--groups: chunks)")
     parser.add_argument("--wide", action="store_true", help="with --q8: the 16-bit-activation variant")
+    parser.add_argument("--rows", type=int, default=1, help="with --q8: row tiles a program")
     parser.add_argument("--out", default="/tmp/gemv-sass")
     args = parser.parse_args()
     ggml_type = T[args.type]
     if args.q8:
         kernel, weights_per_step = compile_q8_gemv(args.n_cols, args.block_n, args.groups, args.warps, args.stages,
-                                                   args.wide)
+                                                   args.wide, args.rows)
         plan = None
     else:
         kernel, plan = compile_gemv(ggml_type, args.n_cols, args.block_n, args.groups, args.warps, args.stages)
@@ -117,7 +119,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / (f"{args.type}-k{args.n_cols}-n{args.block_n}-g{args.groups}-w{args.warps}-s{args.stages}"
-                  + ("-q8" if args.q8 else "") + ("-wide" if args.wide else ""))
+                  + ("-q8" if args.q8 else "") + ("-wide" if args.wide else "")
+                  + (f"-r{args.rows}" if args.rows != 1 else ""))
     stem.with_suffix(".ptx").write_text(kernel.asm["ptx"])
     stem.with_suffix(".cubin").write_bytes(kernel.asm["cubin"])
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

@@ -75,7 +75,7 @@ if [ "$MODE" = probe ]; then
   exit 0
 fi
 if [ "$MODE" = sweep ]; then
-  timeout 200 python3 benchmarks/kernel_sweep.py --out "$OUT" --only gemv --form 16bit 2>&1 | tee -a "$LOG"
+  timeout 300 python3 benchmarks/kernel_sweep.py --out "$OUT" --only gemv --form 16bit 2>&1 | tee -a "$LOG"
   python3 benchmarks/kernel_sweep.py --out "$OUT" --only attention 2>&1 | tee -a "$LOG"
   echo "==== summary ===="; head -n 1 "$LOG"; grep -E '^gemv|^attention|^ +next|^sweep' "$LOG"
   exit 0

@@ -27,7 +27,8 @@ from gguf import GGMLQuantizationType
 from replayllm.bench.kernel_bench import time_graph_replay
 from replayllm.kernels import pack_weight, quant_matvec
 from replayllm.kernels.quant_matmul import MatmulConfig, quant_matmul
-from replayllm.kernels.quant_matvec_q8 import DEFAULT_BLOCK_N, DEFAULT_CHUNKS, DEFAULT_NUM_WARPS
+from replayllm.kernels.quant_matvec_q8 import (DEFAULT_BLOCK_N, DEFAULT_CHUNKS, DEFAULT_NUM_WARPS, DEFAULT_ROWS,
+                                               ROW_TILE_TYPES)
 from replayllm.runner.prefill_tuning import time_ms
 from replayllm.synth.random_rows import random_gguf_rows
 
@@ -39,10 +40,12 @@ GEMM_CONFIGS = [MatmulConfig(*c) for c in [
     (128, 64, 2, 8, 2), (128, 128, 2, 8, 2), (128, 128, 1, 8, 3), (64, 128, 2, 4, 2), (128, 64, 1, 4, 3),
     (64, 64, 2, 4, 2), (256, 64, 1, 8, 2), (128, 128, 4, 8, 1), (128, 64, 2, 8, 3), (64, 128, 1, 4, 3)]]
 GEMV_SHAPES = [(T.Q4_K, 22016, 4096), (T.Q4_K, 4096, 11008), (T.Q6_K, 4096, 11008), (T.Q8_0, 4096, 4096)]
-GEMV_CONFIGS = [  # block_n, chunks, num_warps, num_stages; the first is the engine's default
-    (DEFAULT_BLOCK_N, DEFAULT_CHUNKS, DEFAULT_NUM_WARPS, 1), (4, 32, 4, 1), (4, 64, 4, 1), (2, 64, 4, 1),
-    (4, 32, 8, 1), (4, 16, 4, 1), (8, 32, 4, 1), (4, 32, 4, 2), (2, 32, 4, 1), (8, 16, 4, 1), (1, 32, 1, 1),
-    (1, 64, 2, 1), (2, 16, 2, 1), (2, 32, 2, 2), (4, 32, 2, 1)]
+GEMV_CONFIGS = [  # block_n, chunks, num_warps, num_stages, rows (row tiles: Q4_K only); the first: the default
+    (DEFAULT_BLOCK_N, DEFAULT_CHUNKS, DEFAULT_NUM_WARPS, 1, DEFAULT_ROWS), (2, 32, 2, 1, 2), (2, 32, 2, 1, 4),
+    (1, 32, 1, 1, 2), (1, 32, 1, 1, 4), (2, 64, 4, 1, 2), (1, 64, 2, 1, 2), (4, 32, 4, 1, 2), (1, 64, 2, 1, 4),
+    (4, 32, 4, 1, 1), (4, 64, 4, 1, 1), (2, 64, 4, 1, 1), (4, 32, 8, 1, 1), (4, 16, 4, 1, 1), (8, 32, 4, 1, 1),
+    (4, 32, 4, 2, 1), (2, 32, 4, 1, 1), (8, 16, 4, 1, 1), (1, 32, 1, 1, 1), (1, 64, 2, 1, 1), (2, 16, 2, 1, 1),
+    (2, 32, 2, 2, 1), (4, 32, 2, 1, 1)]
 GEMV_FORMS = ("16bit", "int8")  # the activation forms: QuantizedActivations.wide or not
 COPIES = 24
 
@@ -118,11 +121,16 @@ def _sweep_gemv_form(weights: list, form: str, quick: bool) -> dict:
             quant_matvec(x, w, y)
     entry = {"type": ggml_type.name, "n_rows": n_rows, "n_cols": n_cols, "form": form,
              "f32_gbps": nbytes / (time_graph_replay(f32_body) * 1e-3) / 1e9, "q8": []}
-    for block_n, chunks, warps, stages in GEMV_CONFIGS[:4] if quick else GEMV_CONFIGS:
+    for block_n, chunks, warps, stages, rows in GEMV_CONFIGS[:4] if quick else GEMV_CONFIGS:
+        if ggml_type not in ROW_TILE_TYPES:
+            if rows != 1:
+                continue
+            rows = None  # the kernel's only value
         def body():
             for w in weights:
-                quant_matvec_q8(xq, w, y, block_n=block_n, chunks=chunks, num_warps=warps, num_stages=stages)
-        shape = {"block_n": block_n, "chunks": chunks, "num_warps": warps, "num_stages": stages}
+                quant_matvec_q8(xq, w, y, block_n=block_n, chunks=chunks, num_warps=warps, num_stages=stages,
+                                rows=rows)
+        shape = {"block_n": block_n, "chunks": chunks, "num_warps": warps, "num_stages": stages, "rows": rows or 1}
         try:
             entry["q8"].append({**shape, "gbps": nbytes / (time_graph_replay(body) * 1e-3) / 1e9})
         except Exception as exc:  # an unsupported type or shape: recorded, the sweep goes on

@@ -105,6 +105,30 @@ def test_other_launch_shapes_give_the_same_result(ggml_type, chunks, wide, case,
     assert rel_err(out, quant_matvec_q8_reference(xq, w)) < 1e-5
 
 
+@pytest.mark.parametrize("rows", [2, 4])
+@pytest.mark.parametrize("wide", [False, True], ids=["int8", "16bit"])
+@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q5_K], ids=lambda t: t.name)
+def test_row_tiles_give_the_same_result(ggml_type, wide, rows, case, device):
+    # 37 rows in tiles of 4: the last program has 1 row (rows 2) or 5 (rows 4) of its 8 or 16, and 4 steps a row.
+    w, _, xq = case(ggml_type, 37, 1792, 2, seed=11, wide=wide)
+    out = torch.full((2, 37), float("nan"), device=device)
+    quant_matvec_q8(xq, w, out, block_n=4, chunks=8, num_warps=2, rows=rows)
+    assert rel_err(out, quant_matvec_q8_reference(xq, w)) < 1e-5
+    one_tile = torch.full_like(out, float("nan"))
+    quant_matvec_q8(xq, w, one_tile, block_n=4, chunks=8, num_warps=2, rows=1)
+    assert torch.equal(out, one_tile)  # the same sums in the same order: bit for bit
+
+
+def test_row_tiles_are_checked(gguf_rows):
+    xq = QuantizedActivations.allocate(1, 256, "cpu")
+    q4k = pack_weight(T.Q4_K, gguf_rows(T.Q4_K, 4, 256, seed=0), 256)
+    with pytest.raises(ValueError, match=r"rows must be one of \(1, 2, 4\) for Q4_K, got 3"):
+        quant_matvec_q8(xq, q4k, torch.empty(1, 4), rows=3)
+    q80 = pack_weight(T.Q8_0, gguf_rows(T.Q8_0, 4, 256, seed=0), 256)
+    with pytest.raises(ValueError, match=r"rows must be one of \(1,\) for Q8_0, got 2"):
+        quant_matvec_q8(xq, q80, torch.empty(1, 4), rows=2)
+
+
 @pytest.mark.parametrize("ggml_type", [T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0], ids=lambda t: t.name)
 def test_bias_and_accumulate_into_a_column_slice(ggml_type, case, device):
     w, _, xq = case(ggml_type, 19, 256, 2, seed=5)

@@ -223,12 +223,15 @@ def _q4_matvec_q8_kernel(
 def _kquant_half_chunk(qs, qh, x_lo, x_hi, bit, s_lo, s_hi, HAS_QH: tl.constexpr, USE_DP4A: tl.constexpr):
     """s_lo, s_hi plus the dot products of one half of a Q4_K / Q5_K chunk: qs, x_lo, x_hi are its 4 quant words
     and the matching activation words of sub-blocks 2c and 2c + 1; for Q5_K (HAS_QH) qh are its 4 qh words and
-    `bit` the qh bit of 2c."""
+    `bit` the qh bit of 2c. For Q4_K the second product is 16 times the true one (the nibbles read in place)."""
     q_lo = qs & 0x0F0F0F0F
-    q_hi = (qs >> 4) & 0x0F0F0F0F
     if HAS_QH:
         q_lo = q_lo | _fifth_bits(qh, bit, USE_DP4A)
-        q_hi = q_hi | _fifth_bits(qh, bit + 1, USE_DP4A)
+        q_hi = ((qs >> 4) & 0x0F0F0F0F) | _fifth_bits(qh, bit + 1, USE_DP4A)
+    else:
+        # Q4_K: the high nibbles in place (0xF0F0F0F0 as a signed int32), one AND instead of a shift and an
+        # AND; their sums come out 16 times too large, which _kquant_row_step folds into the scale (exactly).
+        q_hi = qs & -0x0F0F0F10
     return _dot4_add(q_lo, x_lo, s_lo, USE_DP4A), _dot4_add(q_hi, x_hi, s_hi, USE_DP4A)
 
 
@@ -242,12 +245,11 @@ def _kquant_plane_sums(qs0, qs1, qh0, qh1, x0, x4, x8, x12, bit, HAS_QH: tl.cons
 
 
 @triton.jit
-def _kquant_chunk_sums(qs0, qs1, qh0, qh1, x, bit, HAS_QH: tl.constexpr, WIDE: tl.constexpr,
+def _kquant_chunk_sums(qs0, qs1, qh0, qh1, words, bit, HAS_QH: tl.constexpr, WIDE: tl.constexpr,
                        USE_DP4A: tl.constexpr):
-    """The sums q . xq of sub-blocks 2c and 2c + 1 (qs0, qs1: the tile's quant words t < 4 and t >= 4; x: pointers
-    to activation word 16c + t, t < 4): f32 [BLOCK_N, C] each, exact; 16-bit quants (WIDE) as 256 x the coarse
-    plane's sums plus the fine plane's."""
-    words = (tl.load(x), tl.load(x + 4), tl.load(x + 8), tl.load(x + 12))
+    """The sums q . xq of sub-blocks 2c and 2c + 1 (qs0, qs1: the tile's quant words t < 4 and t >= 4; words: the
+    activation words 16c + t for t < 4, t + 4, t + 8 and t + 12, loaded): f32 [BLOCK_N, C] each, exact; 16-bit
+    quants (WIDE) as 256 x the coarse plane's sums plus the fine plane's."""
     if WIDE:
         c0, f0 = _byte_planes(words[0])
         c4, f4 = _byte_planes(words[1])
@@ -264,10 +266,47 @@ def _kquant_chunk_sums(qs0, qs1, qh0, qh1, x, bit, HAS_QH: tl.constexpr, WIDE: t
 
 
 @triton.jit
+def _rows_of(first, r, n_rows, BLOCK_N: tl.constexpr):
+    """Rows r * BLOCK_N ... of the program's block starting at `first` ([BLOCK_N]), and the rows to read: past
+    n_rows, the last row again (never stored)."""
+    rows = first + r * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, tl.minimum(rows, n_rows - 1).to(tl.int64)
+
+
+@triton.jit
+def _kquant_row_step(src, words, xs_lo, xs_hi, xsum_lo, xsum_hi, ok, c2, c3, u, bit,
+                     qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, stride_qw, stride_qh, stride_sc, stride_d,
+                     HAS_QH: tl.constexpr, WIDE: tl.constexpr, USE_DP4A: tl.constexpr):
+    """One step's contribution [BLOCK_N, C] of rows `src` ([BLOCK_N]) of a Q4_K / Q5_K matrix, against activation
+    words, scales and block sums already loaded (shared by every row a thread holds)."""
+    src2 = src[:, None]  # [BLOCK_N, 1]
+    src3 = src[:, None, None]  # [BLOCK_N, 1, 1]
+    qs = qs_ptr + src3 * stride_qw + 8 * c3 + u  # [BLOCK_N, C, 4]
+    if HAS_QH:
+        qh = qh_ptr + tl.multiple_of(src * stride_qh, 8)[:, None, None] + 8 * (c3 // 4) + u  # 16-byte loads
+        qh0, qh1 = tl.load(qh), tl.load(qh + 4)
+    else:
+        qh0, qh1 = 0, 0
+    s_lo, s_hi = _kquant_chunk_sums(tl.load(qs), tl.load(qs + 4), qh0, qh1, words, bit, HAS_QH, WIDE, USE_DP4A)
+    # Sub-blocks 2c and 2c + 1 of each row [BLOCK_N, C]; mn_ptr holds the scales' packed top bits.
+    sc_lo, m_lo, sc_hi, m_hi = _kquant_scales(sc_ptr, mn_ptr, src2 * stride_sc, src2 * (stride_sc // 2), c2, ok)
+    # The 6-bit scale times the sum, exact for int8 activations (|sum * sc| < 32 * 31 * 127 * 63 < 2**23).
+    s_lo = s_lo * sc_lo.to(tl.float32)
+    if HAS_QH:
+        s_hi = s_hi * sc_hi.to(tl.float32)
+    else:  # 16 x the sums of Q4_K's high nibbles (_kquant_half_chunk); every factor a power of two: exact
+        s_hi = s_hi * (sc_hi.to(tl.float32) * 0.0625)
+    mins = m_lo.to(tl.float32) * xsum_lo + m_hi.to(tl.float32) * xsum_hi
+    d = tl.where(ok, tl.load(d_ptr + src2 * stride_d + c2 // 4).to(tl.float32), 0.0)  # [BLOCK_N, C]
+    dmin = tl.where(ok, tl.load(dm_ptr + src2 * stride_d + c2 // 4).to(tl.float32), 0.0)
+    return d * (s_lo * xs_lo + s_hi * xs_hi) - dmin * mins
+
+
+@triton.jit
 def _kquant_matvec_q8_kernel(
     xq_ptr, xs_ptr, xsum_ptr, out_ptr, bias_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
     stride_qw, stride_qh, stride_sc, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
-    C: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QH: tl.constexpr, HAS_BIAS: tl.constexpr,
+    C: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_QH: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACCUMULATE: tl.constexpr, WIDE: tl.constexpr, USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     _pdl_wait(USE_PDL)
@@ -278,36 +317,54 @@ def _kquant_matvec_q8_kernel(
     # are [BLOCK_N, C, 4], loaded twice a step (words t = u and 4 + u): a thread holds whole chunks, so the
     # integer sums, the [BLOCK_N, C] scale tiles and the min term share one layout, a chunk's scales are
     # loaded once, and nothing is converted between layouts (no barrier in the loop).
-    batch, rows, src = _row_block(n_rows, n_batch, BLOCK_N)
-    src2 = src[:, None]  # [BLOCK_N, 1]
-    src3 = src[:, None, None]  # [BLOCK_N, 1, 1]
-    qh_row = tl.multiple_of(src * stride_qh, 8)[:, None, None]  # K / 32 words, K % 256 == 0: 16-byte loads
+    # A program has ROWS tiles of BLOCK_N rows (1, 2 or 4): each thread then holds the same chunk of ROWS rows,
+    # and the activation words, their scales and block sums it loads for one serve all of them (a 16-bit
+    # activation word is twice the bytes of the quant words it meets, so these loads outnumber the weights').
+    batch = tl.program_id(0) % n_batch
+    first = (tl.program_id(0) // n_batch) * (BLOCK_N * ROWS)
+    rows0, src0 = _rows_of(first, 0, n_rows, BLOCK_N)
+    rows1, src1 = _rows_of(first, 1, n_rows, BLOCK_N)
+    rows2, src2 = _rows_of(first, 2, n_rows, BLOCK_N)
+    rows3, src3 = _rows_of(first, 3, n_rows, BLOCK_N)
+    zero3 = 0 * src0[:, None, None]  # [BLOCK_N, 1, 1]: shared loads at the tile's full shape (its layout)
+    zero2 = 0 * src0[:, None]
     u = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]
     xrow = xq_ptr + batch.to(tl.int64) * stride_xw
     srow = batch.to(tl.int64) * stride_xs
-    acc = tl.zeros([BLOCK_N, C], dtype=tl.float32)  # reduced over chunks once, after the loop
+    # Reduced over chunks once, after the loop; the accumulators of tiles past ROWS stay unused.
+    acc0 = tl.zeros([BLOCK_N, C], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, C], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, C], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, C], dtype=tl.float32)
     for step in range(n_steps):
         # Chunks past the row's end get d = dmin = 0.
         ok, c2, c3 = _step_chunks(step, n_chunks, C)  # [1, C], [1, C], [1, C, 1]
-        qs = qs_ptr + src3 * stride_qw + 8 * c3 + u  # [BLOCK_N, C, 4]
-        qh = qh_ptr + qh_row + 8 * (c3 // 4) + u
-        x = xrow + 16 * c3 + u + 0 * src3  # at the tile's full shape, so it takes the quant words' layout
+        x = xrow + 16 * c3 + u + zero3  # at the tile's full shape, so it takes the quant words' layout
+        words = (tl.load(x), tl.load(x + 4), tl.load(x + 8), tl.load(x + 12))
         bit = 2 * (c3 % 4)  # [1, C, 1]
-        qh0, qh1 = (tl.load(qh), tl.load(qh + 4)) if HAS_QH else (0, 0)
-        s_lo, s_hi = _kquant_chunk_sums(tl.load(qs), tl.load(qs + 4), qh0, qh1, x, bit, HAS_QH, WIDE, USE_DP4A)
-        # Sub-blocks 2c and 2c + 1 of each row [BLOCK_N, C]; mn_ptr holds the scales' packed top bits.
-        sc_lo, m_lo, sc_hi, m_hi = _kquant_scales(sc_ptr, mn_ptr, src2 * stride_sc, src2 * (stride_sc // 2), c2, ok)
-        # The 6-bit scale times the sum, exact for int8 activations (|sum * sc| < 32 * 31 * 127 * 63 < 2**23).
-        s_lo = s_lo * sc_lo.to(tl.float32)  # [BLOCK_N, C]
-        s_hi = s_hi * sc_hi.to(tl.float32)
-        xs = xs_ptr + srow + 2 * c2 + 0 * src2
-        xsum = xsum_ptr + srow + 2 * c2 + 0 * src2
-        mins = m_lo.to(tl.float32) * tl.load(xsum) + m_hi.to(tl.float32) * tl.load(xsum + 1)
-        d = tl.where(ok, tl.load(d_ptr + src2 * stride_d + c2 // 4).to(tl.float32), 0.0)  # [BLOCK_N, C]
-        dmin = tl.where(ok, tl.load(dm_ptr + src2 * stride_d + c2 // 4).to(tl.float32), 0.0)
-        acc += d * (s_lo * tl.load(xs) + s_hi * tl.load(xs + 1)) - dmin * mins
-    result = tl.sum(acc, axis=1)  # [BLOCK_N]
-    _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+        xs = xs_ptr + srow + 2 * c2 + zero2
+        xsum = xsum_ptr + srow + 2 * c2 + zero2
+        xs_lo, xs_hi, xsum_lo, xsum_hi = tl.load(xs), tl.load(xs + 1), tl.load(xsum), tl.load(xsum + 1)
+        acc0 += _kquant_row_step(src0, words, xs_lo, xs_hi, xsum_lo, xsum_hi, ok, c2, c3, u, bit, qs_ptr, qh_ptr,
+                                 sc_ptr, mn_ptr, d_ptr, dm_ptr, stride_qw, stride_qh, stride_sc, stride_d, HAS_QH,
+                                 WIDE, USE_DP4A)
+        if ROWS > 1:
+            acc1 += _kquant_row_step(src1, words, xs_lo, xs_hi, xsum_lo, xsum_hi, ok, c2, c3, u, bit, qs_ptr,
+                                     qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, stride_qw, stride_qh, stride_sc,
+                                     stride_d, HAS_QH, WIDE, USE_DP4A)
+        if ROWS > 2:
+            acc2 += _kquant_row_step(src2, words, xs_lo, xs_hi, xsum_lo, xsum_hi, ok, c2, c3, u, bit, qs_ptr,
+                                     qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, stride_qw, stride_qh, stride_sc,
+                                     stride_d, HAS_QH, WIDE, USE_DP4A)
+            acc3 += _kquant_row_step(src3, words, xs_lo, xs_hi, xsum_lo, xsum_hi, ok, c2, c3, u, bit, qs_ptr,
+                                     qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, stride_qw, stride_qh, stride_sc,
+                                     stride_d, HAS_QH, WIDE, USE_DP4A)
+    _store_rows(tl.sum(acc0, axis=1), rows0, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+    if ROWS > 1:
+        _store_rows(tl.sum(acc1, axis=1), rows1, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+    if ROWS > 2:
+        _store_rows(tl.sum(acc2, axis=1), rows2, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+        _store_rows(tl.sum(acc3, axis=1), rows3, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
 
 
 @triton.jit
@@ -453,6 +510,11 @@ def _launch_q80(grid, xq: QuantizedActivations, xq_words: torch.Tensor, w: Quant
 # type -> (launcher, weights per chunk).
 _KERNELS = {T.Q4_0: (_launch_q4, 32), T.Q4_1: (_launch_q4, 32), T.Q4_K: (_launch_kquant, 64),
             T.Q5_K: (_launch_kquant, 64), T.Q6_K: (_launch_q6k, 128), T.Q8_0: (_launch_q80, 32)}
+# The types whose kernel takes ROWS (row tiles a program, sharing each thread's activation loads), and the
+# values it takes.
+ROW_TILE_TYPES: frozenset[GGMLQuantizationType] = frozenset({T.Q4_K, T.Q5_K})
+ROW_TILES = (1, 2, 4)
+DEFAULT_ROWS = 1
 # Default launch shape, measured on an H200 (benchmarks/results/2026-12-01-h200-f/sweep_gemv.json: random
 # weights at the 7B shapes, nothing served from L2): 2 rows a program, 32 chunks a step and 2 warps, against the
 # earlier 4 rows and 4 warps: Q4_K 3.04 vs 2.75 TB/s at 22016 x 4096 and 2.36 vs 2.24 at 4096 x 11008, Q8_0 2.72
@@ -467,14 +529,16 @@ SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(_KERNELS)
 
 def quant_matvec_q8(xq: QuantizedActivations, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None = None,
                     accumulate: bool = False, block_n: int | None = None, chunks: int = DEFAULT_CHUNKS,
-                    num_warps: int = DEFAULT_NUM_WARPS, num_stages: int = 1, pdl: bool = False) -> torch.Tensor:
+                    num_warps: int = DEFAULT_NUM_WARPS, num_stages: int = 1, pdl: bool = False,
+                    rows: int | None = None) -> torch.Tensor:
     """out (+)= x @ W^T (+ bias) for a weight of one of SUPPORTED_TYPES (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0) and
     activations quantized by `quantize_activations`.
 
     out [B, n_rows] f32 (unit column stride); one launch, no host sync, graph-capturable. Launch shape: `block_n`
     rows a program (None: DEFAULT_BLOCK_N, INTERPRETER_BLOCK_N under Triton's interpreter), `chunks` chunks a step
-    (a chunk is 32, 64 or 128 weights by type, see the module docstring), both powers of two; `num_warps`,
-    `num_stages` as for any Triton launch."""
+    (a chunk is 32, 64 or 128 weights by type, see the module docstring), both powers of two; `rows` tiles of
+    block_n rows a program for the types of ROW_TILE_TYPES (1, 2 or 4; None: DEFAULT_ROWS there, 1 elsewhere),
+    each thread holding the same chunk of every tile; `num_warps`, `num_stages` as for any Triton launch."""
     if not isinstance(w, QuantWeight) or w.ggml_type not in SUPPORTED_TYPES:
         got = w.ggml_type.name if isinstance(w, QuantWeight) else type(w).__name__
         supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
@@ -486,6 +550,11 @@ def quant_matvec_q8(xq: QuantizedActivations, w: QuantWeight, out: torch.Tensor,
     for name, value in (("block_n", block_n), ("chunks", chunks)):
         if not isinstance(value, int) or value < 1 or value & (value - 1):
             raise ValueError(f"quant_matvec_q8: {name} must be a power of two, got {value!r}")
+    if rows is None:
+        rows = DEFAULT_ROWS if w.ggml_type in ROW_TILE_TYPES else 1
+    if rows not in ROW_TILES or (rows != 1 and w.ggml_type not in ROW_TILE_TYPES):
+        allowed = ROW_TILES if w.ggml_type in ROW_TILE_TYPES else (1,)
+        raise ValueError(f"quant_matvec_q8: rows must be one of {allowed} for {w.ggml_type.name}, got {rows!r}")
     batch = xq.q.shape[0]
     if xq.q.dtype not in (torch.int8, torch.int16):
         raise ValueError(f"quant_matvec_q8: xq.q must be int8 or int16 (16-bit quants), got {xq.q.dtype}")
@@ -502,7 +571,9 @@ def quant_matvec_q8(xq: QuantizedActivations, w: QuantWeight, out: torch.Tensor,
                 **launch_options(pdl))
     # Activation words of 4 quants each: int32 for int8 quants, int64 for 16-bit ones (same indexing).
     words = xq.q.view(torch.int64 if xq.wide else torch.int32)
-    launch((triton.cdiv(w.n_rows, block_n) * batch,), xq, words, w, out,
+    if w.ggml_type in ROW_TILE_TYPES:
+        meta["ROWS"] = rows
+    launch((triton.cdiv(w.n_rows, block_n * rows) * batch,), xq, words, w, out,
            bias if bias is not None else out, n_chunks, triton.cdiv(n_chunks, chunks), meta)
     return out
 
