@@ -40,7 +40,7 @@ GEMM_CONFIGS = [MatmulConfig(*c) for c in [
     (128, 64, 2, 8, 2), (128, 128, 2, 8, 2), (128, 128, 1, 8, 3), (64, 128, 2, 4, 2), (128, 64, 1, 4, 3),
     (64, 64, 2, 4, 2), (256, 64, 1, 8, 2), (128, 128, 4, 8, 1), (128, 64, 2, 8, 3), (64, 128, 1, 4, 3)]]
 GEMV_SHAPES = [(T.Q4_K, 22016, 4096), (T.Q4_K, 4096, 11008), (T.Q6_K, 4096, 11008), (T.Q8_0, 4096, 4096)]
-GEMV_CONFIGS = [  # block_n, chunks, num_warps, num_stages, rows (row tiles: Q4_K only); the first: the default
+GEMV_CONFIGS = [  # block_n, chunks, num_warps, num_stages, rows (row tiles: ROW_TILE_TYPES); the first: the default
     (DEFAULT_BLOCK_N, DEFAULT_CHUNKS, DEFAULT_NUM_WARPS, 1, DEFAULT_ROWS), (2, 32, 2, 1, 2), (2, 32, 2, 1, 4),
     (1, 32, 1, 1, 2), (1, 32, 1, 1, 4), (2, 64, 4, 1, 2), (1, 64, 2, 1, 2), (4, 32, 4, 1, 2), (1, 64, 2, 1, 4),
     (4, 32, 4, 1, 1), (4, 64, 4, 1, 1), (2, 64, 4, 1, 1), (4, 32, 8, 1, 1), (4, 16, 4, 1, 1), (8, 32, 4, 1, 1),

@@ -107,15 +107,16 @@ def test_other_launch_shapes_give_the_same_result(ggml_type, chunks, wide, case,
 
 @pytest.mark.parametrize("rows", [2, 4])
 @pytest.mark.parametrize("wide", [False, True], ids=["int8", "16bit"])
-@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q5_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
 def test_row_tiles_give_the_same_result(ggml_type, wide, rows, case, device):
     # 37 rows in tiles of 4: the last program has 1 row (rows 2) or 5 (rows 4) of its 8 or 16, and 4 steps a row.
     w, _, xq = case(ggml_type, 37, 1792, 2, seed=11, wide=wide)
     out = torch.full((2, 37), float("nan"), device=device)
-    quant_matvec_q8(xq, w, out, block_n=4, chunks=8, num_warps=2, rows=rows)
+    chunks = 4 if ggml_type == T.Q6_K else 8  # of 128 or 64 weights
+    quant_matvec_q8(xq, w, out, block_n=4, chunks=chunks, num_warps=2, rows=rows)
     assert rel_err(out, quant_matvec_q8_reference(xq, w)) < 1e-5
     one_tile = torch.full_like(out, float("nan"))
-    quant_matvec_q8(xq, w, one_tile, block_n=4, chunks=8, num_warps=2, rows=1)
+    quant_matvec_q8(xq, w, one_tile, block_n=4, chunks=chunks, num_warps=2, rows=1)
     assert torch.equal(out, one_tile)  # the same sums in the same order: bit for bit
 
 

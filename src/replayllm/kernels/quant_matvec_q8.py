@@ -376,10 +376,34 @@ def _q6k_quants(ql, qh, RUN: tl.constexpr):
 
 
 @triton.jit
+def _q6k_row_step(acc, src, xw, xs, ok, c, g, t, ql_ptr, qh_ptr, sc_ptr, d_ptr, stride_ql, stride_qh, stride_sc,
+                  stride_d, WIDE: tl.constexpr, USE_DP4A: tl.constexpr):
+    """acc [BLOCK_N, C, 2, 1] plus one step's products of rows `src` ([BLOCK_N]) of a Q6_K matrix, against the 4
+    runs' activation words `xw` and scales `xs`, already loaded (shared by every row a thread holds)."""
+    src = src[:, None, None, None]  # [BLOCK_N, 1, 1, 1]
+    ql = ql_ptr + src * stride_ql + 16 * c + t  # [BLOCK_N, C, 2, 4]
+    ql_p0 = tl.load(ql)  # runs 0 (low nibbles) and 2 (high nibbles)
+    ql_p1 = tl.load(ql + 8)  # runs 1 and 3
+    qh = tl.load(qh_ptr + src * stride_qh + 8 * c + t)
+    d = tl.load(d_ptr + src * stride_d + c // 2, mask=ok, other=0.0).to(tl.float32)  # [BLOCK_N, C, 1, 1]
+    sc_run0 = sc_ptr + src * stride_sc + 8 * c + g  # [BLOCK_N, C, 2, 1]
+    for r in tl.static_range(4):
+        if r % 2 == 0:
+            q = _q6k_quants(ql_p0, qh, r)
+        else:
+            q = _q6k_quants(ql_p1, qh, r)
+        # [BLOCK_N, C, 2, 1]: the 16 weights of one scale summed as integers, then that scale (exact for int8
+        # activations: |sum * sc| < 2**23)
+        dot = _word_sums(q, xw[r], _U8_MINUS_32, WIDE, USE_DP4A)
+        acc += (d * xs[r]) * (dot * tl.load(sc_run0 + 2 * r).to(tl.float32))
+    return acc
+
+
+@triton.jit
 def _q6k_matvec_q8_kernel(
     xq_ptr, xs_ptr, out_ptr, bias_ptr, ql_ptr, qh_ptr, sc_ptr, d_ptr,
     stride_ql, stride_qh, stride_sc, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
-    C: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    C: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
     WIDE: tl.constexpr, USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     _pdl_wait(USE_PDL)
@@ -388,38 +412,54 @@ def _q6k_matvec_q8_kernel(
     # low nibbles and of run 2 + p in its high nibbles; qh word 8c + t holds their top 2 bits, run r at bits
     # 2r, 2r + 1 of each byte; the activations of run r are words 32c + 8r + t. The tile [BLOCK_N, C, 2, 4]
     # splits t = 4g + k: each g is 16 weights of one scale (8c + 2r + g), summed as integers over k first.
-    batch, rows, src = _row_block(n_rows, n_batch, BLOCK_N)
-    src = src[:, None, None, None]  # [BLOCK_N, 1, 1, 1]
+    # ROWS tiles of BLOCK_N rows a program share the activation loads, as in the Q4_K kernel.
+    batch = tl.program_id(0) % n_batch
+    first = (tl.program_id(0) // n_batch) * (BLOCK_N * ROWS)
+    rows0, src0 = _rows_of(first, 0, n_rows, BLOCK_N)
+    rows1, src1 = _rows_of(first, 1, n_rows, BLOCK_N)
+    rows2, src2 = _rows_of(first, 2, n_rows, BLOCK_N)
+    rows3, src3 = _rows_of(first, 3, n_rows, BLOCK_N)
+    zero = 0 * src0[:, None, None, None]  # [BLOCK_N, 1, 1, 1]
     g = tl.arange(0, 2)[None, None, :, None]  # [1, 1, 2, 1]
     t = 4 * g + tl.arange(0, 4)[None, None, None, :]  # [1, 1, 2, 4]
     xrow = batch.to(tl.int64) * stride_xw
     srow = batch.to(tl.int64) * stride_xs
-    acc = tl.zeros([BLOCK_N, C, 2, 1], dtype=tl.float32)  # reduced over chunks and sub-groups after the loop
+    # Reduced over chunks and sub-groups after the loop; the accumulators of tiles past ROWS stay unused.
+    acc0 = tl.zeros([BLOCK_N, C, 2, 1], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, C, 2, 1], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, C, 2, 1], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, C, 2, 1], dtype=tl.float32)
     for step in range(n_steps):
         c = (step * C + tl.arange(0, C))[None, :, None, None]  # [1, C, 1, 1]
         # Chunks past the row's end read the last chunk (no masked loads, no zero fills) and get d = 0.
         ok = c < n_chunks
         c = tl.minimum(c, n_chunks - 1)
-        ql = ql_ptr + src * stride_ql + 16 * c + t  # [BLOCK_N, C, 2, 4]
-        ql_p0 = tl.load(ql)  # runs 0 (low nibbles) and 2 (high nibbles)
-        ql_p1 = tl.load(ql + 8)  # runs 1 and 3
-        qh = tl.load(qh_ptr + src * stride_qh + 8 * c + t)
-        d = tl.load(d_ptr + src * stride_d + c // 2, mask=ok, other=0.0).to(tl.float32)  # [BLOCK_N, C, 1, 1]
-        x_run0 = xq_ptr + xrow + 32 * c + t + 0 * src  # at the tile's full shape, as in the Q4_K kernel
-        sc_run0 = sc_ptr + src * stride_sc + 8 * c + g  # [BLOCK_N, C, 2, 1]
-        for r in tl.static_range(4):
-            if r % 2 == 0:
-                q = _q6k_quants(ql_p0, qh, r)
-            else:
-                q = _q6k_quants(ql_p1, qh, r)
-            # [BLOCK_N, C, 2, 1]: the 16 weights of one scale summed as integers, then that scale (exact for int8
-            # activations: |sum * sc| < 2**23)
-            dot = _word_sums(q, tl.load(x_run0 + 8 * r), _U8_MINUS_32, WIDE, USE_DP4A)
-            dot = dot * tl.load(sc_run0 + 2 * r).to(tl.float32)
-            xs = tl.load(xs_ptr + srow + 4 * c + r)  # [1, C, 1, 1]
-            acc += (d * xs) * dot
-    result = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)  # [BLOCK_N]
-    _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+        x_run0 = xq_ptr + xrow + 32 * c + t + zero  # at the tile's full shape, as in the Q4_K kernel
+        xw = (tl.load(x_run0), tl.load(x_run0 + 8), tl.load(x_run0 + 16), tl.load(x_run0 + 24))
+        xs_run0 = xs_ptr + srow + 4 * c + zero  # [BLOCK_N, C, 1, 1]
+        xs = (tl.load(xs_run0), tl.load(xs_run0 + 1), tl.load(xs_run0 + 2), tl.load(xs_run0 + 3))
+        acc0 = _q6k_row_step(acc0, src0, xw, xs, ok, c, g, t, ql_ptr, qh_ptr, sc_ptr, d_ptr, stride_ql,
+                             stride_qh, stride_sc, stride_d, WIDE, USE_DP4A)
+        if ROWS > 1:
+            acc1 = _q6k_row_step(acc1, src1, xw, xs, ok, c, g, t, ql_ptr, qh_ptr, sc_ptr, d_ptr, stride_ql,
+                                 stride_qh, stride_sc, stride_d, WIDE, USE_DP4A)
+        if ROWS > 2:
+            acc2 = _q6k_row_step(acc2, src2, xw, xs, ok, c, g, t, ql_ptr, qh_ptr, sc_ptr, d_ptr, stride_ql,
+                                 stride_qh, stride_sc, stride_d, WIDE, USE_DP4A)
+            acc3 = _q6k_row_step(acc3, src3, xw, xs, ok, c, g, t, ql_ptr, qh_ptr, sc_ptr, d_ptr, stride_ql,
+                                 stride_qh, stride_sc, stride_d, WIDE, USE_DP4A)
+    _store_rows(_sum_tile(acc0), rows0, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+    if ROWS > 1:
+        _store_rows(_sum_tile(acc1), rows1, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+    if ROWS > 2:
+        _store_rows(_sum_tile(acc2), rows2, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+        _store_rows(_sum_tile(acc3), rows3, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+
+
+@triton.jit
+def _sum_tile(acc):
+    """[BLOCK_N, C, 2, 1] -> [BLOCK_N]: the row sums of a Q6_K / Q8_0 accumulator."""
+    return tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
 
 
 @triton.jit
@@ -512,7 +552,7 @@ _KERNELS = {T.Q4_0: (_launch_q4, 32), T.Q4_1: (_launch_q4, 32), T.Q4_K: (_launch
             T.Q5_K: (_launch_kquant, 64), T.Q6_K: (_launch_q6k, 128), T.Q8_0: (_launch_q80, 32)}
 # The types whose kernel takes ROWS (row tiles a program, sharing each thread's activation loads), and the
 # values it takes.
-ROW_TILE_TYPES: frozenset[GGMLQuantizationType] = frozenset({T.Q4_K, T.Q5_K})
+ROW_TILE_TYPES: frozenset[GGMLQuantizationType] = frozenset({T.Q4_K, T.Q5_K, T.Q6_K})
 ROW_TILES = (1, 2, 4)
 DEFAULT_ROWS = 1
 # Default launch shape, measured on an H200 (benchmarks/results/2026-12-01-h200-f/sweep_gemv.json: random
