@@ -107,12 +107,12 @@ def test_other_launch_shapes_give_the_same_result(ggml_type, chunks, wide, case,
 
 @pytest.mark.parametrize("rows", [2, 4])
 @pytest.mark.parametrize("wide", [False, True], ids=["int8", "16bit"])
-@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0], ids=lambda t: t.name)
 def test_row_tiles_give_the_same_result(ggml_type, wide, rows, case, device):
     # 37 rows in tiles of 4: the last program has 1 row (rows 2) or 5 (rows 4) of its 8 or 16, and 4 steps a row.
     w, _, xq = case(ggml_type, 37, 1792, 2, seed=11, wide=wide)
     out = torch.full((2, 37), float("nan"), device=device)
-    chunks = 4 if ggml_type == T.Q6_K else 8  # of 128 or 64 weights
+    chunks = {T.Q6_K: 4, T.Q8_0: 16}.get(ggml_type, 8)  # of 128, 32 or 64 weights: 4 steps
     quant_matvec_q8(xq, w, out, block_n=4, chunks=chunks, num_warps=2, rows=rows)
     assert rel_err(out, quant_matvec_q8_reference(xq, w)) < 1e-5
     one_tile = torch.full_like(out, float("nan"))
@@ -125,9 +125,9 @@ def test_row_tiles_are_checked(gguf_rows):
     q4k = pack_weight(T.Q4_K, gguf_rows(T.Q4_K, 4, 256, seed=0), 256)
     with pytest.raises(ValueError, match=r"rows must be one of \(1, 2, 4\) for Q4_K, got 3"):
         quant_matvec_q8(xq, q4k, torch.empty(1, 4), rows=3)
-    q80 = pack_weight(T.Q8_0, gguf_rows(T.Q8_0, 4, 256, seed=0), 256)
-    with pytest.raises(ValueError, match=r"rows must be one of \(1,\) for Q8_0, got 2"):
-        quant_matvec_q8(xq, q80, torch.empty(1, 4), rows=2)
+    q40 = pack_weight(T.Q4_0, gguf_rows(T.Q4_0, 4, 256, seed=0), 256)
+    with pytest.raises(ValueError, match=r"rows must be one of \(1,\) for Q4_0, got 2"):
+        quant_matvec_q8(xq, q40, torch.empty(1, 4), rows=2)
 
 
 @pytest.mark.parametrize("ggml_type", [T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0], ids=lambda t: t.name)

@@ -476,34 +476,62 @@ def _word_sums(q, x, A_BYTES: tl.constexpr, WIDE: tl.constexpr, USE_DP4A: tl.con
 
 
 @triton.jit
+def _q80_row_step(acc, src, xq, xs, ok, c, t, qs_ptr, d_ptr, stride_qw, stride_d, WIDE: tl.constexpr,
+                  USE_DP4A: tl.constexpr):
+    """acc [BLOCK_N, C, 2, 1] plus one step's products of rows `src` ([BLOCK_N]) of a Q8_0 matrix, against the
+    activation words `xq` and scales `xs`, already loaded (shared by every row a thread holds)."""
+    src = src[:, None, None, None]  # [BLOCK_N, 1, 1, 1]
+    w = tl.load(qs_ptr + src * stride_qw + 8 * c + t)  # [BLOCK_N, C, 2, 4]
+    dot = _word_sums(w, xq, _S8, WIDE, USE_DP4A)  # [BLOCK_N, C, 2, 1]
+    d = tl.load(d_ptr + src * stride_d + c, mask=ok, other=0.0).to(tl.float32)  # [BLOCK_N, C, 1, 1]
+    return acc + (d * xs) * dot
+
+
+@triton.jit
 def _q80_matvec_q8_kernel(
     xq_ptr, xs_ptr, out_ptr, bias_ptr, qs_ptr, d_ptr,
     stride_qw, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
-    C: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    C: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
     WIDE: tl.constexpr, USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     _pdl_wait(USE_PDL)
     # qs and xq are read as int32 words. Chunk c is block c (32 weights, one scale d): qs words 8c + t times xq
-    # words 8c + t. The tile [BLOCK_N, C, 2, 4] splits t = 4g + k and sums over k as integers first.
-    batch, rows, src = _row_block(n_rows, n_batch, BLOCK_N)
-    src = src[:, None, None, None]  # [BLOCK_N, 1, 1, 1]
+    # words 8c + t. The tile [BLOCK_N, C, 2, 4] splits t = 4g + k and sums over k as integers first. ROWS tiles
+    # of BLOCK_N rows a program share the activation loads, as in the Q4_K kernel.
+    batch = tl.program_id(0) % n_batch
+    first = (tl.program_id(0) // n_batch) * (BLOCK_N * ROWS)
+    rows0, src0 = _rows_of(first, 0, n_rows, BLOCK_N)
+    rows1, src1 = _rows_of(first, 1, n_rows, BLOCK_N)
+    rows2, src2 = _rows_of(first, 2, n_rows, BLOCK_N)
+    rows3, src3 = _rows_of(first, 3, n_rows, BLOCK_N)
+    zero = 0 * src0[:, None, None, None]  # [BLOCK_N, 1, 1, 1]
     t = 4 * tl.arange(0, 2)[None, None, :, None] + tl.arange(0, 4)[None, None, None, :]  # [1, 1, 2, 4]
     xrow = batch.to(tl.int64) * stride_xw
     srow = batch.to(tl.int64) * stride_xs
-    acc = tl.zeros([BLOCK_N, C, 2, 1], dtype=tl.float32)  # reduced over chunks and halves after the loop
+    # Reduced over chunks and halves after the loop; the accumulators of tiles past ROWS stay unused.
+    acc0 = tl.zeros([BLOCK_N, C, 2, 1], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, C, 2, 1], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, C, 2, 1], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, C, 2, 1], dtype=tl.float32)
     for step in range(n_steps):
         c = (step * C + tl.arange(0, C))[None, :, None, None]  # [1, C, 1, 1]
         # Chunks past the row's end read the last chunk (no masked loads, no zero fills) and get d = 0.
         ok = c < n_chunks
         c = tl.minimum(c, n_chunks - 1)
-        w = tl.load(qs_ptr + src * stride_qw + 8 * c + t)  # [BLOCK_N, C, 2, 4]
-        xq = tl.load(xq_ptr + xrow + 8 * c + t + 0 * src)  # at the tile's full shape
-        dot = _word_sums(w, xq, _S8, WIDE, USE_DP4A)  # [BLOCK_N, C, 2, 1]
-        d = tl.load(d_ptr + src * stride_d + c, mask=ok, other=0.0).to(tl.float32)  # [BLOCK_N, C, 1, 1]
-        xs = tl.load(xs_ptr + srow + c)  # [1, C, 1, 1]
-        acc += (d * xs) * dot
-    result = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)  # [BLOCK_N]
-    _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+        xq = tl.load(xq_ptr + xrow + 8 * c + t + zero)  # at the tile's full shape
+        xs = tl.load(xs_ptr + srow + c + zero)  # [BLOCK_N, C, 1, 1]
+        acc0 = _q80_row_step(acc0, src0, xq, xs, ok, c, t, qs_ptr, d_ptr, stride_qw, stride_d, WIDE, USE_DP4A)
+        if ROWS > 1:
+            acc1 = _q80_row_step(acc1, src1, xq, xs, ok, c, t, qs_ptr, d_ptr, stride_qw, stride_d, WIDE, USE_DP4A)
+        if ROWS > 2:
+            acc2 = _q80_row_step(acc2, src2, xq, xs, ok, c, t, qs_ptr, d_ptr, stride_qw, stride_d, WIDE, USE_DP4A)
+            acc3 = _q80_row_step(acc3, src3, xq, xs, ok, c, t, qs_ptr, d_ptr, stride_qw, stride_d, WIDE, USE_DP4A)
+    _store_rows(_sum_tile(acc0), rows0, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+    if ROWS > 1:
+        _store_rows(_sum_tile(acc1), rows1, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+    if ROWS > 2:
+        _store_rows(_sum_tile(acc2), rows2, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+        _store_rows(_sum_tile(acc3), rows3, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
 
 
 def _launch_q4(grid, xq: QuantizedActivations, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,
@@ -552,7 +580,7 @@ _KERNELS = {T.Q4_0: (_launch_q4, 32), T.Q4_1: (_launch_q4, 32), T.Q4_K: (_launch
             T.Q5_K: (_launch_kquant, 64), T.Q6_K: (_launch_q6k, 128), T.Q8_0: (_launch_q80, 32)}
 # The types whose kernel takes ROWS (row tiles a program, sharing each thread's activation loads), and the
 # values it takes.
-ROW_TILE_TYPES: frozenset[GGMLQuantizationType] = frozenset({T.Q4_K, T.Q5_K, T.Q6_K})
+ROW_TILE_TYPES: frozenset[GGMLQuantizationType] = frozenset({T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0})
 ROW_TILES = (1, 2, 4)
 DEFAULT_ROWS = 1
 # Default launch shape, measured on an H200 (benchmarks/results/2026-12-01-h200-f/sweep_gemv.json: random
