@@ -77,7 +77,7 @@ def kernel_rows(backend, context_tokens: int, config: MatvecConfig | None = None
         def body(matrices=matrices, x=x, xq=xq, out=out):
             for w in matrices:
                 if activations != "f32":
-                    project(x, [w], out[:, : w.n_rows], None, xq)
+                    project(x, [w], out[:, : w.n_rows], None, xq, shapes=bufs.gemv_shapes)  # the step's shapes
                 else:
                     quant_matvec(x, w, out[:, : w.n_rows], config=config)
         ms = time_graph_replay(body)

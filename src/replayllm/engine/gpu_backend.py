@@ -29,6 +29,7 @@ from ..default_model import cache_dir
 from ..errors import InvalidParameterError
 from ..gguf import dequantize
 from ..runner.decode_step import RopeTables, StepBuffers, check_activation_form, decode_step, default_activations
+from ..runner.gemv_tuning import GemvShapeCache, GemvShapes, tune_gemv_shapes
 from ..runner.graph import DecodeGraph
 from ..runner.kv_cache import PagedKVCache
 from ..runner.prefill import Prefiller
@@ -123,6 +124,7 @@ class GPUBackend(Backend):
         if int8_activations or activations is not None:
             self._set_activation_form("int8" if int8_activations else activations)
         self._enable_pdl(self.supports_pdl if pdl is None else pdl)  # None: on wherever the GPU has it
+        self._tune_gemv_shapes(progress)
         self.set_mode(mode)
         self._note_peak("graph_capture")
         self.prefill_graphs: PrefillGraphs | None = None
@@ -186,6 +188,7 @@ class GPUBackend(Backend):
         "16bit" (the default where the model's widths allow), "int8" (faster, its rounding changes greedy
         tokens) or "f32". Recaptures the current mode's graphs, which bake the choice in."""
         self._set_activation_form(form)
+        self._tune_gemv_shapes(progress=False)
         self._recapture()
 
     def _set_activation_form(self, form: str) -> None:
@@ -194,6 +197,24 @@ class GPUBackend(Backend):
             raise InvalidParameterError(f"{form} activations need every projection's input width and the head "
                                         "dimension to be multiples of 32")
         self.bufs.activations = form
+
+    def _tune_gemv_shapes(self, progress: bool) -> None:
+        """On a GPU, the decode GEMVs' launch shapes for the current activation form (runner/gemv_tuning): from
+        the cache file, or measured once (a few seconds) and kept there. Nothing to tune for "f32"."""
+        form = self.bufs.activations
+        shapes = self.bufs.gemv_shapes or GemvShapes()
+        if not self.is_cuda or form == "f32" or any(key[3] == form for key in shapes.table):
+            return
+        started = time.perf_counter()
+        cache = GemvShapeCache(_tuning_cache_path(self.device, "gemv-tuning"))
+        tuned = tune_gemv_shapes([self.weights.output, *self.weights.layer_matrices()], (form,), cache)
+        shapes.table.update(tuned.table)
+        shapes.timings.update(tuned.timings)
+        self.bufs.gemv_shapes = shapes
+        if progress and tuned.timings:
+            print(f"replayllm: launch shapes of {len(tuned.timings)} decode GEMVs ({form} activations) measured in "
+                  f"{time.perf_counter() - started:.1f} s, kept for the next load", file=sys.stderr)
+        self._note_peak("gemv_tuning")
 
     def set_int8_activations(self, enabled: bool) -> None:
         """Experimental: Q4_0/Q4_1/Q4_K/Q5_K/Q6_K/Q8_0 matrices multiply int8-quantized activations
@@ -445,15 +466,15 @@ class GPUBackend(Backend):
             torch.cuda.empty_cache()
 
 
-def _tuning_cache_path(device: torch.device) -> Path:
-    """One prefill tuning file per GPU model and software versions (a new torch, Triton or CUDA measures
-    again), under the user's replayllm cache folder."""
+def _tuning_cache_path(device: torch.device, folder: str = "prefill-tuning") -> Path:
+    """One tuning file (prefill methods, or decode GEMV shapes with folder "gemv-tuning") per GPU model and
+    software versions (a new torch, Triton or CUDA measures again), under the user's replayllm cache folder."""
     import triton
 
     name = torch.cuda.get_device_name(device)
     key = f"{name}-torch{torch.__version__}-triton{triton.__version__}-cuda{torch.version.cuda}"
     safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in key)
-    return cache_dir() / "prefill-tuning" / f"{safe}.json"
+    return cache_dir() / folder / f"{safe}.json"
 
 
 def memory_left_bytes(device: torch.device) -> int:

@@ -36,6 +36,7 @@ from ..kernels.quant_matvec_q8 import SUPPORTED_TYPES as INT8_ACTIVATION_TYPES, 
 from ..errors import InvalidParameterError
 from ..kernels.quant_weight import QuantWeight
 from ..models import ModelConfig
+from .gemv_tuning import GemvShapes
 from .kv_cache import PagedKVCache
 from .weights import DeviceWeights, LayerWeights
 
@@ -72,6 +73,8 @@ class StepBuffers:
     # kernels/pdl.py: every kernel of the step launched with programmatic dependent launch (Hopper and later;
     # the engine's default there), read when the step is captured.
     pdl: bool = False
+    # The integer-dot GEMVs' launch shapes, tuned at load on a GPU (runner/gemv_tuning); None: the defaults.
+    gemv_shapes: GemvShapes | None = None
 
     @classmethod
     def allocate(cls, config: ModelConfig, batch_size: int, max_pages_per_seq: int, max_context_tokens: int,
@@ -155,7 +158,7 @@ def decode_step(config: ModelConfig, weights: DeviceWeights, cache: PagedKVCache
         _mlp_block(config, layer, bufs)
     h_q8, _, _ = bufs.quantized_inputs()
     rmsnorm(bufs.x, weights.output_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
-    project(bufs.h, [weights.output], bufs.logits, None, h_q8, pdl=bufs.pdl)
+    project(bufs.h, [weights.output], bufs.logits, None, h_q8, pdl=bufs.pdl, shapes=bufs.gemv_shapes)
     return bufs.logits
 
 
@@ -163,7 +166,7 @@ def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Te
                      rope: RopeTables, bufs: StepBuffers) -> None:
     h_q8, attn_q8, _ = bufs.quantized_inputs()
     rmsnorm(bufs.x, layer.attn_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
-    project(bufs.h, layer.qkv, bufs.qkv, layer.qkv_bias, h_q8, pdl=bufs.pdl)
+    project(bufs.h, layer.qkv, bufs.qkv, layer.qkv_bias, h_q8, pdl=bufs.pdl, shapes=bufs.gemv_shapes)
     if bufs.batch_size > 1:
         B, Dh = bufs.batch_size, config.head_dim
         q, k, v = bufs.qkv.split([t.shape[1] * Dh for t in (bufs.q, bufs.k, bufs.v)], dim=1)
@@ -177,7 +180,7 @@ def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Te
                            config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace, out_q8=attn_q8,
                            pdl=bufs.pdl)
     project(bufs.attn.view(bufs.batch_size, -1), [layer.attn_output], bufs.x, None, attn_q8, accumulate=True,
-            pdl=bufs.pdl)
+            pdl=bufs.pdl, shapes=bufs.gemv_shapes)
 
 
 def head_norms(config: ModelConfig, layer: LayerWeights, q: torch.Tensor, k: torch.Tensor, *,
@@ -194,16 +197,19 @@ def head_norms(config: ModelConfig, layer: LayerWeights, q: torch.Tensor, k: tor
 def _mlp_block(config: ModelConfig, layer: LayerWeights, bufs: StepBuffers) -> None:
     h_q8, _, act_q8 = bufs.quantized_inputs()
     rmsnorm(bufs.x, layer.ffn_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
-    project(bufs.h, layer.gate_up, bufs.gate_up, None, h_q8, pdl=bufs.pdl)
+    project(bufs.h, layer.gate_up, bufs.gate_up, None, h_q8, pdl=bufs.pdl, shapes=bufs.gemv_shapes)
     silu_mul(bufs.gate_up, bufs.act, act_q8, pdl=bufs.pdl)  # the quantized copy from the same launch
-    project(bufs.act, [layer.ffn_down], bufs.x, None, act_q8, accumulate=True, pdl=bufs.pdl)
+    project(bufs.act, [layer.ffn_down], bufs.x, None, act_q8, accumulate=True, pdl=bufs.pdl,
+            shapes=bufs.gemv_shapes)
 
 
 def project(x: torch.Tensor, matrices: list[QuantWeight], out: torch.Tensor, bias: torch.Tensor | None,
-             xq: QuantizedActivations | None = None, accumulate: bool = False, pdl: bool = False) -> None:
+             xq: QuantizedActivations | None = None, accumulate: bool = False, pdl: bool = False,
+             shapes: GemvShapes | None = None) -> None:
     """out (+)= x @ [W0|W1|...]^T + bias: one launch per run of same-typed matrices (Q4_K_M keeps some V in
     Q6_K); with `accumulate` the product is added to out (the residual add, fused). Matrices of the integer-dot
-    kernels' types (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0) take the quantized activations `xq` when given.
+    kernels' types (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0) take the quantized activations `xq` when given, at the
+    launch shapes tuned at load (`shapes`, runner/gemv_tuning; None: the kernel's defaults).
 
     Each part writes a column slice of `out` (row stride > width when B > 1; the launcher takes row strides).
     """
@@ -212,7 +218,8 @@ def project(x: torch.Tensor, matrices: list[QuantWeight], out: torch.Tensor, bia
         end = start + w.n_rows
         part_bias = None if bias is None else bias[start:end]
         if xq is not None and w.ggml_type in INT8_ACTIVATION_TYPES:
-            quant_matvec_q8(xq, w, out[:, start:end], bias=part_bias, accumulate=accumulate, pdl=pdl)
+            launch = shapes.launch_args(w, xq) if shapes is not None else {}
+            quant_matvec_q8(xq, w, out[:, start:end], bias=part_bias, accumulate=accumulate, pdl=pdl, **launch)
         else:
             quant_matvec(x, w, out[:, start:end], bias=part_bias, accumulate=accumulate, pdl=pdl)
         start = end

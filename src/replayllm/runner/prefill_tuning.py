@@ -15,19 +15,16 @@ bit-identical: timings that are close could otherwise pick different methods, wh
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from ..kernels.quant_matmul import MatmulConfig, quant_matmul
 from ..kernels.quant_weight import QuantWeight
+from .json_cache import JsonCache
 
 FUSED = "fused"
 DEQUANT_GEMM = "dequant_gemm"
@@ -79,26 +76,11 @@ class LinearMethods:
                 for k, choices in self.table.items() for c in choices]
 
 
-class TuningCache:
-    """Measured choices by (type, n_rows, n_cols, rows), in a JSON file. A missing or unreadable file is an empty
-    cache (a warning for the latter: the choices are measured again and the file rewritten); writes replace the
-    file atomically, so a reader never sees half of one."""
+class TuningCache(JsonCache):
+    """Measured choices by (type, n_rows, n_cols, rows), in a JSON file (runner/json_cache)."""
 
     VERSION = 1
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.entries: dict[str, dict] = {}
-        self.changed = False
-        try:
-            data = json.loads(self.path.read_text())
-            if data.get("version") == self.VERSION and isinstance(data.get("entries"), dict):
-                self.entries = data["entries"]
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, AttributeError) as exc:
-            warnings.warn(f"prefill tuning cache {self.path} is unreadable ({exc!r:.100}); measuring again",
-                          stacklevel=2)
+    WHAT = "prefill tuning cache"
 
     @staticmethod
     def _key(key: tuple[str, int, int], rows: int) -> str:
@@ -116,22 +98,9 @@ class TuningCache:
         return choice
 
     def put(self, key: tuple[str, int, int], choice: Choice) -> None:
-        self.entries[self._key(key, choice.rows)] = {
+        self.put_entry(self._key(key, choice.rows), {
             "method": choice.method, "config": None if choice.config is None else dataclasses.asdict(choice.config),
-            "fused_ms": choice.fused_ms, "dequant_ms": choice.dequant_ms}
-        self.changed = True
-
-    def save(self) -> None:
-        if not self.changed:
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as f:
-                json.dump({"version": self.VERSION, "entries": self.entries}, f, indent=1)
-            os.replace(f.name, self.path)
-            self.changed = False
-        except OSError as exc:  # a read-only cache folder costs a re-measurement next time, nothing else
-            warnings.warn(f"could not write the prefill tuning cache {self.path} ({exc!r:.100})", stacklevel=2)
+            "fused_ms": choice.fused_ms, "dequant_ms": choice.dequant_ms})
 
 
 def time_ms(fn, reps: int = 3, device: torch.device | str = "cuda") -> float:
