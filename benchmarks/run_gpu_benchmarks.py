@@ -488,8 +488,12 @@ def kernels(run: Run, llm: LLM) -> None:
         rows += kernel_rows(llm.backend, 0, attention=False, activations=activations)
     step = [r.gpu_ms for r in run.profile_rows if r.mode == "graph"]
     step_us = 1e3 * step[0] if step else None
-    run.results["kernels_7b"] = {"step_gpu_us": step_us, "rows": [r.to_json() for r in rows]}
+    shapes = llm.backend.bufs.gemv_shapes
+    tuned = shapes.as_json() if shapes is not None else []
+    run.results["kernels_7b"] = {"step_gpu_us": step_us, "rows": [r.to_json() for r in rows], "gemv_shapes": tuned}
     run.summary.append(kernel_table(rows, step_us, run.results["copy_gbps"]))
+    run.summary.append("decode GEMV shapes (tuned at load): " + "; ".join(
+        f"{t['type']} {t['n_rows']}x{t['n_cols']} {t['form']}: {t['shape']}" for t in tuned))
 
 
 def draw_profile(run: Run) -> None:
