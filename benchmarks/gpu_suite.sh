@@ -11,6 +11,7 @@
 #            (benchmarks/prefill_probe.py: the torch profiler's kernel table, the tuned GEMM methods).
 #            Exactly 8 files under $OUT, the most a call brings back.
 #     tests  the gpu-marked tests only
+#     bench  full without the tests (for a commit whose tests ran on the GPU already)
 #     full   the tests, then benchmarks/run_gpu_benchmarks.py, which starts no stage past BENCH_DEADLINE_S
 #            seconds (default 330) so that a run under a wall-clock limit still brings results back
 #     types  the 7B F16 and Q8_0 benchmarks alone (run_gpu_benchmarks.py --only types), no tests
@@ -80,13 +81,13 @@ if [ "$MODE" = sweep ]; then
   echo "==== summary ===="; head -n 1 "$LOG"; grep -E '^gemv|^attention|^ +next|^sweep' "$LOG"
   exit 0
 fi
-if [ "$MODE" = full ]; then
+if [ "$MODE" = full ] || [ "$MODE" = bench ]; then
   # 12 of 16 cores, so the tests keep cores of their own; the 13B model is written later, by the benchmarks.
   (python3 -m replayllm.cli.main synth --shape llama2-7b --quant q4_k_m --workers 12 --quiet \
      "$REPLAYLLM_SYNTH_DIR/llama2-7b-q4_k_m.gguf" && echo "synth llama2-7b q4_k_m done at $(date +%T)") >> "$LOG" 2>&1 &
 fi
 status=0
-if [ "$MODE" != types ] && [ "$MODE" != fit ]; then  # types, fit: the benchmarks alone, after a full run has tested the same commit
+if [ "$MODE" != types ] && [ "$MODE" != fit ] && [ "$MODE" != bench ]; then  # types, fit: the benchmarks alone, after a full run has tested the same commit
   # Unmarked kernel tests that take the GPU when there is one: the integer-dot GEMVs (16-bit and int8) and the
   # kernels that write their activations.
   python3 -m pytest -q -p no:cacheprovider tests/kernels/test_quant_matvec_q8.py \
@@ -98,7 +99,7 @@ if [ "$MODE" != types ] && [ "$MODE" != fit ]; then  # types, fit: the benchmark
     tests/kernels/test_quant_matmul.py tests/kernels/test_prefill_attention.py 2>&1 | tee -a "$OUT/gpu_tests.log"
   status=$(( status | PIPESTATUS[0] ))
 fi
-if [ "$MODE" = full ]; then
+if [ "$MODE" = full ] || [ "$MODE" = bench ]; then
   python3 benchmarks/run_gpu_benchmarks.py --out "$OUT" --deadline-s "$DEADLINE" 2>&1 | tee -a "$LOG"
 fi
 if [ "$MODE" = types ]; then

@@ -117,7 +117,9 @@ def test_row_tiles_give_the_same_result(ggml_type, wide, rows, case, device):
     assert rel_err(out, quant_matvec_q8_reference(xq, w)) < 1e-5
     one_tile = torch.full_like(out, float("nan"))
     quant_matvec_q8(xq, w, one_tile, block_n=4, chunks=chunks, num_warps=2, rows=1)
-    assert torch.equal(out, one_tile)  # the same sums in the same order: bit for bit
+    # The same sums in the same order; compiled for a GPU, the multiply-adds may contract differently with
+    # more tiles a thread, so equal to f32 rounding, far below the activations' own rounding.
+    assert rel_err(out, one_tile) < 1e-6
 
 
 def test_row_tiles_are_checked(gguf_rows):

@@ -51,9 +51,11 @@ class GemvShape:
 
 DEFAULT_SHAPE = GemvShape(DEFAULT_BLOCK_N, DEFAULT_CHUNKS, DEFAULT_NUM_WARPS, DEFAULT_ROWS)
 # The candidates timed: the kernel's default first (it wins ties), then the shapes that led the launch-shape
-# sweeps (benchmarks/kernel_sweep.py) and row tiles of 2 and 4 at the default shape and at 1 row a tile.
-CANDIDATES = (DEFAULT_SHAPE, GemvShape(2, 32, 2, 2), GemvShape(2, 32, 2, 4), GemvShape(1, 32, 1, 2),
-              GemvShape(1, 32, 1, 4), GemvShape(1, 64, 2, 2), GemvShape(4, 32, 4, 1), GemvShape(2, 64, 4, 2))
+# sweep on an H100 (benchmarks/results/2026-12-07-h100-c/sweep_gemv.json, 16-bit activations): 4 row tiles of
+# 1 row on 1 warp for the large Q4_K matrices (2.22 vs 1.57 TB/s at the default), of 1 row on 2 warps with 64
+# chunks for the long rows of ffn_down, of 2 rows for Q6_K, and the best shapes without row tiles (Q8_0).
+CANDIDATES = (DEFAULT_SHAPE, GemvShape(1, 32, 1, 4), GemvShape(1, 64, 2, 4), GemvShape(2, 32, 2, 4),
+              GemvShape(4, 32, 4, 2), GemvShape(4, 64, 4, 1), GemvShape(2, 32, 4, 1), GemvShape(1, 32, 1, 2))
 
 
 def candidates_for(ggml_type) -> list[GemvShape]:
