@@ -30,10 +30,11 @@ T = GGMLQuantizationType
 
 @pytest.fixture
 def matrices():
-    """Two Q4_K matrices of one shape, one Q8_0, one F16 (not an integer-dot type)."""
+    """Two Q4_K matrices of one shape, one Q8_0, one F16 (float_matvec's), one F32 (the general GEMV: not tuned)."""
     def make(ggml_type, n_rows, n_cols, seed):
         return pack_weight(ggml_type, random_gguf_rows(ggml_type, n_rows, n_cols, seed=seed), n_cols)
-    return [make(T.Q4_K, 12, 256, 0), make(T.Q4_K, 12, 256, 1), make(T.Q8_0, 8, 64, 2), make(T.F16, 4, 64, 3)]
+    return [make(T.Q4_K, 12, 256, 0), make(T.Q4_K, 12, 256, 1), make(T.Q8_0, 8, 64, 2), make(T.F16, 4, 64, 3),
+            make(T.F32, 4, 64, 4)]
 
 
 class FakeTimer:
@@ -59,21 +60,24 @@ def test_candidates_keep_row_tiles_for_the_types_that_take_them():
 
 def test_matrices_are_grouped_by_type_and_shape_each_once(matrices):
     groups = matrices_by_shape([*matrices, matrices[0]])  # a tied embedding appears twice
-    assert list(groups) == [("Q4_K", 12, 256), ("Q8_0", 8, 64)]  # F16 takes the f32 path: not tuned
-    assert [len(g) for g in groups.values()] == [2, 1]
+    assert list(groups) == [("Q4_K", 12, 256), ("Q8_0", 8, 64), ("F16", 4, 64)]  # F32: not tuned
+    assert [len(g) for g in groups.values()] == [2, 1, 1]
 
 
 def test_the_fastest_candidate_wins_and_the_cache_keeps_it(matrices, tmp_path):
-    n_q4k, n_q80 = len(candidates_for(T.Q4_K)), len(candidates_for(T.Q8_0))
+    n_q4k, n_q80, n_f16 = (len(candidates_for(t)) for t in (T.Q4_K, T.Q8_0, T.F16))
     q4k_times = [5.0] * n_q4k
     q4k_times[2] = 1.0  # the third candidate
-    timer = FakeTimer(q4k_times + [3.0] * n_q80)  # Q8_0: all equal, so the default stays
+    f16_times = [2.0] * n_f16
+    f16_times[-1] = 1.5
+    timer = FakeTimer(q4k_times + [3.0] * n_q80 + f16_times)  # Q8_0: all equal, so the default stays
     path = tmp_path / "gemv.json"
     shapes = tune_gemv_shapes(matrices, ("16bit",), GemvShapeCache(path), timer=timer)
-    assert timer.calls == n_q4k + n_q80
+    assert timer.calls == n_q4k + n_q80 + n_f16  # F16 once, against f32 activations
     assert shapes.table[("Q4_K", 12, 256, "16bit")] == candidates_for(T.Q4_K)[2]
     assert shapes.table[("Q8_0", 8, 64, "16bit")] == DEFAULT_SHAPE
-    assert len(shapes.as_json()) == 2 and shapes.as_json()[0]["ms"]
+    assert shapes.table[("F16", 4, 64, "f32")] == candidates_for(T.F16)[-1]
+    assert len(shapes.as_json()) == 3 and shapes.as_json()[0]["ms"]
 
     again = FakeTimer([])
     assert tune_gemv_shapes(matrices, ("16bit",), GemvShapeCache(path), timer=again).table == shapes.table
@@ -104,11 +108,28 @@ def test_projections_launch_the_tuned_shape_at_batch_one_only(matrices):
     x = torch.randn(2, 256, device=device)
     xq1 = quantize_activations(x[:1], QuantizedActivations.allocate(1, 256, device, wide=True))
     xq2 = quantize_activations(x, QuantizedActivations.allocate(2, 256, device, wide=True))
-    assert shapes.launch_args(w, xq1) == {"block_n": 4, "chunks": 2, "num_warps": 1, "rows": 2}
-    assert shapes.launch_args(w, xq2) == {}  # tuned for batch 1
-    int8 = quantize_activations(x[:1], QuantizedActivations.allocate(1, 256, device, wide=False))
-    assert shapes.launch_args(w, int8) == {}  # another form: not tuned
+    assert shapes.launch_args(w, "16bit", 1) == {"block_n": 4, "chunks": 2, "num_warps": 1, "rows": 2}
+    assert shapes.launch_args(w, "16bit", 2) == {}  # tuned for batch 1
+    assert shapes.launch_args(w, "int8", 1) == {}  # another form: not tuned
     out = torch.full((1, 12), float("nan"), device=device)
     project(x[:1], [w], out, None, xq1, shapes=shapes)
     want = quant_matvec_q8_reference(xq1, w)
     assert ((out.double() - want).norm() / want.norm()).item() < 1e-5
+    assert xq2.q.shape[0] == 2
+
+
+def test_float_matrices_take_float_matvec_at_small_batches(matrices, monkeypatch):
+    from replayllm.runner import decode_step
+
+    w = matrices[3]  # F16 [4, 64]
+    calls = []
+    real = decode_step.float_matvec
+    monkeypatch.setattr(decode_step, "float_matvec", lambda *a, **k: calls.append(k) or real(*a, **k))
+    shapes = GemvShapes({shape_key(w, "f32"): GemvShape(2, 4, 1, 2)})
+    x = torch.randn(5, 64)
+    for batch in (1, 4, 5):
+        out = torch.full((batch, 4), float("nan"))
+        project(x[:batch], [w], out, None, None, shapes=shapes)
+        want = x[:batch].double() @ w.qs.double().T
+        assert ((out.double() - want).norm() / want.norm()).item() < 1e-6
+    assert len(calls) == 2 and calls[0]["rows"] == 2 and "rows" not in calls[1]  # batch 5: quant_matvec

@@ -199,15 +199,16 @@ class GPUBackend(Backend):
         self.bufs.activations = form
 
     def _tune_gemv_shapes(self, progress: bool) -> None:
-        """On a GPU, the decode GEMVs' launch shapes for the current activation form (runner/gemv_tuning): from
-        the cache file, or measured once (a few seconds) and kept there. Nothing to tune for "f32"."""
+        """On a GPU, the decode GEMVs' launch shapes for the current activation form and the F16 / BF16 matrices'
+        (runner/gemv_tuning): from the cache file, or measured once (a few seconds) and kept there."""
         form = self.bufs.activations
         shapes = self.bufs.gemv_shapes or GemvShapes()
-        if not self.is_cuda or form == "f32" or any(key[3] == form for key in shapes.table):
-            return
+        if not self.is_cuda or (shapes.table and form in {key[3] for key in shapes.table} | {"f32"}):
+            return  # the float matrices' shapes come with the first tuning, whatever its form
         started = time.perf_counter()
         cache = GemvShapeCache(_tuning_cache_path(self.device, "gemv-tuning"))
-        tuned = tune_gemv_shapes([self.weights.output, *self.weights.layer_matrices()], (form,), cache)
+        tuned = tune_gemv_shapes([self.weights.output, *self.weights.layer_matrices()],
+                                 () if form == "f32" else (form,), cache)
         shapes.table.update(tuned.table)
         shapes.timings.update(tuned.timings)
         self.bufs.gemv_shapes = shapes

@@ -13,7 +13,8 @@ The quantized matrices' GEMVs take their input in one of three forms (`StepBuffe
 - "int8" (opt-in): the same with int8 quants, about 1.5-2x faster again, but its rounding changes greedy output;
 - "f32": the f32 activations themselves (kernels/quant_matvec), the exact path, and the tensor-core one at
   larger batches.
-F16 / BF16 / F32 matrices always take the f32 path.
+F16 / BF16 matrices always take f32 activations: at batch sizes up to 4 in kernels/float_matvec (row tiles, one
+FMA a weight), above in quant_matvec's tensor-core path; F32 matrices in quant_matvec.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..kernels import (
     rope_and_cache_write,
     silu_mul,
 )
+from ..kernels.float_matvec import float_matvec, supports as supports_float_matvec
 from ..kernels.int8_activations import ACTIVATION_BLOCK, QuantizedActivations
 from ..kernels.quant_matvec_q8 import SUPPORTED_TYPES as INT8_ACTIVATION_TYPES, quant_matvec_q8
 from ..errors import InvalidParameterError
@@ -217,9 +219,14 @@ def project(x: torch.Tensor, matrices: list[QuantWeight], out: torch.Tensor, bia
     for w in matrices:
         end = start + w.n_rows
         part_bias = None if bias is None else bias[start:end]
+        batch = x.shape[0]
         if xq is not None and w.ggml_type in INT8_ACTIVATION_TYPES:
-            launch = shapes.launch_args(w, xq) if shapes is not None else {}
+            form = "16bit" if xq.wide else "int8"
+            launch = shapes.launch_args(w, form, batch) if shapes is not None else {}
             quant_matvec_q8(xq, w, out[:, start:end], bias=part_bias, accumulate=accumulate, pdl=pdl, **launch)
+        elif batch <= MAX_QUANTIZED_BATCH and x.dtype == torch.float32 and supports_float_matvec(w):
+            launch = shapes.launch_args(w, "f32", batch) if shapes is not None else {}
+            float_matvec(x, w, out[:, start:end], bias=part_bias, accumulate=accumulate, pdl=pdl, **launch)
         else:
             quant_matvec(x, w, out[:, start:end], bias=part_bias, accumulate=accumulate, pdl=pdl)
         start = end

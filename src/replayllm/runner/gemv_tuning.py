@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..kernels import float_matvec as fm
 from ..kernels.int8_activations import QuantizedActivations, quantize_activations
 from ..kernels.quant_matvec_q8 import (
     DEFAULT_BLOCK_N,
@@ -58,8 +59,21 @@ CANDIDATES = (DEFAULT_SHAPE, GemvShape(1, 32, 1, 4), GemvShape(1, 64, 2, 4), Gem
               GemvShape(4, 32, 4, 2), GemvShape(4, 64, 4, 1), GemvShape(2, 32, 4, 1), GemvShape(1, 32, 1, 2))
 
 
+# F16 / BF16 (kernels/float_matvec, chunks of 8 weights): its default first, then more or fewer rows a thread.
+FLOAT_DEFAULT_SHAPE = GemvShape(fm.DEFAULT_BLOCK_N, fm.DEFAULT_CHUNKS, fm.DEFAULT_NUM_WARPS, fm.DEFAULT_ROWS)
+FLOAT_CANDIDATES = (FLOAT_DEFAULT_SHAPE, GemvShape(1, 32, 1, 4), GemvShape(2, 32, 2, 4), GemvShape(1, 64, 2, 2),
+                    GemvShape(1, 128, 4, 4), GemvShape(2, 64, 4, 2), GemvShape(4, 32, 4, 1), GemvShape(2, 32, 2, 2))
+
+
+def is_float(ggml_type) -> bool:
+    return ggml_type in fm.SUPPORTED_TYPES
+
+
 def candidates_for(ggml_type) -> list[GemvShape]:
-    """CANDIDATES that the type's kernel takes (row tiles only for ROW_TILE_TYPES), without repeats."""
+    """The candidate shapes of the type's kernel: FLOAT_CANDIDATES for F16 / BF16, else CANDIDATES (row tiles
+    only for ROW_TILE_TYPES), without repeats."""
+    if is_float(ggml_type):
+        return list(FLOAT_CANDIDATES)
     shapes = []
     for shape in CANDIDATES:
         if shape.rows != 1 and ggml_type not in ROW_TILE_TYPES:
@@ -80,12 +94,13 @@ class GemvShapes:
     table: dict[tuple[str, int, int, str], GemvShape] = field(default_factory=dict)
     timings: dict[tuple[str, int, int, str], dict[GemvShape, float]] = field(default_factory=dict)
 
-    def launch_args(self, w: QuantWeight, xq: QuantizedActivations) -> dict:
-        """quant_matvec_q8's shape arguments for `w` against `xq`: the tuned shape at batch 1 (the shape tuned
-        for), none (the kernel's defaults) for shapes not measured and larger batches."""
-        if xq.q.shape[0] != 1:
+    def launch_args(self, w: QuantWeight, form: str, batch: int) -> dict:
+        """The shape arguments of `w`'s GEMV (quant_matvec_q8, or float_matvec with form "f32") for activations
+        of `form`: the tuned shape at batch 1 (the batch tuned for), none (the kernel's defaults) for shapes not
+        measured and larger batches."""
+        if batch != 1:
             return {}
-        shape = self.table.get(shape_key(w, "16bit" if xq.wide else "int8"))
+        shape = self.table.get(shape_key(w, form))
         return shape.launch_args() if shape is not None else {}
 
     def as_json(self) -> list[dict]:
@@ -129,10 +144,11 @@ def _type_named(name: str):
 
 
 def matrices_by_shape(matrices: Iterable[QuantWeight]) -> dict[tuple[str, int, int], list[QuantWeight]]:
-    """The matrices of quant_matvec_q8's types grouped by (type, n_rows, n_cols), each once, in model order."""
+    """The matrices of quant_matvec_q8's and float_matvec's types grouped by (type, n_rows, n_cols), each once,
+    in model order."""
     groups: dict[tuple[str, int, int], list[QuantWeight]] = {}
     for w in matrices:
-        if w.ggml_type in SUPPORTED_TYPES:
+        if w.ggml_type in SUPPORTED_TYPES or fm.supports(w):
             group = groups.setdefault((w.ggml_type.name, w.n_rows, w.n_cols), [])
             if not any(w is other for other in group):
                 group.append(w)
@@ -161,36 +177,45 @@ def replay_ms(body: Callable[[], object], replays: int = 10) -> float:
 def tune_gemv_shapes(matrices: Iterable[QuantWeight], forms: Iterable[str] = ("16bit",),
                      cache: GemvShapeCache | None = None,
                      timer: Callable[[Callable[[], object]], float] = replay_ms) -> GemvShapes:
-    """Time every candidate shape (candidates_for) of each distinct matrix shape against activations of each
-    form in `forms` (keys of FORMS), over all the matrices of that shape at once, with `timer` (ms of a body:
-    CUDA-graph replays by default); keep the fastest. Choices found in `cache` are not measured again; new ones
-    are added to it and saved. A candidate that fails (a shape the GPU cannot hold) is skipped with a warning;
-    the default shape is kept where none ran."""
+    """Time every candidate shape (candidates_for) of each distinct matrix shape, over all the matrices of that
+    shape at once, with `timer` (ms of a body: CUDA-graph replays by default), and keep the fastest: the
+    integer-dot types against activations of each form in `forms` (keys of FORMS), F16 / BF16 once, against f32
+    activations (form "f32"). Choices found in `cache` are not measured again; new ones are added to it and
+    saved. A candidate that fails (a shape the GPU cannot hold) is skipped with a warning; the default shape
+    is kept where none ran."""
     shapes = GemvShapes()
+    forms = tuple(forms)
     for (type_name, n_rows, n_cols), group in matrices_by_shape(matrices).items():
         device = group[0].qs.device
-        for form in forms:
+        floats = is_float(group[0].ggml_type)
+        for form in ("f32",) if floats else forms:
             key = (type_name, n_rows, n_cols, form)
             cached = cache.get(key) if cache is not None else None
             if cached is not None:
                 shapes.table[key] = cached
                 continue
             x = torch.randn(1, n_cols, generator=torch.Generator().manual_seed(n_cols)).to(device)
-            xq = quantize_activations(x, QuantizedActivations.allocate(1, n_cols, device, wide=FORMS[form]))
             out = torch.empty(1, n_rows, device=device)
+            if floats:
+                def gemv(w, args, x=x, out=out):
+                    fm.float_matvec(x, w, out, **args)
+            else:
+                xq = quantize_activations(x, QuantizedActivations.allocate(1, n_cols, device, wide=FORMS[form]))
+
+                def gemv(w, args, xq=xq, out=out):
+                    quant_matvec_q8(xq, w, out, **args)
             timings = {}
             for shape in candidates_for(group[0].ggml_type):
-                args = shape.launch_args()
-
-                def body(args=args):
+                def body(args=shape.launch_args()):
                     for w in group:
-                        quant_matvec_q8(xq, w, out, **args)
+                        gemv(w, args)
                 try:
                     timings[shape] = timer(body)
                 except Exception as exc:  # e.g. registers or shared memory this GPU does not have
                     warnings.warn(f"decode GEMV shape {shape} failed for {key} ({exc!r:.200})", stacklevel=2)
             ran = {s: ms for s, ms in timings.items() if math.isfinite(ms)}
-            best = min(ran, key=ran.get) if ran else DEFAULT_SHAPE  # min keeps the first (the default) on ties
+            default = FLOAT_DEFAULT_SHAPE if floats else DEFAULT_SHAPE
+            best = min(ran, key=ran.get) if ran else default  # min keeps the first (the default) on ties
             shapes.table[key] = best
             shapes.timings[key] = timings
             if cache is not None and ran:
