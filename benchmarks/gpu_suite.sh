@@ -90,7 +90,7 @@ status=0
 if [ "$MODE" != types ] && [ "$MODE" != fit ] && [ "$MODE" != bench ]; then  # types, fit: the benchmarks alone, after a full run has tested the same commit
   # Unmarked kernel tests that take the GPU when there is one: the integer-dot GEMVs (16-bit and int8) and the
   # kernels that write their activations.
-  python3 -m pytest -q -p no:cacheprovider tests/kernels/test_quant_matvec_q8.py \
+  python3 -m pytest -q -p no:cacheprovider tests/kernels/test_quant_matvec_q8.py tests/kernels/test_float_matvec.py \
     tests/kernels/test_rmsnorm.py tests/kernels/test_decode_attention.py -k "quant or matvec or copy" \
     tests/kernels/test_quant_dequant.py::test_small_int_to_f32_is_exact_over_its_range 2>&1 | tee "$OUT/gpu_tests.log"
   status=${PIPESTATUS[0]}
