@@ -136,8 +136,10 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
 
     from .. import kernels as K
     from ..kernels.int8_activations import QuantizedActivations, quantize_activations
-    from ..kernels.quant_matvec_q8 import quant_matvec_q8
+    from ..kernels import float_matvec
+    from ..kernels.quant_matvec_q8 import ROW_TILE_TYPES, quant_matvec_q8
     from ..kernels.quant_weight import MATVEC_TYPES
+    from ..runner.gemv_tuning import CANDIDATES, FLOAT_CANDIDATES
     from ..synth.random_rows import random_gguf_rows
 
     hidden, ffn, heads, head_dim, page = 4096, 11008, 32, 128, 16
@@ -166,6 +168,15 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
     for t in (T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0):
         w = weight(t, n_cols=ffn)
         calls.append((f"{t.name} 16-bit GEMV: ", lambda w=w: quant_matvec_q8(xq16, w, torch.zeros(1, 32))))
+        if t in ROW_TILE_TYPES:  # the tuning's candidates with 4 row tiles: the most registers a thread
+            for shape in [s for s in CANDIDATES if s.rows == 4]:
+                calls.append((f"{t.name} 16-bit GEMV {shape}: ", lambda w=w, shape=shape: quant_matvec_q8(
+                    xq16, w, torch.zeros(1, 32), **shape.launch_args())))
+    for t in sorted(float_matvec.SUPPORTED_TYPES, key=int):
+        w = weight(t)
+        for shape in (FLOAT_CANDIDATES[0], max(FLOAT_CANDIDATES, key=lambda s: s.chunks)):
+            calls.append((f"{t.name} float GEMV {shape}: ", lambda w=w, shape=shape: float_matvec.float_matvec(
+                x1, w, torch.zeros(1, 32), **shape.launch_args())))
     norm = torch.ones(hidden)
     calls.append(("", lambda: K.rmsnorm(x1, norm, 1e-5, torch.zeros(1, hidden))))
     calls.append(("", lambda: K.add_rmsnorm(x1, torch.zeros(1, hidden), norm, 1e-5, torch.zeros(1, hidden))))
