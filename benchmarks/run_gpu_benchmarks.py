@@ -346,6 +346,20 @@ def bench_variants(run: Run, llm: LLM) -> None:
                 bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
 
 
+def bench_default_shapes(run: Run, llm: LLM) -> None:
+    """tg128 with the decode GEMVs at their kernels' default launch shapes instead of the shapes tuned at load
+    (runner/gemv_tuning): what the tuning buys, on the same machine. The backend's name says "-default-shapes"."""
+    backend = llm.backend
+    tuned = backend.bufs.gemv_shapes
+    backend.bufs.gemv_shapes = None
+    backend._recapture()
+    try:
+        bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
+    finally:
+        backend.bufs.gemv_shapes = tuned
+        backend._recapture()
+
+
 def time_to_first_token(backend, prompt_ids: list[int]) -> float:
     """Seconds from the request to its first token on the host (prefill, first sample, copy back)."""
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
@@ -576,6 +590,7 @@ def main() -> None:
         if llm:
             run.stage("bench llama2-7b Q4_K_M", bench, run, llm,
                       [BenchTest("tg", 128), BenchTest("pp", 512)], ["graph"], 3)
+            run.stage("bench llama2-7b Q4_K_M, GEMVs at the kernels' default shapes", bench_default_shapes, run, llm)
             run.stage("profile llama2-7b Q4_K_M", profile, run, llm, DEFAULT_MODES, 64)
             synth_13b = start_synth("llama2-13b", "q4_k_m")  # after the profile: no host contention there
             run.stage("kernels llama2-7b Q4_K_M", kernels, run, llm)

@@ -181,7 +181,9 @@ class GPUBackend(Backend):
 
     @property
     def name(self) -> str:
-        return f"cuda-{self.mode.name}-{self.bufs.activations}" + ("-pdl" if self.bufs.pdl else "")
+        untuned = self.is_cuda and self.bufs.gemv_shapes is None  # (benchmarks' baseline: runner/gemv_tuning)
+        return (f"cuda-{self.mode.name}-{self.bufs.activations}" + ("-pdl" if self.bufs.pdl else "")
+                + ("-default-shapes" if untuned else ""))
 
     def set_activations(self, form: str) -> None:
         """The form in which the quantized matrices' GEMVs take their inputs at decode (runner/decode_step.py):
