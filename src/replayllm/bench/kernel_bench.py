@@ -9,7 +9,6 @@ context), so GB/s compares directly with the copy bandwidth.
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,25 +29,11 @@ class KernelRow:
 
 
 def time_graph_replay(body, replays: int = 20) -> float:
-    """Median milliseconds of one replay of `body` captured as a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median milliseconds of one replay of `body` captured as a CUDA graph (runner/gemv_tuning's timer: the
+    engine's warm-up stream, so the benchmarks and the load-time tuning time alike)."""
+    from ..runner.gemv_tuning import replay_ms
+
+    return replay_ms(body, replays)
 
 
 def kernel_rows(backend, context_tokens: int, config: MatvecConfig | None = None,
