@@ -24,6 +24,7 @@ from ..errors import UnsupportedError
 from ._tensor_checks import check_same_device, check_tensor
 from .pdl import _pdl_wait, launch_options
 from .quant_weight import QuantWeight
+from .row_tiles import _program_rows, _store_row_tiles, _sum_tile, _tile_sources
 
 T = GGMLQuantizationType
 SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset({T.F16, T.BF16})
@@ -52,19 +53,9 @@ def _float_matvec_kernel(
     ACCUMULATE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     _pdl_wait(USE_PDL)
-    # Chunk c of a row is weights 8c + t, t = 4g + k (g < 2, k < 4), times activations 8c + t. Batch rows vary
-    # fastest in launch order, so the programs sharing a weight block run side by side.
-    batch = tl.program_id(0) % n_batch
-    first = (tl.program_id(0) // n_batch) * (BLOCK_N * ROWS)
-    rows0 = first + tl.arange(0, BLOCK_N)
-    rows1 = rows0 + BLOCK_N
-    rows2 = rows1 + BLOCK_N
-    rows3 = rows2 + BLOCK_N
-    # Rows past n_rows re-read the last row (never stored).
-    src0 = tl.minimum(rows0, n_rows - 1).to(tl.int64)
-    src1 = tl.minimum(rows1, n_rows - 1).to(tl.int64)
-    src2 = tl.minimum(rows2, n_rows - 1).to(tl.int64)
-    src3 = tl.minimum(rows3, n_rows - 1).to(tl.int64)
+    # Chunk c of a row is weights 8c + t, t = 4g + k (g < 2, k < 4), times activations 8c + t.
+    batch, first = _program_rows(n_batch, BLOCK_N, ROWS)
+    src0, src1, src2, src3 = _tile_sources(first, n_rows, BLOCK_N)
     zero = 0 * src0[:, None, None, None]  # [BLOCK_N, 1, 1, 1]: the activations at the tile's full shape
     t = 4 * tl.arange(0, 2)[None, None, :, None] + tl.arange(0, 4)[None, None, None, :]  # [1, 1, 2, 4]
     xrow = x_ptr + batch.to(tl.int64) * stride_xb
@@ -85,26 +76,8 @@ def _float_matvec_kernel(
         if ROWS > 2:
             acc2 = _float_row_step(acc2, src2, x, c, t, w_ptr, stride_w)
             acc3 = _float_row_step(acc3, src3, x, c, t, w_ptr, stride_w)
-    _store(acc0, rows0, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
-    if ROWS > 1:
-        _store(acc1, rows1, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
-    if ROWS > 2:
-        _store(acc2, rows2, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
-        _store(acc3, rows3, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
-
-
-@triton.jit
-def _store(acc, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS: tl.constexpr,
-           ACCUMULATE: tl.constexpr):
-    """out[batch, rows] (+)= the row sums of acc [BLOCK_N, C, 2, 4] (+ bias[rows]), rows past n_rows masked."""
-    result = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)  # [BLOCK_N]
-    row_ok = rows < n_rows
-    o = out_ptr + batch.to(tl.int64) * stride_ob + rows
-    if HAS_BIAS:
-        result += tl.load(bias_ptr + rows, mask=row_ok, other=0.0)
-    if ACCUMULATE:
-        result += tl.load(o, mask=row_ok, other=0.0)
-    tl.store(o, result, mask=row_ok)
+    _store_row_tiles(_sum_tile(acc0), _sum_tile(acc1), _sum_tile(acc2), _sum_tile(acc3), first, batch,
+                     out_ptr, bias_ptr, stride_ob, n_rows, BLOCK_N, ROWS, HAS_BIAS, ACCUMULATE)
 
 
 def supports(w: QuantWeight) -> bool:

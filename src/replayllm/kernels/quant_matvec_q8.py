@@ -53,6 +53,7 @@ from .int8_activations import ACTIVATION_BLOCK, QuantizedActivations, wide_value
 from .quant_dequant import _kquant_scales
 from .quant_weight import QuantWeight
 from .pdl import _pdl_wait, launch_options
+from .row_tiles import _program_rows, _store_row_tiles, _store_rows, _sum_tile, _tile_sources
 
 T = GGMLQuantizationType
 
@@ -147,19 +148,6 @@ def _step_chunks(step, n_chunks, C: tl.constexpr):
     ok = (c < n_chunks)[None, :]
     c = tl.minimum(c, n_chunks - 1)
     return ok, c[None, :], c[None, :, None]
-
-
-@triton.jit
-def _store_rows(result, rows, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS: tl.constexpr,
-                ACCUMULATE: tl.constexpr):
-    """out[batch, rows] (+)= result [BLOCK_N] (+ bias[rows]), rows past n_rows masked off."""
-    row_ok = rows < n_rows
-    o = out_ptr + batch.to(tl.int64) * stride_ob + rows
-    if HAS_BIAS:
-        result += tl.load(bias_ptr + rows, mask=row_ok, other=0.0)
-    if ACCUMULATE:
-        result += tl.load(o, mask=row_ok, other=0.0)
-    tl.store(o, result, mask=row_ok)
 
 
 @triton.jit
@@ -266,14 +254,6 @@ def _kquant_chunk_sums(qs0, qs1, qh0, qh1, words, bit, HAS_QH: tl.constexpr, WID
 
 
 @triton.jit
-def _rows_of(first, r, n_rows, BLOCK_N: tl.constexpr):
-    """Rows r * BLOCK_N ... of the program's block starting at `first` ([BLOCK_N]), and the rows to read: past
-    n_rows, the last row again (never stored)."""
-    rows = first + r * BLOCK_N + tl.arange(0, BLOCK_N)
-    return rows, tl.minimum(rows, n_rows - 1).to(tl.int64)
-
-
-@triton.jit
 def _kquant_row_step(src, words, xs_lo, xs_hi, xsum_lo, xsum_hi, ok, c2, c3, u, bit,
                      qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, stride_qw, stride_qh, stride_sc, stride_d,
                      HAS_QH: tl.constexpr, WIDE: tl.constexpr, USE_DP4A: tl.constexpr):
@@ -320,12 +300,8 @@ def _kquant_matvec_q8_kernel(
     # A program has ROWS tiles of BLOCK_N rows (1, 2 or 4): each thread then holds the same chunk of ROWS rows,
     # and the activation words, their scales and block sums it loads for one serve all of them (a 16-bit
     # activation word is twice the bytes of the quant words it meets, so these loads outnumber the weights').
-    batch = tl.program_id(0) % n_batch
-    first = (tl.program_id(0) // n_batch) * (BLOCK_N * ROWS)
-    rows0, src0 = _rows_of(first, 0, n_rows, BLOCK_N)
-    rows1, src1 = _rows_of(first, 1, n_rows, BLOCK_N)
-    rows2, src2 = _rows_of(first, 2, n_rows, BLOCK_N)
-    rows3, src3 = _rows_of(first, 3, n_rows, BLOCK_N)
+    batch, first = _program_rows(n_batch, BLOCK_N, ROWS)
+    src0, src1, src2, src3 = _tile_sources(first, n_rows, BLOCK_N)
     zero3 = 0 * src0[:, None, None]  # [BLOCK_N, 1, 1]: shared loads at the tile's full shape (its layout)
     zero2 = 0 * src0[:, None]
     u = tl.arange(0, 4)[None, None, :]  # [1, 1, 4]
@@ -359,12 +335,8 @@ def _kquant_matvec_q8_kernel(
             acc3 += _kquant_row_step(src3, words, xs_lo, xs_hi, xsum_lo, xsum_hi, ok, c2, c3, u, bit, qs_ptr,
                                      qh_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, stride_qw, stride_qh, stride_sc,
                                      stride_d, HAS_QH, WIDE, USE_DP4A)
-    _store_rows(tl.sum(acc0, axis=1), rows0, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
-    if ROWS > 1:
-        _store_rows(tl.sum(acc1, axis=1), rows1, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
-    if ROWS > 2:
-        _store_rows(tl.sum(acc2, axis=1), rows2, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
-        _store_rows(tl.sum(acc3, axis=1), rows3, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+    _store_row_tiles(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), tl.sum(acc3, axis=1), first,
+                     batch, out_ptr, bias_ptr, stride_ob, n_rows, BLOCK_N, ROWS, HAS_BIAS, ACCUMULATE)
 
 
 @triton.jit
@@ -413,12 +385,8 @@ def _q6k_matvec_q8_kernel(
     # 2r, 2r + 1 of each byte; the activations of run r are words 32c + 8r + t. The tile [BLOCK_N, C, 2, 4]
     # splits t = 4g + k: each g is 16 weights of one scale (8c + 2r + g), summed as integers over k first.
     # ROWS tiles of BLOCK_N rows a program share the activation loads, as in the Q4_K kernel.
-    batch = tl.program_id(0) % n_batch
-    first = (tl.program_id(0) // n_batch) * (BLOCK_N * ROWS)
-    rows0, src0 = _rows_of(first, 0, n_rows, BLOCK_N)
-    rows1, src1 = _rows_of(first, 1, n_rows, BLOCK_N)
-    rows2, src2 = _rows_of(first, 2, n_rows, BLOCK_N)
-    rows3, src3 = _rows_of(first, 3, n_rows, BLOCK_N)
+    batch, first = _program_rows(n_batch, BLOCK_N, ROWS)
+    src0, src1, src2, src3 = _tile_sources(first, n_rows, BLOCK_N)
     zero = 0 * src0[:, None, None, None]  # [BLOCK_N, 1, 1, 1]
     g = tl.arange(0, 2)[None, None, :, None]  # [1, 1, 2, 1]
     t = 4 * g + tl.arange(0, 4)[None, None, None, :]  # [1, 1, 2, 4]
@@ -448,18 +416,8 @@ def _q6k_matvec_q8_kernel(
                                  stride_qh, stride_sc, stride_d, WIDE, USE_DP4A)
             acc3 = _q6k_row_step(acc3, src3, xw, xs, ok, c, g, t, ql_ptr, qh_ptr, sc_ptr, d_ptr, stride_ql,
                                  stride_qh, stride_sc, stride_d, WIDE, USE_DP4A)
-    _store_rows(_sum_tile(acc0), rows0, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
-    if ROWS > 1:
-        _store_rows(_sum_tile(acc1), rows1, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
-    if ROWS > 2:
-        _store_rows(_sum_tile(acc2), rows2, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
-        _store_rows(_sum_tile(acc3), rows3, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
-
-
-@triton.jit
-def _sum_tile(acc):
-    """[BLOCK_N, C, 2, 1] -> [BLOCK_N]: the row sums of a Q6_K / Q8_0 accumulator."""
-    return tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
+    _store_row_tiles(_sum_tile(acc0), _sum_tile(acc1), _sum_tile(acc2), _sum_tile(acc3), first, batch,
+                     out_ptr, bias_ptr, stride_ob, n_rows, BLOCK_N, ROWS, HAS_BIAS, ACCUMULATE)
 
 
 @triton.jit
@@ -498,12 +456,8 @@ def _q80_matvec_q8_kernel(
     # qs and xq are read as int32 words. Chunk c is block c (32 weights, one scale d): qs words 8c + t times xq
     # words 8c + t. The tile [BLOCK_N, C, 2, 4] splits t = 4g + k and sums over k as integers first. ROWS tiles
     # of BLOCK_N rows a program share the activation loads, as in the Q4_K kernel.
-    batch = tl.program_id(0) % n_batch
-    first = (tl.program_id(0) // n_batch) * (BLOCK_N * ROWS)
-    rows0, src0 = _rows_of(first, 0, n_rows, BLOCK_N)
-    rows1, src1 = _rows_of(first, 1, n_rows, BLOCK_N)
-    rows2, src2 = _rows_of(first, 2, n_rows, BLOCK_N)
-    rows3, src3 = _rows_of(first, 3, n_rows, BLOCK_N)
+    batch, first = _program_rows(n_batch, BLOCK_N, ROWS)
+    src0, src1, src2, src3 = _tile_sources(first, n_rows, BLOCK_N)
     zero = 0 * src0[:, None, None, None]  # [BLOCK_N, 1, 1, 1]
     t = 4 * tl.arange(0, 2)[None, None, :, None] + tl.arange(0, 4)[None, None, None, :]  # [1, 1, 2, 4]
     xrow = batch.to(tl.int64) * stride_xw
@@ -526,12 +480,8 @@ def _q80_matvec_q8_kernel(
         if ROWS > 2:
             acc2 = _q80_row_step(acc2, src2, xq, xs, ok, c, t, qs_ptr, d_ptr, stride_qw, stride_d, WIDE, USE_DP4A)
             acc3 = _q80_row_step(acc3, src3, xq, xs, ok, c, t, qs_ptr, d_ptr, stride_qw, stride_d, WIDE, USE_DP4A)
-    _store_rows(_sum_tile(acc0), rows0, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
-    if ROWS > 1:
-        _store_rows(_sum_tile(acc1), rows1, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
-    if ROWS > 2:
-        _store_rows(_sum_tile(acc2), rows2, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
-        _store_rows(_sum_tile(acc3), rows3, batch, out_ptr, bias_ptr, stride_ob, n_rows, HAS_BIAS, ACCUMULATE)
+    _store_row_tiles(_sum_tile(acc0), _sum_tile(acc1), _sum_tile(acc2), _sum_tile(acc3), first, batch,
+                     out_ptr, bias_ptr, stride_ob, n_rows, BLOCK_N, ROWS, HAS_BIAS, ACCUMULATE)
 
 
 def _launch_q4(grid, xq: QuantizedActivations, xq_words: torch.Tensor, w: QuantWeight, out: torch.Tensor,

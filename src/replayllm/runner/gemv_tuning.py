@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
+from gguf import GGMLQuantizationType
 
 from ..kernels import float_matvec as fm
 from ..kernels.int8_activations import QuantizedActivations, quantize_activations
@@ -129,18 +130,12 @@ class GemvShapeCache(JsonCache):
             shape = GemvShape(**entry)
         except TypeError:
             return None  # absent or malformed: measure it
-        if shape not in candidates_for(_type_named(key[0])):
+        if shape not in candidates_for(GGMLQuantizationType[key[0]]):
             return None  # not a shape this version would choose (or a hand-edited one)
         return shape
 
     def put(self, key: tuple[str, int, int, str], shape: GemvShape) -> None:
         self.put_entry(self._key(key), asdict(shape))
-
-
-def _type_named(name: str):
-    from gguf import GGMLQuantizationType
-
-    return GGMLQuantizationType[name]
 
 
 def matrices_by_shape(matrices: Iterable[QuantWeight]) -> dict[tuple[str, int, int], list[QuantWeight]]:
