@@ -510,6 +510,58 @@ def kernels(run: Run, llm: LLM) -> None:
         f"{t['type']} {t['n_rows']}x{t['n_cols']} {t['form']}: {t['shape']}" for t in tuned))
 
 
+def decode_breakdown(run: Run, llm: LLM, positions: int = 64, replays: int = 20) -> None:
+    """Where one decode step's GPU time goes: the torch profiler's record of the kernels of `replays` graph
+    replays at context `positions`, with PDL as loaded and with it off. Per step: the time each kernel name
+    takes, the launches, the time the GPU is busy with at least one kernel (the union of their intervals) and
+    the idle rest of the step; and one step's kernels in launch order. With PDL a kernel starts while its
+    predecessor drains, so its duration includes that wait: the per-name times add up to more than the step,
+    and the PDL-off record is the one that gives each kernel's own time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    backend = llm.backend
+    out = {}
+    for pdl in dict.fromkeys((backend.bufs.pdl, False)):
+        with decode_options(llm, None, pdl):
+            backend.measure_step_gpu_ms("graph", positions, replays=3)  # warm
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                step_ms = backend.measure_step_gpu_ms("graph", positions, replays=replays)
+        steps = replays + 1  # measure_step_gpu_ms replays once before it starts timing
+        kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
+                         key=lambda e: e.time_range.start)
+        if len(kernels) < steps:
+            raise RuntimeError(f"the profiler recorded {len(kernels)} kernels in {steps} graph replays")
+        busy, end = 0.0, float("-inf")
+        for e in kernels:  # the union of the kernels' intervals, in microseconds
+            start, stop = max(e.time_range.start, end), e.time_range.end
+            if stop > start:
+                busy += stop - start
+            end = max(end, stop)
+        per_step = len(kernels) // steps
+        by_name: dict[str, list[float]] = {}
+        for e in kernels:
+            by_name.setdefault(e.name[:60], []).append(e.time_range.elapsed_us())
+        names = sorted(by_name, key=lambda n: -sum(by_name[n]))
+        span = kernels[-1].time_range.end - kernels[0].time_range.start if kernels else 0.0
+        out["pdl" if pdl else "no_pdl"] = {
+            "positions": positions, "steps": steps, "step_us": 1e3 * step_ms,
+            "launches_per_step": per_step, "busy_us_per_step": busy / steps,
+            "idle_us_per_step": (span - busy) / steps,
+            "by_name": [{"kernel": n, "launches_per_step": len(by_name[n]) / steps,
+                         "us_per_step": sum(by_name[n]) / steps,
+                         "us_per_launch": sum(by_name[n]) / len(by_name[n])} for n in names],
+            "last_step": [{"kernel": e.name[:60], "us": e.time_range.elapsed_us()} for e in kernels[-per_step:]],
+        }
+        r = out["pdl" if pdl else "no_pdl"]
+        run.summary.append(
+            f"    decode step kernels, PDL {pdl}, context {positions}: {1e3 * step_ms:.0f} us a step, "
+            f"{per_step} launches, GPU busy {r['busy_us_per_step']:.0f} us, idle {r['idle_us_per_step']:.0f} us; "
+            + ", ".join(f"{x['kernel'][:28]} {x['us_per_step']:.0f} us x{x['launches_per_step']:.0f}"
+                        for x in r["by_name"][:8]))
+    run.results["decode_kernels_7b"] = out
+
+
 def draw_profile(run: Run) -> None:
     from replayllm.bench.chart import draw
 
@@ -594,6 +646,7 @@ def main() -> None:
             run.stage("profile llama2-7b Q4_K_M", profile, run, llm, DEFAULT_MODES, 64)
             synth_13b = start_synth("llama2-13b", "q4_k_m")  # after the profile: no host contention there
             run.stage("kernels llama2-7b Q4_K_M", kernels, run, llm)
+            run.stage("decode step kernel breakdown llama2-7b Q4_K_M", decode_breakdown, run, llm)
             run.stage("correctness llama2-7b Q4_K_M vs fp32 reference", correctness, run, llm, q7)
             run.stage("bench llama2-7b Q4_K_M deep + multi-step", bench, run, llm,
                       [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
