@@ -333,11 +333,17 @@ def bench(run: Run, llm: LLM, tests: list[BenchTest], modes: list[str], reps: in
 
 
 def bench_variants(run: Run, llm: LLM) -> None:
-    """tg128 with the decode options against the default (PDL on where the GPU has it, 16-bit activations): PDL
-    off; f32 activations (the path the default replaced); int8 activations, with PDL on and off; each row's
+    """tg128 with the decode options against the default (PDL on where the GPU has it, 16-bit activations): the
+    GEMVs' weight prefetch off; PDL off; f32 activations (the path the default replaced); int8 activations, with PDL on and off; each row's
     backend name says which. Then int8 + PDL deep in the context (its attention is a larger share of its
     step)."""
     pdl_default = llm.backend.bufs.pdl
+    if pdl_default:  # the GEMVs' L2 prefetch before their PDL wait, off (the backend's name says "-no-prefetch")
+        llm.backend.set_weight_prefetch(False)
+        try:
+            bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
+        finally:
+            llm.backend.set_weight_prefetch(True)
     for activations, pdl in ((None, not pdl_default), ("f32", pdl_default), ("int8", pdl_default),
                              ("int8", not pdl_default)):
         with decode_options(llm, activations, pdl):
@@ -524,9 +530,9 @@ def decode_breakdown(run: Run, llm: LLM, positions: int = 64, replays: int = 20)
     out = {}
     for pdl in dict.fromkeys((backend.bufs.pdl, False)):
         with decode_options(llm, None, pdl):
-            backend.measure_step_gpu_ms("graph", positions, replays=3)  # warm
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                step_ms = backend.measure_step_gpu_ms("graph", positions, replays=replays)
+            backend.measure_step_gpu_ms("graph", positions, replays=3, greedy=True)  # warm
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:  # the greedy step, as tg128 replays it
+                step_ms = backend.measure_step_gpu_ms("graph", positions, replays=replays, greedy=True)
         steps = replays + 1  # measure_step_gpu_ms replays once before it starts timing
         kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
                          key=lambda e: e.time_range.start)

@@ -23,6 +23,11 @@ pytestmark = pytest.mark.gpu
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
            "The three primary colours are"]
 LOGIT_TOLERANCE = 1e-2
+# The opt-in int8-activation path rounds each activation to 1/254 of its block's largest value: ~1e-3 of every
+# product, through all the layers. Its greedy tokens leave the fp32 reference's where two logits are close, and
+# the logit it then picks has measured 0.7-1.4% of the logit scale below the reference's best on the default
+# model (benchmarks/NOTES.md). 3% bounds that; a wrong kernel picks tokens tens of percent below.
+INT8_LOGIT_TOLERANCE = 3e-2
 
 
 @pytest.fixture(scope="module", params=["default", "tiny-q4_k_m"])
@@ -140,7 +145,7 @@ def test_stop_conditions_one_step_behind_do_not_leak_tokens(models):
 
 def test_int8_activations_stay_on_the_reference_and_graph_equals_eager(models):
     """Experimental int8-activation GEMVs (a model with no matrix of their types must not change at all). Tokens
-    must be the reference's argmax or within the logit tolerance of it."""
+    must be the reference's argmax or within the int8 path's logit tolerance of it."""
     from replayllm.kernels.quant_matvec_q8 import SUPPORTED_TYPES
 
     name, reference, graph, eager = models
@@ -159,7 +164,7 @@ def test_int8_activations_stay_on_the_reference_and_graph_equals_eager(models):
         assert out.token_ids == plain.token_ids
     ref_logits = reference.logits(out.prompt_token_ids + out.token_ids)
     agreement = greedy_agreement(ref_logits, len(out.prompt_token_ids), out.token_ids)
-    assert agreement.is_within(LOGIT_TOLERANCE), agreement
+    assert agreement.is_within(INT8_LOGIT_TOLERANCE), agreement
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +292,23 @@ def test_programmatic_dependent_launch_changes_no_token(models):
     assert graph.backend.name.endswith("-pdl")
     assert graph.generate([PROMPTS[3]], params)[0].token_ids == expected
     assert eager.generate([PROMPTS[3]], params)[0].token_ids == expected
+
+
+def test_weight_prefetch_changes_no_token(models):
+    """The decode GEMVs' L2 prefetch before the PDL wait reads weights early and computes nothing: the same
+    tokens with it off (graph mode, where the step is captured with it)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    _, _, graph, _ = models
+    assert graph.backend.bufs.prefetch_weights  # the default
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    expected = graph.generate([PROMPTS[2]], params)[0].token_ids
+    graph.backend.set_weight_prefetch(False)
+    try:
+        assert graph.backend.name.endswith("-no-prefetch")
+        assert graph.generate([PROMPTS[2]], params)[0].token_ids == expected
+    finally:
+        graph.backend.set_weight_prefetch(True)
 
 
 def test_a_prefill_pass_allocates_no_more_than_its_estimate(models):

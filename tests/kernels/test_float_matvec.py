@@ -56,3 +56,17 @@ def test_other_weights_and_shapes_are_refused(gguf_rows):
         float_matvec(torch.zeros(1, 16), f16, torch.zeros(1, 4), rows=3)
     with pytest.raises(ValueError, match="x: expected shape"):
         float_matvec(torch.zeros(1, 8), f16, torch.zeros(1, 4))
+
+
+@pytest.mark.gpu
+def test_prefetch_before_the_pdl_wait_changes_nothing(gguf_rows):
+    """The L2 prefetch of a program's weight rows before its PDL wait computes nothing: the same bits."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs a GPU of compute capability 9.0")
+    n_rows, n_cols = 37, 200
+    w = pack_weight(T.F16, gguf_rows(T.F16, n_rows, n_cols, seed=5), n_cols).cuda()
+    x = torch.randn(2, n_cols, generator=torch.Generator().manual_seed(2)).cuda()
+    outs = [float_matvec(x, w, torch.full((2, n_rows), float("nan"), device="cuda"), block_n=4, chunks=8,
+                         num_warps=1, rows=2, pdl=True, prefetch=prefetch) for prefetch in (False, True)]
+    assert torch.equal(outs[0], outs[1])
+    assert rel_err(outs[1], x.double() @ dequantize_reference(w).double().T) < 1e-6

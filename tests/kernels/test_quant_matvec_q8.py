@@ -159,3 +159,22 @@ def test_launch_shapes_must_be_powers_of_two(gguf_rows):
     xq = QuantizedActivations.allocate(1, 256, "cpu")
     with pytest.raises(ValueError, match="chunks must be a power of two, got 3"):
         quant_matvec_q8(xq, w, torch.empty(1, 4), chunks=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ggml_type", [T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0], ids=lambda t: t.name)
+def test_prefetch_before_the_pdl_wait_changes_nothing(ggml_type, case):
+    """The L2 prefetch of a program's weight rows (before its PDL wait) computes nothing: with it, the same
+    launch gives the same bits as without; several steps a row, a partly filled last program, batch 2."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs a GPU of compute capability 9.0")
+    w, _, xq = case(ggml_type, 37, 1792, 2, seed=13, wide=True)
+    shape = dict(block_n=4, chunks={T.Q6_K: 4, T.Q8_0: 16, T.Q4_0: 16}.get(ggml_type, 8), num_warps=2)
+    if ggml_type != T.Q4_0:
+        shape["rows"] = 2
+    outs = []
+    for prefetch in (False, True):
+        out = torch.full((2, 37), float("nan"), device="cuda")
+        outs.append(quant_matvec_q8(xq, w, out, pdl=True, prefetch=prefetch, **shape))
+    assert torch.equal(outs[0], outs[1])
+    assert rel_err(outs[1], quant_matvec_q8_reference(xq, w)) < 1e-5

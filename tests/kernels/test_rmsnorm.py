@@ -160,3 +160,56 @@ def test_quantized_copy_needs_whole_blocks():
     q8 = QuantizedActivations(torch.zeros(1, 40, dtype=torch.int8), torch.zeros(1, 1), torch.zeros(1, 1))
     with pytest.raises(ValueError, match="multiple of 32"):
         rmsnorm(x, torch.ones(40, device=DEVICE), 1e-5, torch.zeros_like(x), out_q8=q8)
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["int8", "16bit"])
+@pytest.mark.parametrize("rows, row_size", [(1, 4096), (3, 576)])  # 576: the last slice of each row is partial
+def test_sliced_rows_give_what_one_program_a_row_gives(wide, rows, row_size):
+    """At decode batch sizes a row is cut into slices, one program each (each re-reads the row for its mean
+    square). Against the reference, and against the one-program-a-row kernel (taken by rows past
+    SLICED_MAX_ROWS): the same normalised values within f32 rounding, the same quants but where a value sits on
+    a rounding boundary."""
+    import importlib
+
+    module = importlib.import_module("replayllm.kernels.rmsnorm")  # the package exports the function by this name
+    from replayllm.kernels.int8_activations import QuantizedActivations, wide_values
+
+    assert module.sliced(rows, row_size, has_residual=False, out_overlaps_x=False)
+    gen = torch.Generator().manual_seed(rows + row_size)
+    x = (torch.randn(rows, row_size, generator=gen) * 2 + 0.25).to(DEVICE)
+    w = torch.randn(row_size, generator=gen).to(DEVICE)
+    out, q = _poisoned(rows, row_size), QuantizedActivations.allocate(rows, row_size, DEVICE, wide=wide)
+    rmsnorm(x, w, 1e-5, out, out_q8=q)
+    assert _relative_error(out, rmsnorm_reference(x, w, 1e-5)) < TOLERANCE
+    padded = module.SLICED_MAX_ROWS + 1  # the same rows, then copies: one program a row
+    many = x.repeat(-(-padded // rows), 1)[:padded]
+    assert not module.sliced(padded, row_size, has_residual=False, out_overlaps_x=False)
+    out_one, q_one = _poisoned(padded, row_size), QuantizedActivations.allocate(padded, row_size, DEVICE, wide=wide)
+    rmsnorm(many, w, 1e-5, out_one, out_q8=q_one)
+    assert torch.allclose(out, out_one[:rows], rtol=1e-6, atol=1e-6)
+    step = (wide_values(q.q) - wide_values(q_one.q[:rows])).abs()
+    assert step.max() <= 1 and (step > 0).float().mean() < 1e-3
+    assert torch.allclose(q.scale, q_one.scale[:rows], rtol=1e-6)
+    assert torch.allclose(q.block_sum, q_one.block_sum[:rows], rtol=1e-5, atol=1e-5)
+
+
+def test_rows_are_sliced_only_where_no_program_reads_what_another_writes():
+    import importlib
+
+    module = importlib.import_module("replayllm.kernels.rmsnorm")  # the package exports the function by this name
+
+    assert module.sliced(1, 4096, has_residual=False, out_overlaps_x=False)
+    assert not module.sliced(1, 4096, has_residual=True, out_overlaps_x=False)  # residual += x, read by all
+    assert not module.sliced(1, 4096, has_residual=False, out_overlaps_x=True)  # in place
+    assert not module.sliced(1, module.SLICED_MIN_ROW_SIZE - 1, has_residual=False, out_overlaps_x=False)
+    x = torch.zeros(2, 1024)
+    assert module._overlaps(x, x) and module._overlaps(x[1:], x) and not module._overlaps(x[:1], x[1:])
+
+
+def test_in_place_rmsnorm_of_a_long_row_is_not_sliced_and_stays_correct():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 2048, generator=gen).to(DEVICE)
+    w = torch.randn(2048, generator=gen).to(DEVICE)
+    expected = rmsnorm_reference(x, w, 1e-5)
+    rmsnorm(x, w, 1e-5, x)
+    assert _relative_error(x, expected) < TOLERANCE

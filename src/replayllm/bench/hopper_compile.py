@@ -208,6 +208,12 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
     calls.append(("PDL: ", lambda: quant_matvec_q8(xq, weight(T.Q4_K, n_cols=ffn), torch.zeros(1, 32), pdl=True)))
     calls.append(("PDL: ", lambda: quant_matvec_q8(xq16, weight(T.Q4_K, n_cols=ffn), torch.zeros(1, 32), pdl=True)))
     calls.append(("PDL: ", lambda: K.quant_matvec(x1, w4, torch.zeros(1, 32), pdl=True)))
+    for t in (T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0):  # the weight rows asked of L2 before the PDL wait
+        w, tiles = weight(t, n_cols=ffn), 4 if t in ROW_TILE_TYPES else None
+        calls.append((f"PDL + prefetch {t.name}: ", lambda w=w, tiles=tiles: quant_matvec_q8(
+            xq16, w, torch.zeros(1, 32), pdl=True, prefetch=True, rows=tiles)))
+    calls.append(("PDL + prefetch F16: ", lambda: float_matvec.float_matvec(
+        x1, weight(T.F16), torch.zeros(1, 32), pdl=True, prefetch=True)))
     calls.append(("PDL: ", lambda: K.rmsnorm(x1, norm, 1e-5, torch.zeros(1, hidden), h_q8, pdl=True)))
     q_prefill = torch.zeros(48, heads, head_dim)
     calls.append(("", lambda: K.paged_prefill_attention(q_prefill, cache, cache, table[0], 0,

@@ -183,6 +183,7 @@ class GPUBackend(Backend):
     def name(self) -> str:
         untuned = self.is_cuda and self.bufs.gemv_shapes is None  # (benchmarks' baseline: runner/gemv_tuning)
         return (f"cuda-{self.mode.name}-{self.bufs.activations}" + ("-pdl" if self.bufs.pdl else "")
+                + ("-no-prefetch" if self.bufs.pdl and not self.bufs.prefetch_weights else "")
                 + ("-default-shapes" if untuned else ""))
 
     def set_activations(self, form: str) -> None:
@@ -235,6 +236,13 @@ class GPUBackend(Backend):
         either way (each kernel waits for the one before it before touching memory). Recaptures the current
         mode's graphs, which bake the choice in."""
         self._enable_pdl(enabled)
+        self._recapture()
+
+    def set_weight_prefetch(self, enabled: bool) -> None:
+        """With PDL, each decode GEMV's programs ask L2 for their weight rows before waiting for the kernel before
+        (on by default; off is the benchmarks' baseline). The tokens are the same either way. Recaptures the
+        current mode's graphs."""
+        self.bufs.prefetch_weights = bool(enabled)
         self._recapture()
 
     def _recapture(self) -> None:

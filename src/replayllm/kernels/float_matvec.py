@@ -24,7 +24,7 @@ from ..errors import UnsupportedError
 from ._tensor_checks import check_same_device, check_tensor
 from .pdl import _pdl_wait, launch_options
 from .quant_weight import QuantWeight
-from .row_tiles import _program_rows, _store_row_tiles, _sum_tile, _tile_sources
+from .row_tiles import _prefetch_rows_l2, _program_rows, _store_row_tiles, _sum_tile, _tile_sources
 
 T = GGMLQuantizationType
 SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset({T.F16, T.BF16})
@@ -50,11 +50,14 @@ def _float_row_step(acc, src, x, c, t, w_ptr, stride_w):
 def _float_matvec_kernel(
     x_ptr, out_ptr, bias_ptr, w_ptr, stride_w, stride_xb, stride_ob, n_rows, n_chunks, n_batch, n_steps,
     C: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACCUMULATE: tl.constexpr, USE_PDL: tl.constexpr,
+    ACCUMULATE: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
+    batch, first = _program_rows(n_batch, BLOCK_N, ROWS)
+    if PREFETCH:  # before the PDL wait (row_tiles._prefetch_rows_l2); batch row 0's programs, once a weight row
+        if batch == 0:
+            _prefetch_rows_l2(w_ptr, first, n_rows, stride_w, BLOCK_N * ROWS)
     _pdl_wait(USE_PDL)
     # Chunk c of a row is weights 8c + t, t = 4g + k (g < 2, k < 4), times activations 8c + t.
-    batch, first = _program_rows(n_batch, BLOCK_N, ROWS)
     src0, src1, src2, src3 = _tile_sources(first, n_rows, BLOCK_N)
     zero = 0 * src0[:, None, None, None]  # [BLOCK_N, 1, 1, 1]: the activations at the tile's full shape
     t = 4 * tl.arange(0, 2)[None, None, :, None] + tl.arange(0, 4)[None, None, None, :]  # [1, 1, 2, 4]
@@ -88,18 +91,21 @@ def supports(w: QuantWeight) -> bool:
 
 def float_matvec(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None = None,
                  accumulate: bool = False, block_n: int | None = None, chunks: int = DEFAULT_CHUNKS,
-                 num_warps: int = DEFAULT_NUM_WARPS, rows: int = DEFAULT_ROWS, pdl: bool = False) -> torch.Tensor:
+                 num_warps: int = DEFAULT_NUM_WARPS, rows: int = DEFAULT_ROWS, pdl: bool = False,
+                 prefetch: bool = False) -> torch.Tensor:
     """out (+)= x @ W^T (+ bias) for an F16 / BF16 weight (`supports`) and f32 activations x [B, n_cols].
 
     out [B, n_rows] f32 (unit column stride, any row stride); one launch, no host sync, graph-capturable. Launch
     shape: `block_n` rows a tile (None: DEFAULT_BLOCK_N, INTERPRETER_BLOCK_N under Triton's interpreter), `rows`
-    tiles a program (1, 2 or 4), `chunks` chunks of 8 weights a step (a power of two), `num_warps`."""
+    tiles a program (1, 2 or 4), `chunks` chunks of 8 weights a step (a power of two), `num_warps`. With `pdl`
+    and `prefetch`, each program asks L2 for its weight rows before its PDL wait (no effect on the result)."""
     if not supports(w):
         got = w.ggml_type.name if isinstance(w, QuantWeight) else type(w).__name__
         raise UnsupportedError(f"float_matvec takes F16 / BF16 weights with a multiple of {CHUNK} columns, got {got}"
                                + (f" with {w.n_cols} columns" if isinstance(w, QuantWeight) else ""))
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if block_n is None:
-        block_n = INTERPRETER_BLOCK_N if os.environ.get("TRITON_INTERPRET") == "1" else DEFAULT_BLOCK_N
+        block_n = INTERPRETER_BLOCK_N if interpreted else DEFAULT_BLOCK_N
     for name, value in (("block_n", block_n), ("chunks", chunks)):
         if not isinstance(value, int) or value < 1 or value & (value - 1):
             raise ValueError(f"float_matvec: {name} must be a power of two, got {value!r}")
@@ -116,5 +122,6 @@ def float_matvec(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch
     _float_matvec_kernel[grid](
         x, out, bias if bias is not None else out, w.qs, w.qs.stride(0), x.stride(0), out.stride(0), w.n_rows,
         n_chunks, batch, triton.cdiv(n_chunks, chunks), C=chunks, BLOCK_N=block_n, ROWS=rows,
-        HAS_BIAS=bias is not None, ACCUMULATE=accumulate, num_warps=num_warps, **launch_options(pdl))
+        HAS_BIAS=bias is not None, ACCUMULATE=accumulate, PREFETCH=prefetch and pdl and not interpreted,
+        num_warps=num_warps, **launch_options(pdl))
     return out

@@ -53,7 +53,7 @@ from .int8_activations import ACTIVATION_BLOCK, QuantizedActivations, wide_value
 from .quant_dequant import _kquant_scales
 from .quant_weight import QuantWeight
 from .pdl import _pdl_wait, launch_options
-from .row_tiles import _program_rows, _store_row_tiles, _store_rows, _sum_tile, _tile_sources
+from .row_tiles import _prefetch_rows_l2, _program_rows, _store_row_tiles, _store_rows, _sum_tile, _tile_sources
 
 T = GGMLQuantizationType
 
@@ -170,7 +170,11 @@ def _q4_matvec_q8_kernel(
     stride_qw, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
     C: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACCUMULATE: tl.constexpr, WIDE: tl.constexpr, USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
+    if PREFETCH:  # before the PDL wait (row_tiles._prefetch_rows_l2)
+        if tl.program_id(0) % n_batch == 0:  # batch row 0's programs, once a weight row
+            _prefetch_rows_l2(qs_ptr, (tl.program_id(0) // n_batch) * BLOCK_N, n_rows, stride_qw, BLOCK_N)
     _pdl_wait(USE_PDL)
     # Q4_0 (weight = (q - 8) d), and Q4_1 with HAS_MIN (weight = q d + m, the min m times the block's exact
     # activation sum). qs and xq are read as int32 words. Chunk c is block c (32 weights, one scale d): qs word
@@ -288,7 +292,14 @@ def _kquant_matvec_q8_kernel(
     stride_qw, stride_qh, stride_sc, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
     C: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_QH: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACCUMULATE: tl.constexpr, WIDE: tl.constexpr, USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
+    batch, first = _program_rows(n_batch, BLOCK_N, ROWS)
+    if PREFETCH:  # before the PDL wait (row_tiles._prefetch_rows_l2); batch row 0's programs, once a weight row
+        if batch == 0:
+            _prefetch_rows_l2(qs_ptr, first, n_rows, stride_qw, BLOCK_N * ROWS)
+            if HAS_QH:
+                _prefetch_rows_l2(qh_ptr, first, n_rows, stride_qh, BLOCK_N * ROWS)
     _pdl_wait(USE_PDL)
     # Q4_K, and Q5_K with HAS_QH. qs, qh and xq are read as int32 words. A row's chunk c (64 weights) is 8 qs
     # words: the low nibbles of word t are weights 4t..4t+3 of sub-block 2c, the high nibbles those of 2c + 1,
@@ -300,7 +311,6 @@ def _kquant_matvec_q8_kernel(
     # A program has ROWS tiles of BLOCK_N rows (1, 2 or 4): each thread then holds the same chunk of ROWS rows,
     # and the activation words, their scales and block sums it loads for one serve all of them (a 16-bit
     # activation word is twice the bytes of the quant words it meets, so these loads outnumber the weights').
-    batch, first = _program_rows(n_batch, BLOCK_N, ROWS)
     src0, src1, src2, src3 = _tile_sources(first, n_rows, BLOCK_N)
     zero3 = 0 * src0[:, None, None]  # [BLOCK_N, 1, 1]: shared loads at the tile's full shape (its layout)
     zero2 = 0 * src0[:, None]
@@ -376,8 +386,13 @@ def _q6k_matvec_q8_kernel(
     xq_ptr, xs_ptr, out_ptr, bias_ptr, ql_ptr, qh_ptr, sc_ptr, d_ptr,
     stride_ql, stride_qh, stride_sc, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
     C: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    WIDE: tl.constexpr, USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
+    WIDE: tl.constexpr, USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
+    batch, first = _program_rows(n_batch, BLOCK_N, ROWS)
+    if PREFETCH:  # before the PDL wait (row_tiles._prefetch_rows_l2)
+        if batch == 0:
+            _prefetch_rows_l2(ql_ptr, first, n_rows, stride_ql, BLOCK_N * ROWS)
+            _prefetch_rows_l2(qh_ptr, first, n_rows, stride_qh, BLOCK_N * ROWS)
     _pdl_wait(USE_PDL)
     # ql, qh and xq are read as int32 words. Chunk c (half c of the row's super-blocks) is 128 weights in 4 runs
     # r of 32, one activation block each: ql word 16c + 8p + t (t < 8) holds weights 4t..4t+3 of run p in its
@@ -385,7 +400,6 @@ def _q6k_matvec_q8_kernel(
     # 2r, 2r + 1 of each byte; the activations of run r are words 32c + 8r + t. The tile [BLOCK_N, C, 2, 4]
     # splits t = 4g + k: each g is 16 weights of one scale (8c + 2r + g), summed as integers over k first.
     # ROWS tiles of BLOCK_N rows a program share the activation loads, as in the Q4_K kernel.
-    batch, first = _program_rows(n_batch, BLOCK_N, ROWS)
     src0, src1, src2, src3 = _tile_sources(first, n_rows, BLOCK_N)
     zero = 0 * src0[:, None, None, None]  # [BLOCK_N, 1, 1, 1]
     g = tl.arange(0, 2)[None, None, :, None]  # [1, 1, 2, 1]
@@ -450,13 +464,16 @@ def _q80_matvec_q8_kernel(
     xq_ptr, xs_ptr, out_ptr, bias_ptr, qs_ptr, d_ptr,
     stride_qw, stride_d, stride_xw, stride_xs, stride_ob, n_rows, n_chunks, n_batch, n_steps,
     C: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    WIDE: tl.constexpr, USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr,
+    WIDE: tl.constexpr, USE_DP4A: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
+    batch, first = _program_rows(n_batch, BLOCK_N, ROWS)
+    if PREFETCH:  # before the PDL wait (row_tiles._prefetch_rows_l2)
+        if batch == 0:
+            _prefetch_rows_l2(qs_ptr, first, n_rows, stride_qw, BLOCK_N * ROWS)
     _pdl_wait(USE_PDL)
     # qs and xq are read as int32 words. Chunk c is block c (32 weights, one scale d): qs words 8c + t times xq
     # words 8c + t. The tile [BLOCK_N, C, 2, 4] splits t = 4g + k and sums over k as integers first. ROWS tiles
     # of BLOCK_N rows a program share the activation loads, as in the Q4_K kernel.
-    batch, first = _program_rows(n_batch, BLOCK_N, ROWS)
     src0, src1, src2, src3 = _tile_sources(first, n_rows, BLOCK_N)
     zero = 0 * src0[:, None, None, None]  # [BLOCK_N, 1, 1, 1]
     t = 4 * tl.arange(0, 2)[None, None, :, None] + tl.arange(0, 4)[None, None, None, :]  # [1, 1, 2, 4]
@@ -548,7 +565,7 @@ SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(_KERNELS)
 def quant_matvec_q8(xq: QuantizedActivations, w: QuantWeight, out: torch.Tensor, bias: torch.Tensor | None = None,
                     accumulate: bool = False, block_n: int | None = None, chunks: int = DEFAULT_CHUNKS,
                     num_warps: int = DEFAULT_NUM_WARPS, num_stages: int = 1, pdl: bool = False,
-                    rows: int | None = None) -> torch.Tensor:
+                    rows: int | None = None, prefetch: bool = False) -> torch.Tensor:
     """out (+)= x @ W^T (+ bias) for a weight of one of SUPPORTED_TYPES (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0) and
     activations quantized by `quantize_activations`.
 
@@ -556,7 +573,9 @@ def quant_matvec_q8(xq: QuantizedActivations, w: QuantWeight, out: torch.Tensor,
     rows a program (None: DEFAULT_BLOCK_N, INTERPRETER_BLOCK_N under Triton's interpreter), `chunks` chunks a step
     (a chunk is 32, 64 or 128 weights by type, see the module docstring), both powers of two; `rows` tiles of
     block_n rows a program for the types of ROW_TILE_TYPES (1, 2 or 4; None: DEFAULT_ROWS there, 1 elsewhere),
-    each thread holding the same chunk of every tile; `num_warps`, `num_stages` as for any Triton launch."""
+    each thread holding the same chunk of every tile; `num_warps`, `num_stages` as for any Triton launch. With
+    `pdl` and `prefetch`, each program asks L2 for its weight rows before its PDL wait (no effect on the result;
+    nothing under the interpreter)."""
     if not isinstance(w, QuantWeight) or w.ggml_type not in SUPPORTED_TYPES:
         got = w.ggml_type.name if isinstance(w, QuantWeight) else type(w).__name__
         supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
@@ -585,8 +604,8 @@ def quant_matvec_q8(xq: QuantizedActivations, w: QuantWeight, out: torch.Tensor,
     check_same_device(xq=xq.q, xq_scale=xq.scale, out=out, weight=w.qs)
     n_chunks = w.n_cols // chunk_weights
     meta = dict(C=chunks, BLOCK_N=block_n, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, WIDE=xq.wide,
-                USE_DP4A=not interpreted, num_warps=num_warps, num_stages=num_stages,
-                **launch_options(pdl))
+                USE_DP4A=not interpreted, PREFETCH=prefetch and pdl and not interpreted, num_warps=num_warps,
+                num_stages=num_stages, **launch_options(pdl))
     # Activation words of 4 quants each: int32 for int8 quants, int64 for 16-bit ones (same indexing).
     words = xq.q.view(torch.int64 if xq.wide else torch.int32)
     if w.ggml_type in ROW_TILE_TYPES:

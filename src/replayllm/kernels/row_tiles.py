@@ -60,3 +60,23 @@ def _store_row_tiles(sums0, sums1, sums2, sums3, first, batch, out_ptr, bias_ptr
 def _sum_tile(acc):
     """[BLOCK_N, C, A, B] -> [BLOCK_N]: the row sums of a 4-axis accumulator."""
     return tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
+
+
+PREFETCH_LINES: tl.constexpr = tl.constexpr(128)  # 128-byte lines asked for per pass: one a thread at 4 warps
+
+
+@triton.jit
+def _prefetch_rows_l2(ptr, first, n_rows, row_stride, PROGRAM_ROWS: tl.constexpr):
+    """Ask L2 for rows first .. first + PROGRAM_ROWS - 1 (clipped to n_rows) of the row-major tensor at ptr (rows
+    row_stride elements apart, stored back to back): one `prefetch.global.L2` a 128-byte line, nothing waited
+    for, no register kept. A GEMV launched early by PDL calls it before its wait: no kernel of the step writes
+    weights, so reading them early is safe, and the DRAM reads of the program's first rows overlap the tail of
+    the kernel before instead of starting after it."""
+    ELEM: tl.constexpr = ptr.dtype.element_ty.primitive_bitwidth // 8
+    base = ptr.to(tl.pointer_type(tl.int8)) + first.to(tl.int64) * row_stride * ELEM
+    n_bytes = tl.minimum(n_rows - first, PROGRAM_ROWS) * row_stride * ELEM
+    lines = tl.arange(0, PREFETCH_LINES) * 128
+    for start in range(0, n_bytes, PREFETCH_LINES * 128):
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                                  [base + tl.minimum(start + lines, n_bytes - 1)], dtype=tl.int32, is_pure=False,
+                                  pack=1)

@@ -75,6 +75,9 @@ class StepBuffers:
     # kernels/pdl.py: every kernel of the step launched with programmatic dependent launch (Hopper and later;
     # the engine's default there), read when the step is captured.
     pdl: bool = False
+    # With pdl: each decode GEMV's programs ask L2 for their weight rows before their PDL wait (row_tiles
+    # ._prefetch_rows_l2), so the reads start while the kernel before drains. Read when the step is captured.
+    prefetch_weights: bool = True
     # The integer-dot GEMVs' launch shapes, tuned at load on a GPU (runner/gemv_tuning); None: the defaults.
     gemv_shapes: GemvShapes | None = None
 
@@ -160,7 +163,8 @@ def decode_step(config: ModelConfig, weights: DeviceWeights, cache: PagedKVCache
         _mlp_block(config, layer, bufs)
     h_q8, _, _ = bufs.quantized_inputs()
     rmsnorm(bufs.x, weights.output_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
-    project(bufs.h, [weights.output], bufs.logits, None, h_q8, pdl=bufs.pdl, shapes=bufs.gemv_shapes)
+    project(bufs.h, [weights.output], bufs.logits, None, h_q8, pdl=bufs.pdl, shapes=bufs.gemv_shapes,
+            prefetch=bufs.prefetch_weights)
     return bufs.logits
 
 
@@ -168,7 +172,8 @@ def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Te
                      rope: RopeTables, bufs: StepBuffers) -> None:
     h_q8, attn_q8, _ = bufs.quantized_inputs()
     rmsnorm(bufs.x, layer.attn_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
-    project(bufs.h, layer.qkv, bufs.qkv, layer.qkv_bias, h_q8, pdl=bufs.pdl, shapes=bufs.gemv_shapes)
+    project(bufs.h, layer.qkv, bufs.qkv, layer.qkv_bias, h_q8, pdl=bufs.pdl, shapes=bufs.gemv_shapes,
+            prefetch=bufs.prefetch_weights)
     if bufs.batch_size > 1:
         B, Dh = bufs.batch_size, config.head_dim
         q, k, v = bufs.qkv.split([t.shape[1] * Dh for t in (bufs.q, bufs.k, bufs.v)], dim=1)
@@ -182,7 +187,8 @@ def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Te
                            config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace, out_q8=attn_q8,
                            pdl=bufs.pdl)
     project(bufs.attn.view(bufs.batch_size, -1), [layer.attn_output], bufs.x, None, attn_q8, accumulate=True,
-            pdl=bufs.pdl, shapes=bufs.gemv_shapes)
+            pdl=bufs.pdl, shapes=bufs.gemv_shapes,
+            prefetch=bufs.prefetch_weights)
 
 
 def head_norms(config: ModelConfig, layer: LayerWeights, q: torch.Tensor, k: torch.Tensor, *,
@@ -199,19 +205,22 @@ def head_norms(config: ModelConfig, layer: LayerWeights, q: torch.Tensor, k: tor
 def _mlp_block(config: ModelConfig, layer: LayerWeights, bufs: StepBuffers) -> None:
     h_q8, _, act_q8 = bufs.quantized_inputs()
     rmsnorm(bufs.x, layer.ffn_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
-    project(bufs.h, layer.gate_up, bufs.gate_up, None, h_q8, pdl=bufs.pdl, shapes=bufs.gemv_shapes)
+    project(bufs.h, layer.gate_up, bufs.gate_up, None, h_q8, pdl=bufs.pdl, shapes=bufs.gemv_shapes,
+            prefetch=bufs.prefetch_weights)
     silu_mul(bufs.gate_up, bufs.act, act_q8, pdl=bufs.pdl)  # the quantized copy from the same launch
     project(bufs.act, [layer.ffn_down], bufs.x, None, act_q8, accumulate=True, pdl=bufs.pdl,
-            shapes=bufs.gemv_shapes)
+            shapes=bufs.gemv_shapes,
+            prefetch=bufs.prefetch_weights)
 
 
 def project(x: torch.Tensor, matrices: list[QuantWeight], out: torch.Tensor, bias: torch.Tensor | None,
              xq: QuantizedActivations | None = None, accumulate: bool = False, pdl: bool = False,
-             shapes: GemvShapes | None = None) -> None:
+             shapes: GemvShapes | None = None, prefetch: bool = False) -> None:
     """out (+)= x @ [W0|W1|...]^T + bias: one launch per run of same-typed matrices (Q4_K_M keeps some V in
     Q6_K); with `accumulate` the product is added to out (the residual add, fused). Matrices of the integer-dot
     kernels' types (Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0) take the quantized activations `xq` when given, at the
-    launch shapes tuned at load (`shapes`, runner/gemv_tuning; None: the kernel's defaults).
+    launch shapes tuned at load (`shapes`, runner/gemv_tuning; None: the kernel's defaults). With `pdl` and
+    `prefetch`, the GEMVs ask L2 for their weight rows before their PDL wait.
 
     Each part writes a column slice of `out` (row stride > width when B > 1; the launcher takes row strides).
     """
@@ -223,10 +232,12 @@ def project(x: torch.Tensor, matrices: list[QuantWeight], out: torch.Tensor, bia
         if xq is not None and w.ggml_type in INT8_ACTIVATION_TYPES:
             form = "16bit" if xq.wide else "int8"
             launch = shapes.launch_args(w, form, batch) if shapes is not None else {}
-            quant_matvec_q8(xq, w, out[:, start:end], bias=part_bias, accumulate=accumulate, pdl=pdl, **launch)
+            quant_matvec_q8(xq, w, out[:, start:end], bias=part_bias, accumulate=accumulate, pdl=pdl,
+                            prefetch=prefetch, **launch)
         elif batch <= MAX_QUANTIZED_BATCH and x.dtype == torch.float32 and supports_float_matvec(w):
             launch = shapes.launch_args(w, "f32", batch) if shapes is not None else {}
-            float_matvec(x, w, out[:, start:end], bias=part_bias, accumulate=accumulate, pdl=pdl, **launch)
+            float_matvec(x, w, out[:, start:end], bias=part_bias, accumulate=accumulate, pdl=pdl,
+                         prefetch=prefetch, **launch)
         else:
             quant_matvec(x, w, out[:, start:end], bias=part_bias, accumulate=accumulate, pdl=pdl)
         start = end
