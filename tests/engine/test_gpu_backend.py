@@ -296,19 +296,19 @@ def test_programmatic_dependent_launch_changes_no_token(models):
 
 def test_weight_prefetch_changes_no_token(models):
     """The decode GEMVs' L2 prefetch before the PDL wait reads weights early and computes nothing: the same
-    tokens with it off (graph mode, where the step is captured with it)."""
+    tokens with it on (graph mode, where the step is captured with it)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
     _, _, graph, _ = models
-    assert graph.backend.bufs.prefetch_weights  # the default
+    assert not graph.backend.bufs.prefetch_weights  # the default
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     expected = graph.generate([PROMPTS[2]], params)[0].token_ids
-    graph.backend.set_weight_prefetch(False)
+    graph.backend.set_weight_prefetch(True)
     try:
-        assert graph.backend.name.endswith("-no-prefetch")
+        assert graph.backend.name.endswith("-prefetch")
         assert graph.generate([PROMPTS[2]], params)[0].token_ids == expected
     finally:
-        graph.backend.set_weight_prefetch(True)
+        graph.backend.set_weight_prefetch(False)
 
 
 def test_a_prefill_pass_allocates_no_more_than_its_estimate(models):

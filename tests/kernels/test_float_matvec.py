@@ -64,7 +64,7 @@ def test_prefetch_before_the_pdl_wait_changes_nothing(gguf_rows):
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs a GPU of compute capability 9.0")
     n_rows, n_cols = 37, 200
-    w = pack_weight(T.F16, gguf_rows(T.F16, n_rows, n_cols, seed=5), n_cols).cuda()
+    w = pack_weight(T.F16, gguf_rows(T.F16, n_rows, n_cols, seed=5), n_cols).to("cuda")
     x = torch.randn(2, n_cols, generator=torch.Generator().manual_seed(2)).cuda()
     outs = [float_matvec(x, w, torch.full((2, n_rows), float("nan"), device="cuda"), block_n=4, chunks=8,
                          num_warps=1, rows=2, pdl=True, prefetch=prefetch) for prefetch in (False, True)]

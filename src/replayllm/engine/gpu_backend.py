@@ -183,7 +183,7 @@ class GPUBackend(Backend):
     def name(self) -> str:
         untuned = self.is_cuda and self.bufs.gemv_shapes is None  # (benchmarks' baseline: runner/gemv_tuning)
         return (f"cuda-{self.mode.name}-{self.bufs.activations}" + ("-pdl" if self.bufs.pdl else "")
-                + ("-no-prefetch" if self.bufs.pdl and not self.bufs.prefetch_weights else "")
+                + ("-prefetch" if self.bufs.pdl and self.bufs.prefetch_weights else "")
                 + ("-default-shapes" if untuned else ""))
 
     def set_activations(self, form: str) -> None:
@@ -239,8 +239,8 @@ class GPUBackend(Backend):
         self._recapture()
 
     def set_weight_prefetch(self, enabled: bool) -> None:
-        """With PDL, each decode GEMV's programs ask L2 for their weight rows before waiting for the kernel before
-        (on by default; off is the benchmarks' baseline). The tokens are the same either way. Recaptures the
+        """Experimental: with PDL, each decode GEMV's programs ask L2 for their weight rows before waiting for the
+        kernel before (off by default: measured slower). The tokens are the same either way. Recaptures the
         current mode's graphs."""
         self.bufs.prefetch_weights = bool(enabled)
         self._recapture()

@@ -76,8 +76,9 @@ class StepBuffers:
     # the engine's default there), read when the step is captured.
     pdl: bool = False
     # With pdl: each decode GEMV's programs ask L2 for their weight rows before their PDL wait (row_tiles
-    # ._prefetch_rows_l2), so the reads start while the kernel before drains. Read when the step is captured.
-    prefetch_weights: bool = True
+    # ._prefetch_rows_l2), so the reads start while the kernel before drains. Off: measured slower on an H100
+    # (tg128 7B Q4_K_M 356 t/s with it, 404 without; benchmarks/NOTES.md). Read when the step is captured.
+    prefetch_weights: bool = False
     # The integer-dot GEMVs' launch shapes, tuned at load on a GPU (runner/gemv_tuning); None: the defaults.
     gemv_shapes: GemvShapes | None = None
 
