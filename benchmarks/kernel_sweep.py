@@ -6,7 +6,8 @@
   supports and each activation form (16-bit, the default, and int8), beside the f32-activation GEMV
   (quant_matvec), in GB/s of weights read (24 copies: nothing from L2; the activations quantized once, outside
   the timing, as the decode step's own kernels write them);
-- decode attention over 32 layers' caches at 512 and 3840 tokens of context, per split size and tile.
+- decode attention over 32 layers' caches at 64, 512 and 3840 tokens of context, per split size, tile and
+  whether V's tile is loaded beside K's.
 
 Writes --out/sweep_<part>.json for each part run (gemv, attention, gemm), rewritten after every shape in case
 the run is cut short, and prints the best shape per kernel. Figures are CUDA-event medians (graph replays for the
@@ -148,9 +149,10 @@ def _sweep_gemv_form(weights: list, form: str, quick: bool) -> dict:
     return entry
 
 
-ATTENTION_CONTEXTS = (512, 3840)
-ATTENTION_SHAPES = [  # split_tokens (None: the engine's choice), block_n (None: largest), num_warps
-    (None, None, 4), (64, None, 4), (256, None, 4), (None, 32, 4), (None, None, 8), (64, 32, 4), (32, 32, 2)]
+ATTENTION_CONTEXTS = (64, 512, 3840)  # tg128's own range, then deep
+ATTENTION_SHAPES = [  # split_tokens (None: the engine's choice), block_n (None: largest), num_warps, early_v
+    (None, None, 4, True), (None, None, 4, False), (64, None, 4, True), (256, None, 4, True), (None, 32, 4, True),
+    (None, 32, 4, False), (None, None, 8, True), (64, 32, 4, True), (32, 32, 2, True)]
 
 
 def sweep_attention(out_dir: Path) -> list[dict]:
@@ -169,14 +171,15 @@ def sweep_attention(out_dir: Path) -> list[dict]:
     for context in ATTENTION_CONTEXTS:
         positions = torch.full((1,), context, dtype=torch.int32, device="cuda")
         kv_bytes = 2 * layers * heads * head_dim * 2 * (context + 1)
-        for split, block_n, warps in ATTENTION_SHAPES:
+        for split, block_n, warps, early_v in ATTENTION_SHAPES:
             ws = DecodeAttentionWorkspace.create(1, heads, head_dim, capacity, "cuda", split_tokens=split)
 
             def body():
                 for k, v in caches:
                     paged_decode_attention(q, k, v, table, positions, head_dim ** -0.5, out, ws, block_n=block_n,
-                                           num_warps=warps)
-            entry = {"context": context, "split_tokens": ws.split_tokens, "block_n": block_n, "num_warps": warps}
+                                           num_warps=warps, early_v=early_v)
+            entry = {"context": context, "split_tokens": ws.split_tokens, "block_n": block_n, "num_warps": warps,
+                     "early_v": early_v}
             try:
                 ms = time_graph_replay(body)
                 entry |= {"us_per_step": 1e3 * ms, "gbps": kv_bytes / (ms * 1e-3) / 1e9}
@@ -185,8 +188,10 @@ def sweep_attention(out_dir: Path) -> list[dict]:
             results.append(entry)
             _save(out_dir, "attention", results)
         ok = sorted((r for r in results if r["context"] == context and "gbps" in r), key=lambda r: -r["gbps"])
-        print(f"attention @{context}: default {results[-len(ATTENTION_SHAPES)].get('gbps', float('nan')):.0f} GB/s;"
-              f" best {ok[0] if ok else None}", flush=True)
+        early, late = results[-len(ATTENTION_SHAPES)], results[-len(ATTENTION_SHAPES) + 1]  # the first two shapes
+        print(f"attention @{context}: default {early.get('us_per_step', float('nan')):.1f} us a step "
+              f"({early.get('gbps', float('nan')):.0f} GB/s), V after the softmax "
+              f"{late.get('us_per_step', float('nan')):.1f} us; best {ok[0] if ok else None}", flush=True)
     return results
 
 

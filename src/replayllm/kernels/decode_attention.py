@@ -7,6 +7,10 @@ The number of splits is fixed when the workspace is made (from the largest conte
 and the launches can be captured in a CUDA graph; programs whose split starts past the sequence end do nothing
 and the merge ignores them (it reads the length from `positions` on the device too).
 
+A program's time at short contexts (one tile) is its chain of round trips to memory: positions, the page
+table, then K and V. V's load is issued right after K's (`early_v`, the default), so the two overlap; the
+merge loads each split's max, sum and partial output in one pass and merges the maxima online.
+
 Scores are kept in log2 units (multiplied by scale * log2(e)), so the kernels exponentiate with exp2.
 
 Precision: both products run on f16 tensor cores yet keep f32 accuracy. K and V are f16 already; the f32
@@ -46,7 +50,7 @@ def _paged_decode_attention_kernel(
         q_row_stride, q_head_stride, page_table_row_stride, qk_scale_log2,
         NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
         SPLIT_TOKENS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
+        BLOCK_N: tl.constexpr, EARLY_V: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_wait(USE_PDL)
     # q: [B, Hq, Dh] f32; k_cache, v_cache: [pages, Hkv, PAGE_SIZE, Dh] f16; page_table: [B, max_pages] int32
     # part_max, part_sum: [B_ws, Hq, NUM_SPLITS] f32; part_acc: [B_ws, Hq, NUM_SPLITS, Dh] f32 (B_ws >= B)
@@ -79,13 +83,16 @@ def _paged_decode_attention_kernel(
             kv_offsets = token_rows[:, None] + dims[None, :]  # [BLOCK_N, BLOCK_D]
             kv_mask = token_mask[:, None] & dim_mask[None, :]
             k_t = tl.trans(tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0))  # [BLOCK_D, BLOCK_N]
+            if EARLY_V:  # issued before the scores need K: V's round trip to memory overlaps K's (module docstring)
+                v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D] f16
             scores = (tl.dot(q_hi, k_t) + tl.dot(q_lo, k_t) * (1.0 / 2048.0)) * qk_scale_log2  # [BLOCK_G, BLOCK_N]
             scores = tl.where(token_mask[None, :], scores, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(scores, axis=1))
             correction = tl.exp2(running_max - new_max)  # exp2(-inf) = 0 on the first tile
             probs = tl.exp2(scores - new_max[:, None])
             running_sum = running_sum * correction + tl.sum(probs, axis=1)
-            v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D] f16
+            if not EARLY_V:
+                v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
             p_hi = probs.to(tl.float16)
             p_lo = ((probs - p_hi.to(tl.float32)) * 2048.0).to(tl.float16)
             acc = acc * correction[:, None] + tl.dot(p_hi, v) + tl.dot(p_lo, v) * (1.0 / 2048.0)
@@ -114,23 +121,25 @@ def _merge_splits_kernel(part_max_ptr, part_sum_ptr, part_acc_ptr, positions_ptr
     first_part = (row.to(tl.int64) * NUM_Q_HEADS + head) * NUM_SPLITS
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HEAD_DIM
-    max_seen = tl.full([BLOCK_S], float("-inf"), tl.float32)
-    for s0 in range(0, num_used, BLOCK_S):
-        splits = s0 + tl.arange(0, BLOCK_S)
-        max_seen = tl.maximum(max_seen, tl.load(part_max_ptr + first_part + splits, mask=splits < num_used,
-                                                other=float("-inf")))
-    global_max = tl.max(max_seen, axis=0)
-    total = tl.zeros([BLOCK_S], tl.float32)
-    acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    # One pass, the splits' maxima merged online: the max, sum and acc of BLOCK_S splits are loaded together,
+    # so up to BLOCK_S splits cost one round trip to memory (a first pass for the global max would be two).
+    running_max = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)
+    total = tl.sum(tl.zeros([BLOCK_S], tl.float32), axis=0)
+    acc = tl.zeros([BLOCK_D], tl.float32)
     for s0 in range(0, num_used, BLOCK_S):
         splits = s0 + tl.arange(0, BLOCK_S)
         split_mask = splits < num_used
         part_max = tl.load(part_max_ptr + first_part + splits, mask=split_mask, other=float("-inf"))
-        weight = tl.exp2(part_max - global_max)  # [BLOCK_S]; 0 for unused splits
-        total += weight * tl.load(part_sum_ptr + first_part + splits, mask=split_mask, other=0.0)
+        part_sum = tl.load(part_sum_ptr + first_part + splits, mask=split_mask, other=0.0)
         acc_ptrs = part_acc_ptr + (first_part + splits)[:, None] * HEAD_DIM + dims[None, :]
-        acc += weight[:, None] * tl.load(acc_ptrs, mask=split_mask[:, None] & dim_mask[None, :], other=0.0)
-    result = tl.sum(acc, axis=0) / tl.sum(total, axis=0)  # [BLOCK_D]; 0 past HEAD_DIM
+        part_acc = tl.load(acc_ptrs, mask=split_mask[:, None] & dim_mask[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
+        new_max = tl.maximum(running_max, tl.max(part_max, axis=0))  # finite: split 0 is always used
+        correction = tl.exp2(running_max - new_max)  # 0 on the first pass
+        weight = tl.exp2(part_max - new_max)  # [BLOCK_S]; 0 for unused splits
+        total = total * correction + tl.sum(weight * part_sum, axis=0)
+        acc = acc * correction + tl.sum(weight[:, None] * part_acc, axis=0)
+        running_max = new_max
+    result = acc / total  # [BLOCK_D]; 0 past HEAD_DIM
     tl.store(out_ptr + row.to(tl.int64) * out_row_stride + head * out_head_stride + dims, result, mask=dim_mask)
     if QUANTIZE:
         r = row.to(tl.int64)
@@ -192,14 +201,15 @@ class DecodeAttentionWorkspace:
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            page_table: torch.Tensor, positions: torch.Tensor, scale: float, out: torch.Tensor,
                            workspace: DecodeAttentionWorkspace, *, out_q8: QuantizedActivations | None = None,
-                           pdl: bool = False, block_n: int | None = None, num_warps: int = 4) -> torch.Tensor:
+                           pdl: bool = False, block_n: int | None = None, num_warps: int = 4,
+                           early_v: bool = True) -> torch.Tensor:
     """out [B, Hq, Dh] f32 = softmax(scale * q k^T) v over tokens 0..positions[b] of each sequence b.
 
     q [B, Hq, Dh] f32 (rotated); k_cache, v_cache [pages, Hkv, page_size, Dh] f16 with Hq % Hkv == 0;
     page_table [B, max_pages] int32; positions [B] int32. With `out_q8` (Dh a multiple of 32), the merge also
     writes out, viewed as [B, Hq * Dh], quantized (int8 or 16-bit) in blocks of 32, as quantize_activations would.
-    `block_n` (tokens a tile; None: the largest that fits, up to 64) and `num_warps` are the split kernel's
-    launch shape, for tuning. Returns `out`."""
+    `block_n` (tokens a tile; None: the largest that fits, up to 64), `num_warps` and `early_v` (V's tile loaded
+    beside K's, not after the softmax) are the split kernel's launch shape, for tuning. Returns `out`."""
     check_tensor("q", q, torch.float32, (None, None, None), layout="rows")
     batch, num_q_heads, head_dim = q.shape
     check_tensor("out", out, torch.float32, (batch, num_q_heads, head_dim), layout="rows")
@@ -241,7 +251,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), page_table.stride(0), float(scale) * math.log2(math.e),
         NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits, BLOCK_G=max(16, next_power_of_2(group_size)),
-        BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps, **launch_options(pdl))
+        BLOCK_D=block_d, BLOCK_N=block_n, EARLY_V=bool(early_v), num_warps=num_warps, **launch_options(pdl))
     _merge_splits_kernel[(batch, num_q_heads)](
         ws.part_max, ws.part_sum, ws.part_acc, positions, out, out.stride(0), out.stride(1),
         *q8_launch_args(out_q8, out),
