@@ -146,16 +146,16 @@ def test_other_launch_shapes_give_the_same_result(block_n, num_warps):
 
 def test_merge_of_more_splits_than_one_pass_holds():
     """The merge takes 16 splits a pass and merges the passes' maxima online: 37 splits of 16 tokens (3 passes,
-    the last partly used), against a sequence of 1 split in the same batch; the V tile loaded after the softmax
-    (early_v off) gives the same result."""
+    the last partly used), against a sequence of 1 split in the same batch; the V tile loaded beside the K tile
+    (early_v) gives the same result."""
     args = _setup([590, 7], 4, 4, 32, 8, 640, seed=17, q_scale=3.0)
     workspace = DecodeAttentionWorkspace.create(2, 4, 32, 640, DEVICE, split_tokens=16)
     assert workspace.num_splits == 40
     expected = paged_decode_attention_reference(*args, 0.3)
     assert _relative_error(_run(*args, workspace, 0.3), expected) < TOLERANCE
-    late = torch.full(args[0].shape, float("nan"), device=DEVICE)
-    paged_decode_attention(*args, 0.3, late, workspace, early_v=False)
-    assert _relative_error(late, expected) < TOLERANCE
+    early = torch.full(args[0].shape, float("nan"), device=DEVICE)
+    paged_decode_attention(*args, 0.3, early, workspace, early_v=True)
+    assert _relative_error(early, expected) < TOLERANCE
 
 
 def test_int8_copy_needs_heads_of_whole_blocks():

@@ -8,7 +8,8 @@ and the launches can be captured in a CUDA graph; programs whose split starts pa
 and the merge ignores them (it reads the length from `positions` on the device too).
 
 A program's time at short contexts (one tile) is its chain of round trips to memory: positions, the page
-table, then K and V. V's load is issued right after K's (`early_v`, the default), so the two overlap; the
+table, then K and V. With `early_v` V's load is issued right after K's, so the two overlap (opt-in until
+measured: it takes the kernel from 108 to 137 registers, which may cost residency at long contexts); the
 merge loads each split's max, sum and partial output in one pass and merges the maxima online.
 
 Scores are kept in log2 units (multiplied by scale * log2(e)), so the kernels exponentiate with exp2.
@@ -202,7 +203,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            page_table: torch.Tensor, positions: torch.Tensor, scale: float, out: torch.Tensor,
                            workspace: DecodeAttentionWorkspace, *, out_q8: QuantizedActivations | None = None,
                            pdl: bool = False, block_n: int | None = None, num_warps: int = 4,
-                           early_v: bool = True) -> torch.Tensor:
+                           early_v: bool = False) -> torch.Tensor:
     """out [B, Hq, Dh] f32 = softmax(scale * q k^T) v over tokens 0..positions[b] of each sequence b.
 
     q [B, Hq, Dh] f32 (rotated); k_cache, v_cache [pages, Hkv, page_size, Dh] f16 with Hq % Hkv == 0;
