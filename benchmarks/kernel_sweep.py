@@ -150,9 +150,11 @@ def _sweep_gemv_form(weights: list, form: str, quick: bool) -> dict:
 
 
 ATTENTION_CONTEXTS = (64, 512, 3840)  # tg128's own range, then deep
-ATTENTION_SHAPES = [  # split_tokens (None: the engine's choice), block_n (None: largest), num_warps, early_v
-    (None, None, 4, False), (None, None, 4, True), (64, None, 4, False), (256, None, 4, False),
-    (None, 32, 4, False), (None, 32, 4, True), (None, None, 8, False), (64, 32, 4, False), (32, 32, 2, False)]
+ATTENTION_SHAPES = [  # split_tokens (None: the engine's choice), block_n (None: largest), num_warps, early_v,
+    # fused_merge
+    (None, None, 4, False, False), (None, None, 4, True, False), (None, None, 4, False, True),
+    (None, None, 4, True, True), (64, None, 4, False, False), (64, None, 4, False, True), (256, None, 4, False, False),
+    (None, 32, 4, False, False), (None, None, 8, False, False), (64, 32, 4, False, False), (32, 32, 2, False, False)]
 
 
 def sweep_attention(out_dir: Path) -> list[dict]:
@@ -171,15 +173,15 @@ def sweep_attention(out_dir: Path) -> list[dict]:
     for context in ATTENTION_CONTEXTS:
         positions = torch.full((1,), context, dtype=torch.int32, device="cuda")
         kv_bytes = 2 * layers * heads * head_dim * 2 * (context + 1)
-        for split, block_n, warps, early_v in ATTENTION_SHAPES:
+        for split, block_n, warps, early_v, fused in ATTENTION_SHAPES:
             ws = DecodeAttentionWorkspace.create(1, heads, head_dim, capacity, "cuda", split_tokens=split)
 
             def body():
                 for k, v in caches:
                     paged_decode_attention(q, k, v, table, positions, head_dim ** -0.5, out, ws, block_n=block_n,
-                                           num_warps=warps, early_v=early_v)
+                                           num_warps=warps, early_v=early_v, fused_merge=fused)
             entry = {"context": context, "split_tokens": ws.split_tokens, "block_n": block_n, "num_warps": warps,
-                     "early_v": early_v}
+                     "early_v": early_v, "fused_merge": fused}
             try:
                 ms = time_graph_replay(body)
                 entry |= {"us_per_step": 1e3 * ms, "gbps": kv_bytes / (ms * 1e-3) / 1e9}
@@ -188,10 +190,11 @@ def sweep_attention(out_dir: Path) -> list[dict]:
             results.append(entry)
             _save(out_dir, "attention", results)
         ok = sorted((r for r in results if r["context"] == context and "gbps" in r), key=lambda r: -r["gbps"])
-        default, early = results[-len(ATTENTION_SHAPES)], results[-len(ATTENTION_SHAPES) + 1]  # the first two shapes
+        default, early, fused = results[-len(ATTENTION_SHAPES):][:3]  # the first three shapes
         print(f"attention @{context}: default {default.get('us_per_step', float('nan')):.1f} us a step "
               f"({default.get('gbps', float('nan')):.0f} GB/s), V beside K {early.get('us_per_step', float('nan')):.1f}"
-              f" us; best {ok[0] if ok else None}", flush=True)
+              f" us, merge fused {fused.get('us_per_step', float('nan')):.1f} us; best {ok[0] if ok else None}",
+              flush=True)
     return results
 
 

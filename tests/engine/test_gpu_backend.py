@@ -311,6 +311,25 @@ def test_weight_prefetch_changes_no_token(models):
         graph.backend.set_weight_prefetch(False)
 
 
+def test_fused_attention_merge_stays_on_the_reference(models):
+    """The attention merge done by the last split in the attention launch: greedy tokens within the logit
+    tolerance of the fp32 reference, and graph replays equal to the eager launches of the same kernels."""
+    _, reference, graph, eager = models
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    for llm in (graph, eager):
+        llm.backend.set_fused_attention_merge(True)
+    try:
+        assert graph.backend.name.endswith("-fused-merge")
+        out = graph.generate([PROMPTS[2]], params)[0]
+        assert eager.generate([PROMPTS[2]], params)[0].token_ids == out.token_ids
+    finally:
+        for llm in (graph, eager):
+            llm.backend.set_fused_attention_merge(False)
+    agreement = greedy_agreement(reference.logits(out.prompt_token_ids + out.token_ids), len(out.prompt_token_ids),
+                                 out.token_ids)
+    assert agreement.is_within(LOGIT_TOLERANCE), agreement
+
+
 def test_a_prefill_pass_allocates_no_more_than_its_estimate(models):
     """prefill_peak_bytes sizes the default chunk: against torch's counter, a pass of a whole chunk (the second
     of two, the first one's logits still held) stays under it and uses most of it, so that the estimate neither

@@ -158,6 +158,40 @@ def test_merge_of_more_splits_than_one_pass_holds():
     assert _relative_error(early, expected) < TOLERANCE
 
 
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_the_last_split_merges_in_the_same_launch(group_size):
+    """fused_merge: the last split of each (sequence, kv head) to finish merges all of them. Mixed lengths (1,
+    2 and 37 splits of 16 tokens: several merge passes), GQA groups, with the quantized copy; three launches in a
+    row, so the counters must be back at zero after each (a count left over would merge early, or never)."""
+    from replayllm.kernels.int8_activations import QuantizedActivations, quantize_activations
+
+    args = _setup([7, 20, 590], 4 * group_size, 4, 32, 8, 640, seed=19 + group_size, q_scale=3.0)
+    workspace = DecodeAttentionWorkspace.create(3, 4 * group_size, 32, 640, DEVICE, split_tokens=16)
+    expected = paged_decode_attention_reference(*args, 0.3)
+    for _ in range(3):
+        for t in (workspace.part_max, workspace.part_sum, workspace.part_acc):  # a merge too early reads NaN
+            t.fill_(float("nan"))
+        out = torch.full(args[0].shape, float("nan"), device=DEVICE)
+        fused = QuantizedActivations.allocate(3, 4 * group_size * 32, DEVICE, wide=True)
+        paged_decode_attention(*args, 0.3, out, workspace, out_q8=fused, fused_merge=True)
+        assert _relative_error(out, expected) < TOLERANCE
+        assert int(workspace.counters.abs().sum()) == 0
+    separate = quantize_activations(out.view(3, -1), QuantizedActivations.allocate(3, 4 * group_size * 32, DEVICE,
+                                                                                   wide=True))
+    assert torch.equal(fused.q, separate.q) and torch.equal(fused.scale, separate.scale)
+    two_launches = torch.full_like(out, float("nan"))
+    paged_decode_attention(*args, 0.3, two_launches, workspace)
+    assert torch.allclose(out, two_launches, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_merge_needs_the_counters():
+    args = _setup([5], 2, 2, 32, 4, 32, seed=3)
+    ws = DecodeAttentionWorkspace.create(1, 2, 32, 32, DEVICE)
+    bare = DecodeAttentionWorkspace(ws.split_tokens, ws.part_max, ws.part_sum, ws.part_acc)
+    with pytest.raises(ValueError, match="counters"):
+        paged_decode_attention(*args, 0.3, torch.zeros_like(args[0]), bare, fused_merge=True)
+
+
 def test_int8_copy_needs_heads_of_whole_blocks():
     from replayllm.kernels.int8_activations import QuantizedActivations
 

@@ -121,6 +121,14 @@ def compiling_launches(results: list[CompiledFacts], label: str = "") -> Iterato
         registers, spills = resource_usage(kernel)
         if constants.get("USE_PDL") and "griddepcontrol.wait" not in kernel.asm["ptx"]:
             raise AssertionError(f"{self.__name__}: compiled with USE_PDL but its PTX never waits")
+        # The instructions a flag exists for: missing, the flag would silently do nothing (or, for the fused
+        # merge, leave other programs' partials unordered).
+        for flag, needed in (("PREFETCH", ("prefetch.global.L2",)), ("FUSED_MERGE", ("fence.acq_rel.gpu", "atom."))):
+            if constants.get(flag) and not all(n in kernel.asm["ptx"] for n in needed):
+                raise AssertionError(f"{self.__name__}: compiled with {flag} but its PTX lacks {needed}")
+        if os.environ.get("REPLAYLLM_DUMP_PTX"):
+            Path(os.environ["REPLAYLLM_DUMP_PTX"], f"{label}{self.__name__}.ptx".replace(" ", "_")).write_text(
+                kernel.asm["ptx"])
         results.append(CompiledFacts(f"{label}{self.__name__}", registers, spills, kernel.metadata.shared))
 
     JITFunction.run = record
@@ -205,6 +213,11 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
     attn_q16 = QuantizedActivations.allocate(1, heads * head_dim, "cpu", wide=True)
     calls.append(("+ 16-bit copy: ", lambda: K.paged_decode_attention(q, cache, cache, table, positions, 0.1,
                                                                       torch.zeros_like(q), workspace, out_q8=attn_q16)))
+    calls.append(("V beside K: ", lambda: K.paged_decode_attention(q, cache, cache, table, positions, 0.1,
+                                                                   torch.zeros_like(q), workspace, early_v=True)))
+    calls.append(("fused merge + 16-bit copy + PDL: ", lambda: K.paged_decode_attention(
+        q, cache, cache, table, positions, 0.1, torch.zeros_like(q), workspace, out_q8=attn_q16, pdl=True,
+        fused_merge=True)))
     calls.append(("PDL: ", lambda: quant_matvec_q8(xq, weight(T.Q4_K, n_cols=ffn), torch.zeros(1, 32), pdl=True)))
     calls.append(("PDL: ", lambda: quant_matvec_q8(xq16, weight(T.Q4_K, n_cols=ffn), torch.zeros(1, 32), pdl=True)))
     calls.append(("PDL: ", lambda: K.quant_matvec(x1, w4, torch.zeros(1, 32), pdl=True)))

@@ -184,6 +184,7 @@ class GPUBackend(Backend):
         untuned = self.is_cuda and self.bufs.gemv_shapes is None  # (benchmarks' baseline: runner/gemv_tuning)
         return (f"cuda-{self.mode.name}-{self.bufs.activations}" + ("-pdl" if self.bufs.pdl else "")
                 + ("-prefetch" if self.bufs.pdl and self.bufs.prefetch_weights else "")
+                + ("-fused-merge" if self.bufs.fused_attention_merge else "")
                 + ("-default-shapes" if untuned else ""))
 
     def set_activations(self, form: str) -> None:
@@ -243,6 +244,12 @@ class GPUBackend(Backend):
         kernel before (off by default: measured slower). The tokens are the same either way. Recaptures the
         current mode's graphs."""
         self.bufs.prefetch_weights = bool(enabled)
+        self._recapture()
+
+    def set_fused_attention_merge(self, enabled: bool) -> None:
+        """Experimental: decode attention merges its splits in the same launch (the last split to finish does
+        it), one launch a layer fewer; off by default until measured. Recaptures the current mode's graphs."""
+        self.bufs.fused_attention_merge = bool(enabled)
         self._recapture()
 
     def _recapture(self) -> None:

@@ -25,6 +25,7 @@ magnitude, the f16 range.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -49,9 +50,12 @@ MAX_TILE_ELEMENTS = 8192  # one K or V tile [tokens, Dh] in registers: 64 x 128,
 def _paged_decode_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, positions_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
         q_row_stride, q_head_stride, page_table_row_stride, qk_scale_log2,
+        counter_ptr, out_ptr, out_row_stride, out_head_stride, oq_ptr, oq_scale_ptr, oq_sum_ptr, oq_row_stride,
+        oq_scale_row_stride,
         NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
         SPLIT_TOKENS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_N: tl.constexpr, EARLY_V: tl.constexpr, USE_PDL: tl.constexpr):
+        BLOCK_N: tl.constexpr, EARLY_V: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
+        MERGE_BLOCK_D: tl.constexpr, QUANTIZE: tl.constexpr, USE_FENCE: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_wait(USE_PDL)
     # q: [B, Hq, Dh] f32; k_cache, v_cache: [pages, Hkv, PAGE_SIZE, Dh] f16; page_table: [B, max_pages] int32
     # part_max, part_sum: [B_ws, Hq, NUM_SPLITS] f32; part_acc: [B_ws, Hq, NUM_SPLITS, Dh] f32 (B_ws >= B)
@@ -103,6 +107,63 @@ def _paged_decode_attention_kernel(
         tl.store(part_sum_ptr + part, running_sum, mask=group_mask)
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc,
                  mask=group_mask[:, None] & dim_mask[None, :])
+        if FUSED_MERGE:
+            # The last of the row's used splits to finish merges them, for every q head of its kv head: each
+            # program makes its partials visible GPU-wide (a fence in every thread, then the block's barrier)
+            # before counting itself in; the one that counts last reads them from L2 and resets the counter
+            # for the next launch. No second launch, no wait for the slowest split's neighbours.
+            num_used = tl.minimum((seq_len + SPLIT_TOKENS - 1) // SPLIT_TOKENS, NUM_SPLITS)
+            if USE_FENCE:
+                tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r,r", [split], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+            tl.debug_barrier()
+            counter = counter_ptr + row * NUM_KV_HEADS + kv_head
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_used - 1:
+                tl.store(counter, 0)
+                for g in tl.static_range(GROUP_SIZE):
+                    _merge_head(part_max_ptr, part_sum_ptr, part_acc_ptr, row, kv_head * GROUP_SIZE + g, num_used,
+                                out_ptr, out_row_stride, out_head_stride, oq_ptr, oq_scale_ptr, oq_sum_ptr,
+                                oq_row_stride, oq_scale_row_stride, NUM_KV_HEADS * GROUP_SIZE, HEAD_DIM, NUM_SPLITS,
+                                BLOCK_S, MERGE_BLOCK_D, QUANTIZE)
+
+
+@triton.jit
+def _merge_head(part_max_ptr, part_sum_ptr, part_acc_ptr, row, head, num_used, out_ptr, out_row_stride,
+                out_head_stride, q_ptr, q_scale_ptr, q_sum_ptr, q_row_stride, q_scale_row_stride,
+                NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+                BLOCK_D: tl.constexpr, QUANTIZE: tl.constexpr):
+    """Merge the first num_used splits' partials of q head `head` of batch row `row` into out (and its
+    quantized copy). One pass, the splits' maxima merged online: the max, sum and acc of BLOCK_S splits are
+    loaded together, so up to BLOCK_S splits cost one round trip to memory (a first pass for the global max
+    would be two). The partials are read from L2 (.cg): other programs wrote them, maybe in this launch."""
+    first_part = (row.to(tl.int64) * NUM_Q_HEADS + head) * NUM_SPLITS
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+    running_max = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)
+    total = tl.sum(tl.zeros([BLOCK_S], tl.float32), axis=0)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, num_used, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        split_mask = splits < num_used
+        part_max = tl.load(part_max_ptr + first_part + splits, mask=split_mask, other=float("-inf"),
+                           cache_modifier=".cg")
+        part_sum = tl.load(part_sum_ptr + first_part + splits, mask=split_mask, other=0.0, cache_modifier=".cg")
+        acc_ptrs = part_acc_ptr + (first_part + splits)[:, None] * HEAD_DIM + dims[None, :]
+        part_acc = tl.load(acc_ptrs, mask=split_mask[:, None] & dim_mask[None, :], other=0.0,
+                           cache_modifier=".cg")  # [BLOCK_S, BLOCK_D]
+        new_max = tl.maximum(running_max, tl.max(part_max, axis=0))  # finite: split 0 is always used
+        correction = tl.exp2(running_max - new_max)  # 0 on the first pass
+        weight = tl.exp2(part_max - new_max)  # [BLOCK_S]; 0 for unused splits
+        total = total * correction + tl.sum(weight * part_sum, axis=0)
+        acc = acc * correction + tl.sum(weight[:, None] * part_acc, axis=0)
+        running_max = new_max
+    result = acc / total  # [BLOCK_D]; 0 past HEAD_DIM
+    r = row.to(tl.int64)
+    tl.store(out_ptr + r * out_row_stride + head * out_head_stride + dims, result, mask=dim_mask)
+    if QUANTIZE:
+        _store_quantized_row(result, head * (HEAD_DIM // 32), (head + 1) * HEAD_DIM, q_ptr + r * q_row_stride,
+                             q_scale_ptr + r * q_scale_row_stride, q_sum_ptr + r * q_scale_row_stride,
+                             BLOCK_D // 32)
 
 
 @triton.jit
@@ -116,36 +177,11 @@ def _merge_splits_kernel(part_max_ptr, part_sum_ptr, part_acc_ptr, positions_ptr
     # QUANTIZE (HEAD_DIM % 32 == 0): also row b of the quantized copy of out viewed as [B, Hq * Dh]: q [B, Hq * Dh]
     # int8 or int16, q_scale, q_sum [B, Hq * Dh / 32] f32; this program's head is blocks head * Dh / 32 onwards.
     row = tl.program_id(0)
-    head = tl.program_id(1)
     seq_len = tl.load(positions_ptr + row) + 1
     num_used = tl.minimum((seq_len + SPLIT_TOKENS - 1) // SPLIT_TOKENS, NUM_SPLITS)
-    first_part = (row.to(tl.int64) * NUM_Q_HEADS + head) * NUM_SPLITS
-    dims = tl.arange(0, BLOCK_D)
-    dim_mask = dims < HEAD_DIM
-    # One pass, the splits' maxima merged online: the max, sum and acc of BLOCK_S splits are loaded together,
-    # so up to BLOCK_S splits cost one round trip to memory (a first pass for the global max would be two).
-    running_max = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)
-    total = tl.sum(tl.zeros([BLOCK_S], tl.float32), axis=0)
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for s0 in range(0, num_used, BLOCK_S):
-        splits = s0 + tl.arange(0, BLOCK_S)
-        split_mask = splits < num_used
-        part_max = tl.load(part_max_ptr + first_part + splits, mask=split_mask, other=float("-inf"))
-        part_sum = tl.load(part_sum_ptr + first_part + splits, mask=split_mask, other=0.0)
-        acc_ptrs = part_acc_ptr + (first_part + splits)[:, None] * HEAD_DIM + dims[None, :]
-        part_acc = tl.load(acc_ptrs, mask=split_mask[:, None] & dim_mask[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
-        new_max = tl.maximum(running_max, tl.max(part_max, axis=0))  # finite: split 0 is always used
-        correction = tl.exp2(running_max - new_max)  # 0 on the first pass
-        weight = tl.exp2(part_max - new_max)  # [BLOCK_S]; 0 for unused splits
-        total = total * correction + tl.sum(weight * part_sum, axis=0)
-        acc = acc * correction + tl.sum(weight[:, None] * part_acc, axis=0)
-        running_max = new_max
-    result = acc / total  # [BLOCK_D]; 0 past HEAD_DIM
-    tl.store(out_ptr + row.to(tl.int64) * out_row_stride + head * out_head_stride + dims, result, mask=dim_mask)
-    if QUANTIZE:
-        r = row.to(tl.int64)
-        _store_quantized_row(result, head * (HEAD_DIM // 32), (head + 1) * HEAD_DIM, q_ptr + r * q_row_stride,
-                        q_scale_ptr + r * q_scale_row_stride, q_sum_ptr + r * q_scale_row_stride, BLOCK_D // 32)
+    _merge_head(part_max_ptr, part_sum_ptr, part_acc_ptr, row, tl.program_id(1), num_used, out_ptr, out_row_stride,
+                out_head_stride, q_ptr, q_scale_ptr, q_sum_ptr, q_row_stride, q_scale_row_stride, NUM_Q_HEADS,
+                HEAD_DIM, NUM_SPLITS, BLOCK_S, BLOCK_D, QUANTIZE)
 
 
 @dataclass(frozen=True)
@@ -157,6 +193,9 @@ class DecodeAttentionWorkspace:
     part_max: torch.Tensor  # [batch, Hq, num_splits] f32: max score of the split, log2 units
     part_sum: torch.Tensor  # [batch, Hq, num_splits] f32: sum of exp2(score - max)
     part_acc: torch.Tensor  # [batch, Hq, num_splits, Dh] f32: sum of exp2(score - max) * v
+    # [batch * Hq] int32, zero between launches: the splits of each (row, kv head) done so far in a launch that
+    # merges in the attention kernel (fused_merge); the last one resets it
+    counters: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.split_tokens < MIN_SPLIT_TOKENS or self.split_tokens & (self.split_tokens - 1):
@@ -166,6 +205,9 @@ class DecodeAttentionWorkspace:
         check_tensor("part_sum", self.part_sum, torch.float32, tuple(self.part_max.shape))
         check_tensor("part_acc", self.part_acc, torch.float32, (*self.part_max.shape, None))
         check_same_device(part_max=self.part_max, part_sum=self.part_sum, part_acc=self.part_acc)
+        if self.counters is not None:
+            check_tensor("counters", self.counters, torch.int32, (self.part_max.shape[0] * self.part_max.shape[1],))
+            check_same_device(part_max=self.part_max, counters=self.counters)
 
     @classmethod
     def create(cls, batch: int, num_q_heads: int, head_dim: int, max_context_tokens: int,
@@ -183,7 +225,8 @@ class DecodeAttentionWorkspace:
         return cls(split_tokens=split_tokens,
                    part_max=torch.empty(batch, num_q_heads, num_splits, **f32),
                    part_sum=torch.empty(batch, num_q_heads, num_splits, **f32),
-                   part_acc=torch.empty(batch, num_q_heads, num_splits, head_dim, **f32))
+                   part_acc=torch.empty(batch, num_q_heads, num_splits, head_dim, **f32),
+                   counters=torch.zeros(batch * num_q_heads, dtype=torch.int32, device=device))
 
     @property
     def num_splits(self) -> int:
@@ -196,21 +239,24 @@ class DecodeAttentionWorkspace:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.part_max, self.part_sum, self.part_acc))
+        parts = (self.part_max, self.part_sum, self.part_acc) + (() if self.counters is None else (self.counters,))
+        return sum(t.numel() * t.element_size() for t in parts)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            page_table: torch.Tensor, positions: torch.Tensor, scale: float, out: torch.Tensor,
                            workspace: DecodeAttentionWorkspace, *, out_q8: QuantizedActivations | None = None,
                            pdl: bool = False, block_n: int | None = None, num_warps: int = 4,
-                           early_v: bool = False) -> torch.Tensor:
+                           early_v: bool = False, fused_merge: bool = False) -> torch.Tensor:
     """out [B, Hq, Dh] f32 = softmax(scale * q k^T) v over tokens 0..positions[b] of each sequence b.
 
     q [B, Hq, Dh] f32 (rotated); k_cache, v_cache [pages, Hkv, page_size, Dh] f16 with Hq % Hkv == 0;
     page_table [B, max_pages] int32; positions [B] int32. With `out_q8` (Dh a multiple of 32), the merge also
     writes out, viewed as [B, Hq * Dh], quantized (int8 or 16-bit) in blocks of 32, as quantize_activations would.
     `block_n` (tokens a tile; None: the largest that fits, up to 64), `num_warps` and `early_v` (V's tile loaded
-    beside K's, not after the softmax) are the split kernel's launch shape, for tuning. Returns `out`."""
+    beside K's, not after the softmax) are the split kernel's launch shape, for tuning. With `fused_merge` the
+    last split of each (sequence, kv head) to finish merges the splits itself (one launch instead of two; the
+    workspace must have its counters, as `create` makes it). Returns `out`."""
     check_tensor("q", q, torch.float32, (None, None, None), layout="rows")
     batch, num_q_heads, head_dim = q.shape
     check_tensor("out", out, torch.float32, (batch, num_q_heads, head_dim), layout="rows")
@@ -247,18 +293,26 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"block_n must be 16, 32 or 64 and at most split_tokens ({ws.split_tokens}), got {block_n!r}")
     if num_warps not in (1, 2, 4, 8):
         raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {num_warps!r}")
+    if fused_merge and ws.counters is None:
+        raise ValueError("fused_merge needs the workspace's counters (DecodeAttentionWorkspace.create makes them)")
+    out_q = q8_launch_args(out_q8, out)
+    merge_shape = dict(BLOCK_S=min(16, next_power_of_2(ws.num_splits)), MERGE_BLOCK_D=max(block_d, ACTIVATION_BLOCK),
+                       QUANTIZE=out_q8 is not None)
     _paged_decode_attention_kernel[(batch * num_kv_heads, ws.num_splits)](
         q, k_cache, v_cache, page_table, positions, ws.part_max, ws.part_sum, ws.part_acc,
         q.stride(0), q.stride(1), page_table.stride(0), float(scale) * math.log2(math.e),
+        ws.counters if fused_merge else positions, out, out.stride(0), out.stride(1), *out_q,
         NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits, BLOCK_G=max(16, next_power_of_2(group_size)),
-        BLOCK_D=block_d, BLOCK_N=block_n, EARLY_V=bool(early_v), num_warps=num_warps, **launch_options(pdl))
-    _merge_splits_kernel[(batch, num_q_heads)](
-        ws.part_max, ws.part_sum, ws.part_acc, positions, out, out.stride(0), out.stride(1),
-        *q8_launch_args(out_q8, out),
-        NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits,
-        BLOCK_S=min(16, next_power_of_2(ws.num_splits)), BLOCK_D=max(block_d, ACTIVATION_BLOCK),
-        QUANTIZE=out_q8 is not None, num_warps=1, **launch_options(pdl))
+        BLOCK_D=block_d, BLOCK_N=block_n, EARLY_V=bool(early_v), FUSED_MERGE=bool(fused_merge),
+        USE_FENCE=os.environ.get("TRITON_INTERPRET") != "1", num_warps=num_warps, **merge_shape,
+        **launch_options(pdl))
+    if not fused_merge:
+        _merge_splits_kernel[(batch, num_q_heads)](
+            ws.part_max, ws.part_sum, ws.part_acc, positions, out, out.stride(0), out.stride(1), *out_q,
+            NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits,
+            BLOCK_S=merge_shape["BLOCK_S"], BLOCK_D=merge_shape["MERGE_BLOCK_D"], QUANTIZE=out_q8 is not None,
+            num_warps=1, **launch_options(pdl))
     return out
 
 

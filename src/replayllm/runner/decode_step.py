@@ -79,6 +79,9 @@ class StepBuffers:
     # ._prefetch_rows_l2), so the reads start while the kernel before drains. Off: measured slower on an H100
     # (tg128 7B Q4_K_M 356 t/s with it, 404 without; benchmarks/NOTES.md). Read when the step is captured.
     prefetch_weights: bool = False
+    # Experimental: decode attention's last split merges the splits in the same launch (kernels/decode_attention
+    # fused_merge), one launch a layer fewer; not yet measured, off. Read when the step is captured.
+    fused_attention_merge: bool = False
     # The integer-dot GEMVs' launch shapes, tuned at load on a GPU (runner/gemv_tuning); None: the defaults.
     gemv_shapes: GemvShapes | None = None
 
@@ -186,7 +189,7 @@ def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Te
                          bufs.page_table, neox=config.rope_neox, pdl=bufs.pdl)
     paged_decode_attention(bufs.q, k_cache, v_cache, bufs.page_table, bufs.positions,
                            config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace, out_q8=attn_q8,
-                           pdl=bufs.pdl)
+                           pdl=bufs.pdl, fused_merge=bufs.fused_attention_merge)
     project(bufs.attn.view(bufs.batch_size, -1), [layer.attn_output], bufs.x, None, attn_q8, accumulate=True,
             pdl=bufs.pdl, shapes=bufs.gemv_shapes,
             prefetch=bufs.prefetch_weights)
