@@ -523,54 +523,18 @@ def kernels(run: Run, llm: LLM) -> None:
 
 
 def decode_breakdown(run: Run, llm: LLM, positions: int = 64, replays: int = 20) -> None:
-    """Where one decode step's GPU time goes: the torch profiler's record of the kernels of `replays` graph
-    replays at context `positions`, with PDL as loaded and with it off. Per step: the time each kernel name
-    takes, the launches, the time the GPU is busy with at least one kernel (the union of their intervals) and
-    the idle rest of the step; and one step's kernels in launch order. With PDL a kernel starts while its
-    predecessor drains, so its duration includes that wait: the per-name times add up to more than the step,
-    and the PDL-off record is the one that gives each kernel's own time."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    """Where one decode step's GPU time goes (bench/step_breakdown): the kernels of `replays` greedy graph
+    replays at context `positions`, with PDL as loaded and with it off (each kernel's own time)."""
+    from replayllm.bench.step_breakdown import record_step_kernels
 
-    backend = llm.backend
     out = {}
-    for pdl in dict.fromkeys((backend.bufs.pdl, False)):
-        with decode_options(llm, None, pdl):
-            backend.measure_step_gpu_ms("graph", positions, replays=3, greedy=True)  # warm
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:  # the greedy step, as tg128 replays it
-                step_ms = backend.measure_step_gpu_ms("graph", positions, replays=replays, greedy=True)
-        steps = replays + 1  # measure_step_gpu_ms replays once before it starts timing
-        kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
-                         key=lambda e: e.time_range.start)
-        if len(kernels) < steps:
-            raise RuntimeError(f"the profiler recorded {len(kernels)} kernels in {steps} graph replays")
-        busy, end = 0.0, float("-inf")
-        for e in kernels:  # the union of the kernels' intervals, in microseconds
-            start, stop = max(e.time_range.start, end), e.time_range.end
-            if stop > start:
-                busy += stop - start
-            end = max(end, stop)
-        per_step = len(kernels) // steps
-        by_name: dict[str, list[float]] = {}
-        for e in kernels:
-            by_name.setdefault(e.name[:60], []).append(e.time_range.elapsed_us())
-        names = sorted(by_name, key=lambda n: -sum(by_name[n]))
-        span = kernels[-1].time_range.end - kernels[0].time_range.start if kernels else 0.0
-        out["pdl" if pdl else "no_pdl"] = {
-            "positions": positions, "steps": steps, "step_us": 1e3 * step_ms,
-            "launches_per_step": per_step, "busy_us_per_step": busy / steps,
-            "idle_us_per_step": (span - busy) / steps,
-            "by_name": [{"kernel": n, "launches_per_step": len(by_name[n]) / steps,
-                         "us_per_step": sum(by_name[n]) / steps,
-                         "us_per_launch": sum(by_name[n]) / len(by_name[n])} for n in names],
-            "last_step": [{"kernel": e.name[:60], "us": e.time_range.elapsed_us()} for e in kernels[-per_step:]],
-        }
-        r = out["pdl" if pdl else "no_pdl"]
+    for pdl in dict.fromkeys((llm.backend.bufs.pdl, False)):
+        r = record_step_kernels(llm.backend, positions, replays, pdl=pdl)
+        out["pdl" if pdl else "no_pdl"] = r.to_json()
         run.summary.append(
-            f"    decode step kernels, PDL {pdl}, context {positions}: {1e3 * step_ms:.0f} us a step, "
-            f"{per_step} launches, GPU busy {r['busy_us_per_step']:.0f} us, idle {r['idle_us_per_step']:.0f} us; "
-            + ", ".join(f"{x['kernel'][:28]} {x['us_per_step']:.0f} us x{x['launches_per_step']:.0f}"
-                        for x in r["by_name"][:8]))
+            f"    decode step kernels, PDL {pdl}, context {positions}: {r.step_us:.0f} us a step, "
+            f"{r.launches_per_step} launches, GPU busy {r.busy_us_per_step:.0f} us, idle {r.idle_us_per_step:.0f} us; "
+            + ", ".join(f"{t.kernel[:28]} {t.us_per_step:.0f} us x{t.launches_per_step:.0f}" for t in r.by_name[:8]))
     run.results["decode_kernels_7b"] = out
 
 

@@ -54,6 +54,7 @@ def test_info_lists_types_and_parameters(capsys, tiny_model_path):
     (["generate", "x", "--prefill-chunk", "100"], "prefill_chunk must be a power of two from 16 to 8192"),
     (["chat", "--prefill-chunk", "8"], "prefill_chunk must be a power of two"),
     (["bench", "m.gguf", "--prefill-chunk", "16384"], "prefill_chunk must be a power of two"),
+    (["bench", "m.gguf", "--kernels", "--device", "cpu"], "--kernels records GPU kernels"),
 ])
 def test_bad_parameters_are_one_line_errors(capsys, argv, fragment):
     code, _, err = run_catching_exit(capsys, argv)

@@ -25,6 +25,8 @@ def add_commands(sub) -> None:
     bench.add_argument("--mode", default="graph", help="GPU decode mode (see generate --help)")
     add_prefill_option(bench)
     add_decode_options(bench)
+    bench.add_argument("--kernels", action="store_true",
+                       help="also show where a decode step's GPU time goes, kernel by kernel (CUDA only)")
     bench.add_argument("--json", help="write all results and the environment to this file")
     bench.add_argument("--quiet", "-q", action="store_true")
     bench.set_defaults(run=run_bench)
@@ -48,6 +50,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from ..engine.llm import check_prefill_chunk
 
     check_prefill_chunk(args.prefill_chunk)  # before the model file is opened
+    if args.kernels and args.device == "cpu":
+        raise InvalidParameterError("--kernels records GPU kernels: it needs --device cuda (or auto with a GPU)")
     if args.repetitions < 1:
         raise InvalidParameterError(f"-r must be >= 1, got {args.repetitions}")
     if args.batch_size is not None and args.batch_size < 1:
@@ -80,6 +84,7 @@ def run_bench(args: argparse.Namespace) -> int:
             results.append(run_test(llm.backend, test, facts, llm.config.vocab_size, args.repetitions,
                                     copy_gbps, on_sample=lambda: bar.update(1)))
     print(markdown_table(results))
+    breakdowns = _kernel_breakdowns(llm, args) if args.kernels else []
     env = environment(device)
     if copy_gbps:
         print(f"\n{env['device']}: measured copy bandwidth {copy_gbps:.0f} GB/s (read + write); "
@@ -87,9 +92,28 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"kind": "bench", **env, "copy_gbps": copy_gbps,
-                       "results": [r.to_json() for r in results]}, f, indent=2)
+                       "results": [r.to_json() for r in results],
+                       "step_kernels": [b.to_json() for b in breakdowns]}, f, indent=2)
     llm.close()
     return 0
+
+
+def _kernel_breakdowns(llm, args: argparse.Namespace) -> list:
+    """The decode step's kernels at context 64 (bench/step_breakdown), as loaded and, where PDL is on, with it
+    off (each kernel's own time); each printed as a table."""
+    from ..bench.step_breakdown import breakdown_table, record_step_kernels
+
+    backend = llm.backend
+    if not getattr(backend, "is_cuda", False):
+        raise InvalidParameterError("--kernels records GPU kernels, and this model was loaded on the CPU (no "
+                                    "usable CUDA GPU)")
+    out = []
+    for pdl in dict.fromkeys((backend.bufs.pdl, False)):
+        b = record_step_kernels(backend, positions=64, pdl=pdl)
+        print(f"\ndecode step kernels ({backend.name if pdl == backend.bufs.pdl else 'PDL off'}):")
+        print(breakdown_table(b))
+        out.append(b)
+    return out
 
 
 def _model_context(path: str) -> int:
