@@ -92,6 +92,13 @@ def test_the_fastest_candidate_wins_and_the_cache_keeps_it(matrices, tmp_path):
     assert third.calls == n_q4k  # that one shape measured again
 
 
+def test_progress_counts_every_candidate_to_time(matrices, capsys):
+    n = len(candidates_for(T.Q4_K))
+    tune_gemv_shapes(matrices[:2], ("16bit",), None, timer=FakeTimer([1.0] * n), progress=True)
+    err = capsys.readouterr().err
+    assert "tuning decode GEMVs" in err and f"{n}/{n}" in err
+
+
 def test_a_failing_candidate_is_skipped_with_a_warning(matrices):
     n = len(candidates_for(T.Q4_K))
     timer = FakeTimer([4.0] * (n - 2) + [0.5], failing={1})  # the default fails; the last candidate is fastest

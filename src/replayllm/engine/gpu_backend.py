@@ -212,7 +212,7 @@ class GPUBackend(Backend):
         started = time.perf_counter()
         cache = GemvShapeCache(_tuning_cache_path(self.device, "gemv-tuning"))
         tuned = tune_gemv_shapes([self.weights.output, *self.weights.layer_matrices()],
-                                 () if form == "f32" else (form,), cache)
+                                 () if form == "f32" else (form,), cache, progress=progress)
         shapes.table.update(tuned.table)
         shapes.timings.update(tuned.timings)
         self.bufs.gemv_shapes = shapes

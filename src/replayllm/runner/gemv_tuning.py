@@ -171,24 +171,34 @@ def replay_ms(body: Callable[[], object], replays: int = 10) -> float:
 @torch.inference_mode()
 def tune_gemv_shapes(matrices: Iterable[QuantWeight], forms: Iterable[str] = ("16bit",),
                      cache: GemvShapeCache | None = None,
-                     timer: Callable[[Callable[[], object]], float] = replay_ms) -> GemvShapes:
+                     timer: Callable[[Callable[[], object]], float] = replay_ms,
+                     progress: bool = False) -> GemvShapes:
     """Time every candidate shape (candidates_for) of each distinct matrix shape, over all the matrices of that
     shape at once, with `timer` (ms of a body: CUDA-graph replays by default), and keep the fastest: the
     integer-dot types against activations of each form in `forms` (keys of FORMS), F16 / BF16 once, against f32
     activations (form "f32"). Choices found in `cache` are not measured again; new ones are added to it and
     saved. A candidate that fails (a shape the GPU cannot hold) is skipped with a warning; the default shape
-    is kept where none ran."""
+    is kept where none ran. `progress`: a bar over the candidates to time (each compiles its kernel first)."""
+    from tqdm import tqdm
+
     shapes = GemvShapes()
     forms = tuple(forms)
+    todo = []  # (key, the matrices of that shape) still to measure
     for (type_name, n_rows, n_cols), group in matrices_by_shape(matrices).items():
-        device = group[0].qs.device
-        floats = is_float(group[0].ggml_type)
-        for form in ("f32",) if floats else forms:
+        for form in ("f32",) if is_float(group[0].ggml_type) else forms:
             key = (type_name, n_rows, n_cols, form)
             cached = cache.get(key) if cache is not None else None
             if cached is not None:
                 shapes.table[key] = cached
-                continue
+            else:
+                todo.append((key, group))
+    total = sum(len(candidates_for(group[0].ggml_type)) for _, group in todo)
+    with tqdm(total=total, desc="tuning decode GEMVs", unit="shape", disable=not progress or not total,
+              leave=False) as bar:
+        for key, group in todo:
+            _, n_rows, n_cols, form = key
+            device = group[0].qs.device
+            floats = is_float(group[0].ggml_type)
             x = torch.randn(1, n_cols, generator=torch.Generator().manual_seed(n_cols)).to(device)
             out = torch.empty(1, n_rows, device=device)
             if floats:
@@ -208,6 +218,7 @@ def tune_gemv_shapes(matrices: Iterable[QuantWeight], forms: Iterable[str] = ("1
                     timings[shape] = timer(body)
                 except Exception as exc:  # e.g. registers or shared memory this GPU does not have
                     warnings.warn(f"decode GEMV shape {shape} failed for {key} ({exc!r:.200})", stacklevel=2)
+                bar.update(1)
             ran = {s: ms for s, ms in timings.items() if math.isfinite(ms)}
             default = FLOAT_DEFAULT_SHAPE if floats else DEFAULT_SHAPE
             best = min(ran, key=ran.get) if ran else default  # min keeps the first (the default) on ties
