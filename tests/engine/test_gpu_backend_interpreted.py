@@ -282,3 +282,21 @@ def test_activation_forms_switch_and_each_keeps_greedy_on_the_reference(pair):
     finally:
         backend.set_activations("16bit")
     assert list(backend.generate_ids(ids, params, 0, 3)) == expected
+
+
+def test_a_float_model_decodes_with_f32_activations_and_keeps_to_the_reference(tmp_path):
+    """No matrix of an F16 model takes quantized inputs, so its decode step quantizes nothing: the default form
+    is "f32" (and the name says so), and greedy decoding gives the reference's tokens."""
+    path = write_synthetic_model("tiny", "f16", tmp_path / "tiny-f16.gguf", progress=False)
+    reference = LLM(path, device="cpu", progress=False, max_context=32)
+    backend = GPUBackend(reference.model_file, 32, mode="eager", progress=False, device=torch.device("cpu"))
+    try:
+        assert backend.bufs.activations == "f32" and backend.name == "cuda-eager-f32"
+        ids = [1, 17, 230, 5]
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        assert list(backend.generate_ids(ids, params, 0, 3)) == list(reference.backend.generate_ids(ids, params, 0, 3))
+        backend.set_int8_activations(False)  # "back to the default": f32 again, not 16-bit
+        assert backend.bufs.activations == "f32"
+    finally:
+        backend.close()
+        reference.close()
