@@ -12,6 +12,11 @@ table, then K and V. With `early_v` V's load is issued right after K's, so the t
 measured: it takes the kernel from 108 to 137 registers, which may cost residency at long contexts); the
 merge loads each split's max, sum and partial output in one pass and merges the maxima online.
 
+With `fused_merge` (opt-in until measured) there is no second kernel: each split's program, once its partials
+are stored, fences them (every thread), meets its block at a barrier and counts itself in on a counter per
+(sequence, kv head) with an acquire-release atomic; the program that counts last reads every split's partials
+from L2, merges them for its kv head's q heads and sets the counter back to zero for the next launch.
+
 Scores are kept in log2 units (multiplied by scale * log2(e)), so the kernels exponentiate with exp2.
 
 Precision: both products run on f16 tensor cores yet keep f32 accuracy. K and V are f16 already; the f32
