@@ -525,11 +525,11 @@ def kernels(run: Run, llm: LLM) -> None:
 def decode_breakdown(run: Run, llm: LLM, positions: int = 64, replays: int = 20) -> None:
     """Where one decode step's GPU time goes (bench/step_breakdown): the kernels of `replays` greedy graph
     replays at context `positions`, with PDL as loaded and with it off (each kernel's own time)."""
-    from replayllm.bench.step_breakdown import record_step_kernels
+    from replayllm.bench.step_breakdown import record_as_loaded_and_without_pdl
 
     out = {}
-    for pdl in dict.fromkeys((llm.backend.bufs.pdl, False)):
-        r = record_step_kernels(llm.backend, positions, replays, pdl=pdl)
+    for r in record_as_loaded_and_without_pdl(llm.backend, positions, replays):
+        pdl = r.settings["pdl"]
         out["pdl" if pdl else "no_pdl"] = r.to_json()
         run.summary.append(
             f"    decode step kernels, PDL {pdl}, context {positions}: {r.step_us:.0f} us a step, "

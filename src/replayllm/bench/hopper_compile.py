@@ -126,9 +126,6 @@ def compiling_launches(results: list[CompiledFacts], label: str = "") -> Iterato
         for flag, needed in (("PREFETCH", ("prefetch.global.L2",)), ("FUSED_MERGE", ("fence.acq_rel.gpu", "atom."))):
             if constants.get(flag) and not all(n in kernel.asm["ptx"] for n in needed):
                 raise AssertionError(f"{self.__name__}: compiled with {flag} but its PTX lacks {needed}")
-        if os.environ.get("REPLAYLLM_DUMP_PTX"):
-            Path(os.environ["REPLAYLLM_DUMP_PTX"], f"{label}{self.__name__}.ptx".replace(" ", "_")).write_text(
-                kernel.asm["ptx"])
         results.append(CompiledFacts(f"{label}{self.__name__}", registers, spills, kernel.metadata.shared))
 
     JITFunction.run = record

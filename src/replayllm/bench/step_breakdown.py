@@ -103,6 +103,13 @@ def record_step_kernels(backend, positions: int = 64, replays: int = 20, greedy:
     return breakdown
 
 
+def record_as_loaded_and_without_pdl(backend, positions: int = 64, replays: int = 20) -> list[StepBreakdown]:
+    """`record_step_kernels` with the backend's PDL setting, then, where that is on, with PDL off too (each
+    kernel's own time, no overlap)."""
+    return [record_step_kernels(backend, positions, replays, pdl=pdl)
+            for pdl in dict.fromkeys((backend.bufs.pdl, False))]
+
+
 def breakdown_table(b: StepBreakdown, rows: int = 12) -> str:
     """Markdown: the kernels taking the most time a step, then the step's busy and idle time."""
     lines = ["| kernel | launches/step | us/step | us/launch |", "| --- | ---: | ---: | ---: |"]

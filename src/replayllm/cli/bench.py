@@ -84,7 +84,7 @@ def run_bench(args: argparse.Namespace) -> int:
             results.append(run_test(llm.backend, test, facts, llm.config.vocab_size, args.repetitions,
                                     copy_gbps, on_sample=lambda: bar.update(1)))
     print(markdown_table(results))
-    breakdowns = _kernel_breakdowns(llm, args) if args.kernels else []
+    breakdowns = _kernel_breakdowns(llm) if args.kernels else []
     env = environment(device)
     if copy_gbps:
         print(f"\n{env['device']}: measured copy bandwidth {copy_gbps:.0f} GB/s (read + write); "
@@ -98,21 +98,19 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _kernel_breakdowns(llm, args: argparse.Namespace) -> list:
+def _kernel_breakdowns(llm) -> list:
     """The decode step's kernels at context 64 (bench/step_breakdown), as loaded and, where PDL is on, with it
     off (each kernel's own time); each printed as a table."""
-    from ..bench.step_breakdown import breakdown_table, record_step_kernels
+    from ..bench.step_breakdown import breakdown_table, record_as_loaded_and_without_pdl
 
     backend = llm.backend
     if not getattr(backend, "is_cuda", False):
         raise InvalidParameterError("--kernels records GPU kernels, and this model was loaded on the CPU (no "
                                     "usable CUDA GPU)")
-    out = []
-    for pdl in dict.fromkeys((backend.bufs.pdl, False)):
-        b = record_step_kernels(backend, positions=64, pdl=pdl)
-        print(f"\ndecode step kernels ({backend.name if pdl == backend.bufs.pdl else 'PDL off'}):")
+    out = record_as_loaded_and_without_pdl(backend)
+    for b in out:
+        print(f"\ndecode step kernels ({backend.name if b.settings['pdl'] == backend.bufs.pdl else 'PDL off'}):")
         print(breakdown_table(b))
-        out.append(b)
     return out
 
 

@@ -28,7 +28,6 @@ import torch
 from ..default_model import cache_dir
 from ..errors import InvalidParameterError
 from ..gguf import dequantize
-from ..kernels.quant_matvec_q8 import SUPPORTED_TYPES as INT8_ACTIVATION_TYPES
 from ..runner.decode_step import RopeTables, StepBuffers, check_activation_form, decode_step, default_activations
 from ..runner.gemv_tuning import GemvShapeCache, GemvShapes, tune_gemv_shapes
 from ..runner.graph import DecodeGraph
@@ -111,7 +110,7 @@ class GPUBackend(Backend):
         self.rope = RopeTables(cos.to(self.device), sin.to(self.device))
         self.bufs = StepBuffers.allocate(config, 1, self.cache.max_pages_per_seq,
                                          self.cache.max_pages_per_seq * self.cache.page_size, self.device)
-        self.bufs.activations = self._default_activation_form()
+        self.bufs.activations = default_activations(self.bufs, self.weights)
         self._note_peak("kv_cache")
         self.prefiller = Prefiller(config, self.weights, self.cache, self.rope)
         self.prefill_chunk_tokens = (prefill_chunk if prefill_chunk is not None
@@ -223,19 +222,10 @@ class GPUBackend(Backend):
                   f"{time.perf_counter() - started:.1f} s, kept for the next load", file=sys.stderr)
         self._note_peak("gemv_tuning")
 
-    def _default_activation_form(self) -> str:
-        """default_activations, except "f32" for a model none of whose matrices takes quantized inputs (F16 /
-        BF16 / F32 weights): its norm, attention and SiLU kernels then write no quantized copy that no GEMV
-        reads, and the backend's name says what the GEMVs take."""
-        matrices = [self.weights.output, *self.weights.layer_matrices()]
-        if not any(w.ggml_type in INT8_ACTIVATION_TYPES for w in matrices):
-            return "f32"
-        return default_activations(self.bufs)
-
     def set_int8_activations(self, enabled: bool) -> None:
         """Experimental: Q4_0/Q4_1/Q4_K/Q5_K/Q6_K/Q8_0 matrices multiply int8-quantized activations
         (kernels/quant_matvec_q8.py). Recaptures the current mode's graphs, which bake the choice in."""
-        self.set_activations("int8" if enabled else self._default_activation_form())
+        self.set_activations("int8" if enabled else default_activations(self.bufs, self.weights))
 
     @property
     def supports_pdl(self) -> bool:

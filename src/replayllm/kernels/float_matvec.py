@@ -21,7 +21,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from ..errors import UnsupportedError
-from ._tensor_checks import check_same_device, check_tensor
+from ._tensor_checks import check_powers_of_two, check_same_device, check_tensor
 from .pdl import _pdl_wait, launch_options
 from .quant_weight import QuantWeight
 from .row_tiles import _prefetch_rows_l2, _program_rows, _store_row_tiles, _sum_tile, _tile_sources
@@ -106,9 +106,7 @@ def float_matvec(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if block_n is None:
         block_n = INTERPRETER_BLOCK_N if interpreted else DEFAULT_BLOCK_N
-    for name, value in (("block_n", block_n), ("chunks", chunks)):
-        if not isinstance(value, int) or value < 1 or value & (value - 1):
-            raise ValueError(f"float_matvec: {name} must be a power of two, got {value!r}")
+    check_powers_of_two("float_matvec", block_n=block_n, chunks=chunks)
     if rows not in ROW_TILES:
         raise ValueError(f"float_matvec: rows must be one of {ROW_TILES}, got {rows!r}")
     batch = x.shape[0] if x.dim() == 2 else 0

@@ -117,6 +117,11 @@ class StepBuffers:
         return bufs
 
     @property
+    def gemv_options(self) -> dict:
+        """What every decode GEMV launch of the step takes from these buffers (`project`'s keywords)."""
+        return {"pdl": self.pdl, "shapes": self.gemv_shapes, "prefetch": self.prefetch_weights}
+
+    @property
     def can_quantize_activations(self) -> bool:
         return None not in (self.h_q8, self.attn_q8, self.act_q8)
 
@@ -141,8 +146,13 @@ def check_activation_form(form: str) -> None:
 MAX_QUANTIZED_BATCH = 4  # above it the f32 path's tensor-core GEMV reads the weights once for all rows
 
 
-def default_activations(bufs: StepBuffers) -> str:
-    """"16bit" where every projection input can be quantized and the batch is small, else "f32"."""
+def default_activations(bufs: StepBuffers, weights: DeviceWeights | None = None) -> str:
+    """"16bit" where every projection input can be quantized and the batch is small, else "f32"; also "f32"
+    for `weights` none of whose matrices takes quantized inputs (F16 / BF16 / F32), so that its norm, attention
+    and SiLU kernels write no copy that no GEMV reads."""
+    if weights is not None and not any(w.ggml_type in INT8_ACTIVATION_TYPES
+                                       for w in (weights.output, *weights.layer_matrices())):
+        return "f32"
     return "16bit" if bufs.can_quantize_activations and bufs.batch_size <= MAX_QUANTIZED_BATCH else "f32"
 
 
@@ -167,8 +177,7 @@ def decode_step(config: ModelConfig, weights: DeviceWeights, cache: PagedKVCache
         _mlp_block(config, layer, bufs)
     h_q8, _, _ = bufs.quantized_inputs()
     rmsnorm(bufs.x, weights.output_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
-    project(bufs.h, [weights.output], bufs.logits, None, h_q8, pdl=bufs.pdl, shapes=bufs.gemv_shapes,
-            prefetch=bufs.prefetch_weights)
+    project(bufs.h, [weights.output], bufs.logits, None, h_q8, **bufs.gemv_options)
     return bufs.logits
 
 
@@ -176,8 +185,7 @@ def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Te
                      rope: RopeTables, bufs: StepBuffers) -> None:
     h_q8, attn_q8, _ = bufs.quantized_inputs()
     rmsnorm(bufs.x, layer.attn_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
-    project(bufs.h, layer.qkv, bufs.qkv, layer.qkv_bias, h_q8, pdl=bufs.pdl, shapes=bufs.gemv_shapes,
-            prefetch=bufs.prefetch_weights)
+    project(bufs.h, layer.qkv, bufs.qkv, layer.qkv_bias, h_q8, **bufs.gemv_options)
     if bufs.batch_size > 1:
         B, Dh = bufs.batch_size, config.head_dim
         q, k, v = bufs.qkv.split([t.shape[1] * Dh for t in (bufs.q, bufs.k, bufs.v)], dim=1)
@@ -191,8 +199,7 @@ def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Te
                            config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace, out_q8=attn_q8,
                            pdl=bufs.pdl, fused_merge=bufs.fused_attention_merge)
     project(bufs.attn.view(bufs.batch_size, -1), [layer.attn_output], bufs.x, None, attn_q8, accumulate=True,
-            pdl=bufs.pdl, shapes=bufs.gemv_shapes,
-            prefetch=bufs.prefetch_weights)
+            **bufs.gemv_options)
 
 
 def head_norms(config: ModelConfig, layer: LayerWeights, q: torch.Tensor, k: torch.Tensor, *,
@@ -209,12 +216,9 @@ def head_norms(config: ModelConfig, layer: LayerWeights, q: torch.Tensor, k: tor
 def _mlp_block(config: ModelConfig, layer: LayerWeights, bufs: StepBuffers) -> None:
     h_q8, _, act_q8 = bufs.quantized_inputs()
     rmsnorm(bufs.x, layer.ffn_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
-    project(bufs.h, layer.gate_up, bufs.gate_up, None, h_q8, pdl=bufs.pdl, shapes=bufs.gemv_shapes,
-            prefetch=bufs.prefetch_weights)
+    project(bufs.h, layer.gate_up, bufs.gate_up, None, h_q8, **bufs.gemv_options)
     silu_mul(bufs.gate_up, bufs.act, act_q8, pdl=bufs.pdl)  # the quantized copy from the same launch
-    project(bufs.act, [layer.ffn_down], bufs.x, None, act_q8, accumulate=True, pdl=bufs.pdl,
-            shapes=bufs.gemv_shapes,
-            prefetch=bufs.prefetch_weights)
+    project(bufs.act, [layer.ffn_down], bufs.x, None, act_q8, accumulate=True, **bufs.gemv_options)
 
 
 def project(x: torch.Tensor, matrices: list[QuantWeight], out: torch.Tensor, bias: torch.Tensor | None,
