@@ -151,16 +151,19 @@ def _sweep_gemv_form(weights: list, form: str, quick: bool) -> dict:
 
 ATTENTION_CONTEXTS = (64, 512, 3840)  # tg128's own range, then deep
 ATTENTION_SHAPES = [  # split_tokens (None: the engine's choice), block_n (None: largest), num_warps, early_v,
-    # fused_merge
-    (None, None, 4, False, False), (None, None, 4, True, False), (None, None, 4, False, True),
-    (None, None, 4, True, True), (64, None, 4, False, False), (64, None, 4, False, True), (256, None, 4, False, False),
-    (None, 32, 4, False, False), (None, None, 8, False, False), (64, 32, 4, False, False), (32, 32, 2, False, False)]
+    # fused_merge, rope_in_attention (the new token rotated and cached in the launch: NewToken)
+    (None, None, 4, False, False, False), (None, None, 4, True, False, False), (None, None, 4, False, True, False),
+    (None, None, 4, False, True, True), (None, None, 4, False, False, True), (None, None, 4, True, True, False),
+    (64, None, 4, False, False, False), (64, None, 4, False, True, False), (256, None, 4, False, False, False),
+    (None, 32, 4, False, False, False), (None, None, 8, False, False, False), (64, 32, 4, False, False, False),
+    (32, 32, 2, False, False, False)]
 
 
 def sweep_attention(out_dir: Path) -> list[dict]:
     """Decode attention at llama2-7b's shape (32 q = kv heads, head_dim 128, 32 layers' caches) with 512 and
     3840 tokens of context: GB/s of K and V read, per launch shape."""
     from replayllm.kernels import DecodeAttentionWorkspace, paged_decode_attention
+    from replayllm.kernels.decode_attention import NewToken
 
     layers, heads, head_dim, page, capacity = 32, 32, 128, 16, 4096 + 16
     pages = capacity // page
@@ -169,19 +172,23 @@ def sweep_attention(out_dir: Path) -> list[dict]:
     table = torch.arange(pages, dtype=torch.int32, device="cuda")[None, :]
     q = torch.randn(1, heads, head_dim, device="cuda")
     out = torch.empty_like(q)
+    angles = torch.arange(capacity, device="cuda")[:, None] * 1e-3 * torch.arange(head_dim // 2, device="cuda")
+    new_token = NewToken(torch.randn(1, heads, head_dim, device="cuda"), torch.randn(1, heads, head_dim, device="cuda"),
+                         angles.cos(), angles.sin(), neox=False)
     results = []
     for context in ATTENTION_CONTEXTS:
         positions = torch.full((1,), context, dtype=torch.int32, device="cuda")
         kv_bytes = 2 * layers * heads * head_dim * 2 * (context + 1)
-        for split, block_n, warps, early_v, fused in ATTENTION_SHAPES:
+        for split, block_n, warps, early_v, fused, rope in ATTENTION_SHAPES:
             ws = DecodeAttentionWorkspace.create(1, heads, head_dim, capacity, "cuda", split_tokens=split)
 
             def body():
                 for k, v in caches:
                     paged_decode_attention(q, k, v, table, positions, head_dim ** -0.5, out, ws, block_n=block_n,
-                                           num_warps=warps, early_v=early_v, fused_merge=fused)
+                                           num_warps=warps, early_v=early_v, fused_merge=fused,
+                                           new_token=new_token if rope else None)
             entry = {"context": context, "split_tokens": ws.split_tokens, "block_n": block_n, "num_warps": warps,
-                     "early_v": early_v, "fused_merge": fused}
+                     "early_v": early_v, "fused_merge": fused, "rope_in_attention": rope}
             try:
                 ms = time_graph_replay(body)
                 entry |= {"us_per_step": 1e3 * ms, "gbps": kv_bytes / (ms * 1e-3) / 1e9}
@@ -190,10 +197,13 @@ def sweep_attention(out_dir: Path) -> list[dict]:
             results.append(entry)
             _save(out_dir, "attention", results)
         ok = sorted((r for r in results if r["context"] == context and "gbps" in r), key=lambda r: -r["gbps"])
-        default, early, fused = results[-len(ATTENTION_SHAPES):][:3]  # the first three shapes
-        print(f"attention @{context}: default {default.get('us_per_step', float('nan')):.1f} us a step "
-              f"({default.get('gbps', float('nan')):.0f} GB/s), V beside K {early.get('us_per_step', float('nan')):.1f}"
-              f" us, merge fused {fused.get('us_per_step', float('nan')):.1f} us; best {ok[0] if ok else None}",
+        default, early, fused, all_in_one, rope_only = results[-len(ATTENTION_SHAPES):][:5]  # the first five shapes
+
+        def us(entry):
+            return entry.get("us_per_step", float("nan"))
+        print(f"attention @{context}: default {us(default):.1f} us a step ({default.get('gbps', float('nan')):.0f} "
+              f"GB/s), V beside K {us(early):.1f} us, merge fused {us(fused):.1f} us, rope in it {us(rope_only):.1f} "
+              f"us, rope and merge in it {us(all_in_one):.1f} us (no rope launch counted); best {ok[0] if ok else None}",
               flush=True)
     return results
 

@@ -333,17 +333,21 @@ def bench(run: Run, llm: LLM, tests: list[BenchTest], modes: list[str], reps: in
 
 
 def bench_variants(run: Run, llm: LLM) -> None:
-    """tg128 with the decode options against the default (PDL on where the GPU has it, 16-bit activations): the
-    GEMVs' weight prefetch on and the attention merge fused (experimental; the latter at depth too); PDL off; f32 activations (the path the default replaced); int8 activations, with PDL on and off; each row's
-    backend name says which. Then int8 + PDL deep in the context (its attention is a larger share of its
-    step)."""
+    """tg128 with the decode options against the default (PDL on where the GPU has it, 16-bit activations): rope
+    with the cache write in the attention launch, alone and with the attention merge there too (experimental;
+    the latter at depth too); the GEMVs' weight prefetch on; PDL off; f32 activations (the path the default
+    replaced); int8 activations, with PDL on and off; each row's backend name says which. Then int8 + PDL deep
+    in the context (its attention is a larger share of its step)."""
     pdl_default = llm.backend.bufs.pdl
-    llm.backend.set_fused_attention_merge(True)  # the attention merge in the attention launch ("-fused-merge")
+    llm.backend.set_rope_in_attention(True)  # rope and the cache write in the attention launch
     try:
+        bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
+        llm.backend.set_fused_attention_merge(True)  # and the merge too: one attention launch a layer
         bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
         bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
     finally:
         llm.backend.set_fused_attention_merge(False)
+        llm.backend.set_rope_in_attention(False)
     if pdl_default:  # the GEMVs' L2 prefetch before their PDL wait, on (the backend's name says "-prefetch")
         llm.backend.set_weight_prefetch(True)
         try:

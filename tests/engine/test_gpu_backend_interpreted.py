@@ -225,6 +225,23 @@ def test_decode_step_logits_match_the_reference(pair):
     assert torch.equal(actual.argmax(-1), expected.argmax(-1))
 
 
+def test_fused_attention_decode_steps_equal_the_separate_launches(pair):
+    """Rope and the cache write in the attention launch, with the merge there too: the decode-step logits the
+    separate launches give, to f32 rounding (the same arithmetic, in another order), and the same KV cache."""
+    reference, backend = pair
+    separate = backend.decode_logits(DECODE_IDS, 4)
+    backend.set_fused_attention_merge(True)
+    backend.set_rope_in_attention(True)
+    try:
+        assert backend.name.endswith("-fused-merge-rope-in-attention")
+        fused = backend.decode_logits(DECODE_IDS, 4)
+    finally:
+        backend.set_fused_attention_merge(False)
+        backend.set_rope_in_attention(False)
+    assert _relative_error(fused, separate) < 1e-5
+    assert _relative_error(fused, reference.logits(DECODE_IDS)[4:]) < LOGIT_TOLERANCE
+
+
 def test_int8_decode_steps_err_by_the_int8_rounding_only(pair):
     """The int8 path's decode-step logits against the fp32 reference and against the int8 reference (the fp32
     reference with the int8 path's products): a wrong kernel errs by the order of the logits, the rounding by

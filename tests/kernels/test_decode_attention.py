@@ -184,6 +184,72 @@ def test_the_last_split_merges_in_the_same_launch(group_size):
     assert torch.allclose(out, two_launches, rtol=1e-6, atol=1e-6)
 
 
+def _rope_tables(max_context, half_rope, seed):
+    gen = torch.Generator().manual_seed(seed)
+    angles = torch.rand(max_context, half_rope, generator=gen, dtype=torch.float64) * 6.3
+    return angles.cos().float().to(DEVICE), angles.sin().float().to(DEVICE)
+
+
+@pytest.mark.parametrize("neox, half_rope, group_size, fused_merge", [
+    (False, 16, 1, False), (True, 16, 4, True), (False, 12, 4, True), (True, 10, 1, True)])
+def test_new_token_rotated_and_cached_in_the_attention_launch(neox, half_rope, group_size, fused_merge):
+    """new_token: q unrotated, the new k and v not yet cached; the launch must give what rope_and_cache_write then
+    attention give, leave the same cache and leave q as it was. Lengths 1, 16 (the token at the end of a split),
+    17 (alone in a new split and page), 40 (3 splits); rope_dim below head_dim (passthrough dims); both
+    pairings; with the merge in the same launch or not, and with the 16-bit copy."""
+    from replayllm.kernels.decode_attention import NewToken
+    from replayllm.kernels.int8_activations import QuantizedActivations
+
+    lengths, hkv, dh = [1, 16, 17, 40], 2, 32
+    hq = hkv * group_size
+    q, k_cache, v_cache, page_table, positions = _setup(lengths, hq, hkv, dh, 8, 64, seed=23 + half_rope, q_scale=2.0)
+    gen = torch.Generator().manual_seed(5)
+    k_new, v_new = (torch.randn(len(lengths), hkv, dh, generator=gen).to(DEVICE) for _ in range(2))
+    cos, sin = _rope_tables(64, half_rope, seed=half_rope)
+    workspace = DecodeAttentionWorkspace.create(4, hq, dh, 64, DEVICE, split_tokens=16)
+
+    q_rot, k_cache_sep, v_cache_sep = q.clone(), k_cache.clone(), v_cache.clone()
+    rope_and_cache_write(q_rot, k_new, v_new, cos, sin, positions, k_cache_sep, v_cache_sep, page_table, neox=neox)
+    expected = paged_decode_attention_reference(q_rot, k_cache_sep, v_cache_sep, page_table, positions, 0.3)
+    separate_q8 = QuantizedActivations.allocate(4, hq * dh, DEVICE, wide=True)
+    separate = torch.full_like(q, float("nan"))
+    paged_decode_attention(q_rot, k_cache_sep, v_cache_sep, page_table, positions, 0.3, separate, workspace,
+                           out_q8=separate_q8)
+
+    q_in = q.clone()
+    for t in (workspace.part_max, workspace.part_sum, workspace.part_acc):
+        t.fill_(float("nan"))
+    out = torch.full_like(q, float("nan"))
+    fused_q8 = QuantizedActivations.allocate(4, hq * dh, DEVICE, wide=True)
+    paged_decode_attention(q, k_cache, v_cache, page_table, positions, 0.3, out, workspace, out_q8=fused_q8,
+                           fused_merge=fused_merge, new_token=NewToken(k_new, v_new, cos, sin, neox))
+    assert torch.equal(q, q_in)
+    for cache, cache_sep in ((k_cache, k_cache_sep), (v_cache, v_cache_sep)):
+        assert (cache.float() - cache_sep.float()).abs().max().item() <= 1e-3  # an f16 rounding at most
+    assert _relative_error(out, expected) < TOLERANCE
+    assert torch.allclose(out, separate, rtol=1e-5, atol=1e-6)
+    ok = torch.equal(fused_q8.q, separate_q8.q) or (fused_q8.q.long() - separate_q8.q.long()).abs().max() <= 1
+    assert ok and torch.allclose(fused_q8.scale, separate_q8.scale, rtol=1e-5)
+    if fused_merge:
+        assert int(workspace.counters.abs().sum()) == 0
+
+
+def test_new_token_is_checked():
+    from replayllm.kernels.decode_attention import NewToken
+
+    q, k_cache, v_cache, page_table, positions = _setup([5], 4, 2, 32, 4, 32, seed=3)
+    ws = DecodeAttentionWorkspace.create(1, 4, 32, 32, DEVICE, split_tokens=16)
+    cos, sin = _rope_tables(32, 16, seed=1)
+    k, v = torch.zeros(1, 2, 32, device=DEVICE), torch.zeros(1, 2, 32, device=DEVICE)
+    for token, message in ((NewToken(k[:, :1], v, cos, sin, False), "new_token.k"),
+                           (NewToken(k, v, cos, sin[:, :8], False), "new_token.sin"),
+                           (NewToken(k, v, torch.zeros(32, 17, device=DEVICE), torch.zeros(32, 17, device=DEVICE),
+                                     False), "rope_dim 34")):
+        with pytest.raises(ValueError, match=message):
+            paged_decode_attention(q, k_cache, v_cache, page_table, positions, 0.3, torch.zeros_like(q), ws,
+                                   new_token=token)
+
+
 def test_fused_merge_needs_the_counters():
     args = _setup([5], 2, 2, 32, 4, 32, seed=3)
     ws = DecodeAttentionWorkspace.create(1, 2, 32, 32, DEVICE)
@@ -277,36 +343,49 @@ def test_real_shapes(group_size):
 
 
 @pytest.mark.gpu
-def test_rope_and_attention_replayed_in_a_cuda_graph_with_advancing_positions():
+@pytest.mark.parametrize("one_launch", [False, True])
+def test_rope_and_attention_replayed_in_a_cuda_graph_with_advancing_positions(one_launch):
+    """Real shapes in a CUDA graph, positions advancing across a page boundary and from split 0 into split 1: rope
+    with the cache write, then attention; or (one_launch) both and the merge in the attention launch."""
+    from replayllm.kernels.decode_attention import NewToken
+
     batch, hq, hkv, dh, page_size, max_context = 2, 32, 8, 128, 16, 4096
     gen = torch.Generator().manual_seed(11)
     _, k_cache, v_cache, page_table, _ = _setup([1] * batch, hq, hkv, dh, page_size, max_context, seed=11)
     angles = torch.arange(max_context, dtype=torch.float64)[:, None] * 10000.0 ** (
         -torch.arange(0, dh, 2, dtype=torch.float64) / dh)
     cos, sin = angles.cos().float().cuda(), angles.sin().float().cuda()
-    positions = torch.tensor([15, 3000], dtype=torch.int32, device="cuda")  # page boundary next step
+    positions = torch.tensor([126, 3000], dtype=torch.int32, device="cuda")  # page and split boundaries next
     q, k, v = (torch.zeros(batch, h, dh, device="cuda") for h in (hq, hkv, hkv))
     out = torch.zeros(batch, hq, dh, device="cuda")
     workspace = DecodeAttentionWorkspace.create(batch, hq, dh, max_context, "cuda")
 
     def step():
-        rope_and_cache_write(q, k, v, cos, sin, positions, k_cache, v_cache, page_table, neox=False)
-        paged_decode_attention(q, k_cache, v_cache, page_table, positions, dh ** -0.5, out, workspace)
+        if one_launch:
+            paged_decode_attention(q, k_cache, v_cache, page_table, positions, dh ** -0.5, out, workspace,
+                                   fused_merge=True, new_token=NewToken(k, v, cos, sin, neox=False))
+        else:
+            rope_and_cache_write(q, k, v, cos, sin, positions, k_cache, v_cache, page_table, neox=False)
+            paged_decode_attention(q, k_cache, v_cache, page_table, positions, dh ** -0.5, out, workspace)
 
     step()  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    for _ in range(3):
+    for _ in range(4):
         for t in (q, k, v):
             t.copy_(torch.randn(t.shape, generator=gen))
         q_in, k_in = q.clone(), k.clone()
         graph.replay()
         torch.cuda.synchronize()
-        assert _relative_error(q, rope_reference(q_in, cos, sin, positions, neox=False)) < TOLERANCE
+        q_rotated = rope_reference(q_in, cos, sin, positions, neox=False)
+        if one_launch:
+            assert torch.equal(q, q_in)
+        else:
+            assert _relative_error(q, q_rotated) < TOLERANCE
         for b in range(batch):  # the new token is in the cache at its position
             cached = gather_paged_cache_reference(k_cache, page_table[b], int(positions[b]) + 1)[:, -1]
             assert _relative_error(cached, rope_reference(k_in, cos, sin, positions, neox=False)[b]) < 1e-3
-        expected = paged_decode_attention_reference(q, k_cache, v_cache, page_table, positions, dh ** -0.5)
+        expected = paged_decode_attention_reference(q_rotated, k_cache, v_cache, page_table, positions, dh ** -0.5)
         assert _relative_error(out, expected) < TOLERANCE
         positions.add_(1)

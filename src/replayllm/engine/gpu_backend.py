@@ -186,6 +186,7 @@ class GPUBackend(Backend):
         return (f"cuda-{self.mode.name}-{self.bufs.activations}" + ("-pdl" if self.bufs.pdl else "")
                 + ("-prefetch" if self.bufs.pdl and self.bufs.prefetch_weights else "")
                 + ("-fused-merge" if self.bufs.fused_attention_merge else "")
+                + ("-rope-in-attention" if self.bufs.rope_in_attention else "")
                 + ("-default-shapes" if untuned else ""))
 
     def set_activations(self, form: str) -> None:
@@ -251,6 +252,12 @@ class GPUBackend(Backend):
         """Experimental: decode attention merges its splits in the same launch (the last split to finish does
         it), one launch a layer fewer; off by default until measured. Recaptures the current mode's graphs."""
         self.bufs.fused_attention_merge = bool(enabled)
+        self._recapture()
+
+    def set_rope_in_attention(self, enabled: bool) -> None:
+        """Experimental: decode attention rotates q and k and writes the new token into the KV cache itself, one
+        launch a layer fewer; off by default until measured. Recaptures the current mode's graphs."""
+        self.bufs.rope_in_attention = bool(enabled)
         self._recapture()
 
     def _recapture(self) -> None:

@@ -39,8 +39,8 @@ import triton.language as tl
 
 from ..errors import InvalidParameterError
 from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
-from .int8_activations import (ACTIVATION_BLOCK, QuantizedActivations, _store_quantized_row, check_activation_q8,
-                               q8_launch_args, q8_tensors)
+from .int8_activations import (ACTIVATION_BLOCK, QuantizedActivations, _quantize_blocks, _store_quantized_row,
+                               check_activation_q8, q8_launch_args, q8_tensors)
 from .kv_cache import check_paged_cache, gather_paged_cache_reference
 from .pdl import _pdl_wait, launch_options
 
@@ -56,14 +56,18 @@ def _paged_decode_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, positions_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
         q_row_stride, q_head_stride, page_table_row_stride, qk_scale_log2,
         counter_ptr, out_ptr, out_row_stride, out_head_stride, oq_ptr, oq_scale_ptr, oq_sum_ptr, oq_row_stride,
-        oq_scale_row_stride,
+        oq_scale_row_stride, new_k_ptr, new_v_ptr, new_k_row_stride, new_k_head_stride, new_v_row_stride,
+        new_v_head_stride, cos_ptr, sin_ptr, rope_row_stride,
         NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
         SPLIT_TOKENS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr, EARLY_V: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
-        MERGE_BLOCK_D: tl.constexpr, QUANTIZE: tl.constexpr, USE_FENCE: tl.constexpr, USE_PDL: tl.constexpr):
+        MERGE_BLOCK_D: tl.constexpr, QUANTIZE: tl.constexpr, ROPE: tl.constexpr, NEOX: tl.constexpr,
+        HALF_ROPE: tl.constexpr, USE_FENCE: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_wait(USE_PDL)
     # q: [B, Hq, Dh] f32; k_cache, v_cache: [pages, Hkv, PAGE_SIZE, Dh] f16; page_table: [B, max_pages] int32
     # part_max, part_sum: [B_ws, Hq, NUM_SPLITS] f32; part_acc: [B_ws, Hq, NUM_SPLITS, Dh] f32 (B_ws >= B)
+    # ROPE: q is not yet rotated; new_k, new_v [B, Hkv, Dh] f32 are the new token's (k unrotated), cos, sin
+    # [max_ctx, HALF_ROPE] f32 the rope tables; the token goes into the cache at position seq_len - 1.
     # grid (B * Hkv, NUM_SPLITS)
     row = tl.program_id(0) // NUM_KV_HEADS
     kv_head = tl.program_id(0) % NUM_KV_HEADS
@@ -77,14 +81,33 @@ def _paged_decode_attention_kernel(
         group_mask = group < GROUP_SIZE
         dims = tl.arange(0, BLOCK_D)
         dim_mask = dims < HEAD_DIM
-        q_ptrs = q_ptr + row.to(tl.int64) * q_row_stride + heads[:, None] * q_head_stride + dims[None, :]
-        q = tl.load(q_ptrs, mask=group_mask[:, None] & dim_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+        q_heads = q_ptr + row.to(tl.int64) * q_row_stride + heads[:, None] * q_head_stride  # [BLOCK_G, 1]
+        q_mask = group_mask[:, None] & dim_mask[None, :]
+        page_row = page_table_ptr + row.to(tl.int64) * page_table_row_stride
+        if ROPE:
+            position = seq_len - 1
+            cos_row = cos_ptr + position.to(tl.int64) * rope_row_stride
+            sin_row = sin_ptr + position.to(tl.int64) * rope_row_stride
+            q = _load_rotated(q_heads, dims[None, :], q_mask, cos_row, sin_row, HALF_ROPE, NEOX)
+            if split == position // SPLIT_TOKENS:
+                # This split's last tile holds the new token: cache it first. The block's barrier makes the
+                # stores visible to all its threads, which read the token back with the rest of the tile.
+                k_new = _load_rotated(new_k_ptr + row.to(tl.int64) * new_k_row_stride + kv_head * new_k_head_stride,
+                                      dims, dim_mask, cos_row, sin_row, HALF_ROPE, NEOX)
+                v_new = tl.load(new_v_ptr + row.to(tl.int64) * new_v_row_stride + kv_head * new_v_head_stride + dims,
+                                mask=dim_mask, other=0.0)
+                page = tl.load(page_row + position // PAGE_SIZE).to(tl.int64)
+                slot = ((page * NUM_KV_HEADS + kv_head) * PAGE_SIZE + position % PAGE_SIZE) * HEAD_DIM
+                tl.store(k_cache_ptr + slot + dims, k_new.to(tl.float16), mask=dim_mask)
+                tl.store(v_cache_ptr + slot + dims, v_new.to(tl.float16), mask=dim_mask)
+                tl.debug_barrier()
+        else:
+            q = tl.load(q_heads + dims[None, :], mask=q_mask, other=0.0)  # [BLOCK_G, BLOCK_D]
         q_hi = q.to(tl.float16)
         q_lo = ((q - q_hi.to(tl.float32)) * 2048.0).to(tl.float16)
         running_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        page_row = page_table_ptr + row.to(tl.int64) * page_table_row_stride
         for tile_start in range(start, end, BLOCK_N):
             tokens = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]; the first is always < end
             token_mask = tokens < end
@@ -107,29 +130,88 @@ def _paged_decode_attention_kernel(
             p_lo = ((probs - p_hi.to(tl.float32)) * 2048.0).to(tl.float16)
             acc = acc * correction[:, None] + tl.dot(p_hi, v) + tl.dot(p_lo, v) * (1.0 / 2048.0)
             running_max = new_max
-        part = (row.to(tl.int64) * (NUM_KV_HEADS * GROUP_SIZE) + heads) * NUM_SPLITS + split  # [BLOCK_G]
-        tl.store(part_max_ptr + part, running_max, mask=group_mask)
-        tl.store(part_sum_ptr + part, running_sum, mask=group_mask)
-        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc,
-                 mask=group_mask[:, None] & dim_mask[None, :])
         if FUSED_MERGE:
-            # The last of the row's used splits to finish merges them, for every q head of its kv head: each
-            # program makes its partials visible GPU-wide (a fence in every thread, then the block's barrier)
-            # before counting itself in; the one that counts last reads them from L2 and resets the counter
-            # for the next launch. No second launch, no wait for the slowest split's neighbours.
             num_used = tl.minimum((seq_len + SPLIT_TOKENS - 1) // SPLIT_TOKENS, NUM_SPLITS)
-            if USE_FENCE:
-                tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r,r", [split], dtype=tl.int32,
-                                          is_pure=False, pack=1)
-            tl.debug_barrier()
-            counter = counter_ptr + row * NUM_KV_HEADS + kv_head
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_used - 1:
-                tl.store(counter, 0)
-                for g in tl.static_range(GROUP_SIZE):
-                    _merge_head(part_max_ptr, part_sum_ptr, part_acc_ptr, row, kv_head * GROUP_SIZE + g, num_used,
-                                out_ptr, out_row_stride, out_head_stride, oq_ptr, oq_scale_ptr, oq_sum_ptr,
-                                oq_row_stride, oq_scale_row_stride, NUM_KV_HEADS * GROUP_SIZE, HEAD_DIM, NUM_SPLITS,
-                                BLOCK_S, MERGE_BLOCK_D, QUANTIZE)
+            if num_used == 1:  # a sequence of one split: its result, straight from registers
+                _store_group_result(acc / running_sum[:, None], row, kv_head * GROUP_SIZE, out_ptr, out_row_stride,
+                                    out_head_stride, oq_ptr, oq_scale_ptr, oq_sum_ptr, oq_row_stride,
+                                    oq_scale_row_stride, GROUP_SIZE, HEAD_DIM, BLOCK_G, BLOCK_D, QUANTIZE)
+            else:
+                _store_partials(part_max_ptr, part_sum_ptr, part_acc_ptr, running_max, running_sum, acc, row, heads,
+                                group_mask, dims, dim_mask, split, NUM_KV_HEADS * GROUP_SIZE, HEAD_DIM, NUM_SPLITS)
+                # The last of the row's used splits to finish merges them, for every q head of its kv head:
+                # each program makes its partials visible GPU-wide (a fence in every thread, then the block's
+                # barrier) before counting itself in; the one that counts last reads them from L2 and resets
+                # the counter for the next launch. No second launch, no wait for the slowest split's neighbours.
+                if USE_FENCE:
+                    tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r,r", [split],
+                                              dtype=tl.int32, is_pure=False, pack=1)
+                tl.debug_barrier()
+                counter = counter_ptr + row * NUM_KV_HEADS + kv_head
+                if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_used - 1:
+                    tl.store(counter, 0)
+                    for g in tl.static_range(GROUP_SIZE):
+                        _merge_head(part_max_ptr, part_sum_ptr, part_acc_ptr, row, kv_head * GROUP_SIZE + g,
+                                    num_used, out_ptr, out_row_stride, out_head_stride, oq_ptr, oq_scale_ptr,
+                                    oq_sum_ptr, oq_row_stride, oq_scale_row_stride, NUM_KV_HEADS * GROUP_SIZE,
+                                    HEAD_DIM, NUM_SPLITS, BLOCK_S, MERGE_BLOCK_D, QUANTIZE)
+        else:
+            _store_partials(part_max_ptr, part_sum_ptr, part_acc_ptr, running_max, running_sum, acc, row, heads,
+                            group_mask, dims, dim_mask, split, NUM_KV_HEADS * GROUP_SIZE, HEAD_DIM, NUM_SPLITS)
+
+
+@triton.jit
+def _load_rotated(base, dims, mask, cos_row, sin_row, HALF_ROPE: tl.constexpr, NEOX: tl.constexpr):
+    """x[base + dims] (f32) rotated by the angles at cos_row, sin_row (as kernels/rope.py rotates it): each
+    element is loaded with its pair partner; dims at or past 2 * HALF_ROPE pass through. base [G, 1] and dims
+    [1, D], or both [D]."""
+    rotated = dims < 2 * HALF_ROPE
+    if NEOX:  # pairs (i, i + HALF_ROPE)
+        first = dims < HALF_ROPE
+        pair = tl.where(first, dims, dims - HALF_ROPE)
+        partner = tl.where(first, dims + HALF_ROPE, dims - HALF_ROPE)
+    else:  # pairs (2i, 2i + 1)
+        first = dims % 2 == 0
+        pair = dims // 2
+        partner = tl.where(first, dims + 1, dims - 1)
+    x = tl.load(base + dims, mask=mask, other=0.0)
+    x_partner = tl.load(base + tl.where(rotated, partner, dims), mask=mask & rotated, other=0.0)
+    cos = tl.load(cos_row + tl.where(rotated, pair, 0), mask=rotated, other=1.0)
+    sin = tl.load(sin_row + tl.where(rotated, pair, 0), mask=rotated, other=0.0)
+    return tl.where(first, x * cos - x_partner * sin, x * cos + x_partner * sin)
+
+
+@triton.jit
+def _store_partials(part_max_ptr, part_sum_ptr, part_acc_ptr, running_max, running_sum, acc, row, heads, group_mask,
+                    dims, dim_mask, split, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    NUM_SPLITS: tl.constexpr):
+    part = (row.to(tl.int64) * NUM_Q_HEADS + heads) * NUM_SPLITS + split  # [BLOCK_G]
+    tl.store(part_max_ptr + part, running_max, mask=group_mask)
+    tl.store(part_sum_ptr + part, running_sum, mask=group_mask)
+    tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc,
+             mask=group_mask[:, None] & dim_mask[None, :])
+
+
+@triton.jit
+def _store_group_result(result, row, first_head, out_ptr, out_row_stride, out_head_stride, q_ptr, q_scale_ptr,
+                        q_sum_ptr, q_row_stride, q_scale_row_stride, GROUP_SIZE: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, QUANTIZE: tl.constexpr):
+    """out (and its quantized copy) of heads first_head.. first_head + GROUP_SIZE - 1 of row `row` from
+    result [BLOCK_G, BLOCK_D] (rows past GROUP_SIZE and columns past HEAD_DIM are not stored)."""
+    r = row.to(tl.int64)
+    group = tl.arange(0, BLOCK_G)
+    dims = tl.arange(0, BLOCK_D)
+    tl.store(out_ptr + r * out_row_stride + (first_head + group)[:, None] * out_head_stride + dims[None, :], result,
+             mask=(group < GROUP_SIZE)[:, None] & (dims < HEAD_DIM)[None, :])
+    if QUANTIZE:  # HEAD_DIM % 32 == 0: each head is whole blocks; block j of tile row g is block (head, j)
+        BLOCKS_PER_ROW: tl.constexpr = BLOCK_D // 32
+        tile_block = tl.arange(0, BLOCK_G * BLOCKS_PER_ROW)
+        g, j = tile_block // BLOCKS_PER_ROW, tile_block % BLOCKS_PER_ROW
+        blocks = (first_head + g) * (HEAD_DIM // 32) + j  # [BLOCK_G * BLOCKS_PER_ROW] in the row's copy
+        in_block = blocks[:, None] * 32 + tl.arange(0, 32)[None, :]
+        _quantize_blocks(tl.reshape(result, [BLOCK_G * BLOCKS_PER_ROW, 32]), q_ptr + r * q_row_stride + in_block,
+                         q_scale_ptr + r * q_scale_row_stride + blocks, q_sum_ptr + r * q_scale_row_stride + blocks,
+                         (g < GROUP_SIZE) & (j * 32 < HEAD_DIM))
 
 
 @triton.jit
@@ -248,11 +330,39 @@ class DecodeAttentionWorkspace:
         return sum(t.numel() * t.element_size() for t in parts)
 
 
+@dataclass(frozen=True)
+class NewToken:
+    """The step's new token, for paged_decode_attention to rotate and cache in its own launch (what
+    kernels/rope.rope_and_cache_write does in a launch before it): k, v [B, Hkv, Dh] f32 (k not yet rotated;
+    row strides free, so views of the fused QKV output serve), and the rope tables cos, sin
+    [max_ctx, rope_dim / 2] f32 (rope scaling included) with their pairing, `neox` or normal (kernels/rope.py)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    neox: bool
+
+    def check(self, batch: int, num_kv_heads: int, head_dim: int) -> None:
+        check_tensor("new_token.k", self.k, torch.float32, (batch, num_kv_heads, head_dim), layout="rows")
+        check_tensor("new_token.v", self.v, torch.float32, (batch, num_kv_heads, head_dim), layout="rows")
+        check_tensor("new_token.cos", self.cos, torch.float32, (None, None))
+        check_tensor("new_token.sin", self.sin, torch.float32, tuple(self.cos.shape))
+        if not 1 <= 2 * self.cos.shape[1] <= head_dim:
+            raise ValueError(f"new_token.cos: width {self.cos.shape[1]} gives rope_dim {2 * self.cos.shape[1]}, "
+                             f"must be in 2..head_dim ({head_dim})")
+
+    def launch_args(self) -> tuple:
+        return (self.k, self.v, self.k.stride(0), self.k.stride(1), self.v.stride(0), self.v.stride(1), self.cos,
+                self.sin, self.cos.stride(0))
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            page_table: torch.Tensor, positions: torch.Tensor, scale: float, out: torch.Tensor,
                            workspace: DecodeAttentionWorkspace, *, out_q8: QuantizedActivations | None = None,
                            pdl: bool = False, block_n: int | None = None, num_warps: int = 4,
-                           early_v: bool = False, fused_merge: bool = False) -> torch.Tensor:
+                           early_v: bool = False, fused_merge: bool = False,
+                           new_token: NewToken | None = None) -> torch.Tensor:
     """out [B, Hq, Dh] f32 = softmax(scale * q k^T) v over tokens 0..positions[b] of each sequence b.
 
     q [B, Hq, Dh] f32 (rotated); k_cache, v_cache [pages, Hkv, page_size, Dh] f16 with Hq % Hkv == 0;
@@ -261,7 +371,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     `block_n` (tokens a tile; None: the largest that fits, up to 64), `num_warps` and `early_v` (V's tile loaded
     beside K's, not after the softmax) are the split kernel's launch shape, for tuning. With `fused_merge` the
     last split of each (sequence, kv head) to finish merges the splits itself (one launch instead of two; the
-    workspace must have its counters, as `create` makes it). Returns `out`."""
+    workspace must have its counters, as `create` makes it); a sequence of one split then writes its result
+    straight away. With `new_token`, q is taken unrotated: the kernel rotates q, and the program whose split
+    holds position positions[b] rotates the new k and writes it and v into the cache before reading its tiles
+    (one launch instead of rope_and_cache_write's and this one; q itself is left as it is). Returns `out`."""
     check_tensor("q", q, torch.float32, (None, None, None), layout="rows")
     batch, num_q_heads, head_dim = q.shape
     check_tensor("out", out, torch.float32, (batch, num_q_heads, head_dim), layout="rows")
@@ -287,6 +400,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         check_activation_q8("out_q8", out_q8, batch, num_q_heads * head_dim)
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, positions=positions, out=out,
                       workspace=ws.part_acc, **q8_tensors("out_q8", out_q8))
+    if new_token is not None:
+        new_token.check(batch, num_kv_heads, head_dim)
+        check_same_device(q=q, new_k=new_token.k, new_v=new_token.v, cos=new_token.cos, sin=new_token.sin)
+        rope_args = new_token.launch_args()
+    else:
+        rope_args = (q, q, 0, 0, 0, 0, q, q, 0)  # not read
     if batch == 0:
         return out
     group_size = num_q_heads // num_kv_heads
@@ -306,10 +425,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _paged_decode_attention_kernel[(batch * num_kv_heads, ws.num_splits)](
         q, k_cache, v_cache, page_table, positions, ws.part_max, ws.part_sum, ws.part_acc,
         q.stride(0), q.stride(1), page_table.stride(0), float(scale) * math.log2(math.e),
-        ws.counters if fused_merge else positions, out, out.stride(0), out.stride(1), *out_q,
+        ws.counters if fused_merge else positions, out, out.stride(0), out.stride(1), *out_q, *rope_args,
         NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits, BLOCK_G=max(16, next_power_of_2(group_size)),
         BLOCK_D=block_d, BLOCK_N=block_n, EARLY_V=bool(early_v), FUSED_MERGE=bool(fused_merge),
+        ROPE=new_token is not None, NEOX=bool(new_token is not None and new_token.neox),
+        HALF_ROPE=new_token.cos.shape[1] if new_token is not None else 1,
         USE_FENCE=os.environ.get("TRITON_INTERPRET") != "1", num_warps=num_warps, **merge_shape,
         **launch_options(pdl))
     if not fused_merge:

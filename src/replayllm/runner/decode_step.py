@@ -32,6 +32,7 @@ from ..kernels import (
     rope_and_cache_write,
     silu_mul,
 )
+from ..kernels.decode_attention import NewToken
 from ..kernels.float_matvec import float_matvec, supports as supports_float_matvec
 from ..kernels.int8_activations import ACTIVATION_BLOCK, QuantizedActivations
 from ..kernels.quant_matvec_q8 import SUPPORTED_TYPES as INT8_ACTIVATION_TYPES, quant_matvec_q8
@@ -82,6 +83,10 @@ class StepBuffers:
     # Experimental: decode attention's last split merges the splits in the same launch (kernels/decode_attention
     # fused_merge), one launch a layer fewer; not yet measured, off. Read when the step is captured.
     fused_attention_merge: bool = False
+    # Experimental: decode attention rotates q and the new k and writes the new token's k and v into the cache
+    # itself (kernels/decode_attention NewToken), so rope_and_cache_write's launch goes; not yet measured, off.
+    # Read when the step is captured.
+    rope_in_attention: bool = False
     # The integer-dot GEMVs' launch shapes, tuned at load on a GPU (runner/gemv_tuning); None: the defaults.
     gemv_shapes: GemvShapes | None = None
 
@@ -193,11 +198,15 @@ def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Te
         bufs.k.copy_(k.view(B, -1, Dh))
         bufs.v.copy_(v.view(B, -1, Dh))
     head_norms(config, layer, bufs.q, bufs.k, pdl=bufs.pdl)
-    rope_and_cache_write(bufs.q, bufs.k, bufs.v, rope.cos, rope.sin, bufs.positions, k_cache, v_cache,
-                         bufs.page_table, neox=config.rope_neox, pdl=bufs.pdl)
+    new_token = None
+    if bufs.rope_in_attention:
+        new_token = NewToken(bufs.k, bufs.v, rope.cos, rope.sin, config.rope_neox)
+    else:
+        rope_and_cache_write(bufs.q, bufs.k, bufs.v, rope.cos, rope.sin, bufs.positions, k_cache, v_cache,
+                             bufs.page_table, neox=config.rope_neox, pdl=bufs.pdl)
     paged_decode_attention(bufs.q, k_cache, v_cache, bufs.page_table, bufs.positions,
                            config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace, out_q8=attn_q8,
-                           pdl=bufs.pdl, fused_merge=bufs.fused_attention_merge)
+                           pdl=bufs.pdl, fused_merge=bufs.fused_attention_merge, new_token=new_token)
     project(bufs.attn.view(bufs.batch_size, -1), [layer.attn_output], bufs.x, None, attn_q8, accumulate=True,
             **bufs.gemv_options)
 
