@@ -141,6 +141,7 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
 
     from .. import kernels as K
     from ..kernels.int8_activations import QuantizedActivations, quantize_activations
+    from ..kernels.decode_attention import NewToken
     from ..kernels import float_matvec
     from ..kernels.quant_matvec_q8 import ROW_TILE_TYPES, quant_matvec_q8
     from ..kernels.quant_weight import MATVEC_TYPES
@@ -215,6 +216,12 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
     calls.append(("fused merge + 16-bit copy + PDL: ", lambda: K.paged_decode_attention(
         q, cache, cache, table, positions, 0.1, torch.zeros_like(q), workspace, out_q8=attn_q16, pdl=True,
         fused_merge=True)))
+    new_token = NewToken(q.clone(), q.clone(), rope, rope, neox=False)
+    calls.append(("rope in it + fused merge + 16-bit copy + PDL: ", lambda: K.paged_decode_attention(
+        q, cache, cache, table, positions, 0.1, torch.zeros_like(q), workspace, out_q8=attn_q16, pdl=True,
+        fused_merge=True, new_token=new_token)))
+    calls.append(("rope in it: ", lambda: K.paged_decode_attention(
+        q, cache, cache, table, positions, 0.1, torch.zeros_like(q), workspace, new_token=new_token)))
     calls.append(("PDL: ", lambda: quant_matvec_q8(xq, weight(T.Q4_K, n_cols=ffn), torch.zeros(1, 32), pdl=True)))
     calls.append(("PDL: ", lambda: quant_matvec_q8(xq16, weight(T.Q4_K, n_cols=ffn), torch.zeros(1, 32), pdl=True)))
     calls.append(("PDL: ", lambda: K.quant_matvec(x1, w4, torch.zeros(1, 32), pdl=True)))
