@@ -2,7 +2,7 @@
 # The one script the GPU machine runs: install what is missing (wheels carried in .whl/), write the synthetic
 # models in the background, run the gpu-marked tests, run the benchmarks, write JSON under $OUT (or
 # benchmarks/results/latest/ without $OUT), and print a short summary last.
-#   usage: bash benchmarks/gpu_suite.sh [stage|probe|tests|full|bench|types|fit|sweep|attention] [BENCH_DEADLINE_S]
+#   usage: bash benchmarks/gpu_suite.sh [stage|probe|tests|full|bench|types|fit|sweep|latency] [BENCH_DEADLINE_S]
 #     stage  keep the first half of the default model (.carry/a/smol.part00) in /tmp for a second run on the same host
 #     probe  the new kernels' tests; the decode GEMV's evidence: benchmarks/gemv_probe.py (GB/s, registers,
 #            spills; the int8-activation Q4_K kernel beside the default), Nsight Compute's view of the int8
@@ -17,7 +17,8 @@
 #     types  the 7B F16 and Q8_0 benchmarks alone (run_gpu_benchmarks.py --only types), no tests
 #     fit    the 7B Q4_K_M under a 6 GiB cap alone, in a fresh process (run_gpu_benchmarks.py --only fit), no tests
 #     sweep  launch-shape sweeps of the 16-bit GEMVs and of decode attention alone (benchmarks/kernel_sweep.py)
-#     attention  the decode attention tests, then its launch-shape sweep alone
+#     latency  the decode attention tests, its launch-shape sweep, then what a GEMV launch costs beyond its bytes
+#            (benchmarks/gemv_overhead.py): the step's latency-bound parts alone
 # The default model (98 MB) is larger than one transfer to the GPU host may be, and that host has no network: it
 # travels in two halves over two runs on the same host (`stage`, then a run with .carry/b/smol.part01). Without both,
 # its tests are skipped with that reason. Write .commit (git rev-parse --short=12 HEAD) first: the machine's
@@ -76,10 +77,11 @@ if [ "$MODE" = probe ]; then
     "$OUT/ncu_q8.txt" | head -n 12
   exit 0
 fi
-if [ "$MODE" = attention ]; then
+if [ "$MODE" = latency ]; then
   python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py 2>&1 | tail -n 3 | tee "$OUT/gpu_tests.log"
   python3 benchmarks/kernel_sweep.py --out "$OUT" --only attention 2>&1 | tee -a "$LOG"
-  echo "==== summary ===="; head -n 1 "$LOG"; cat "$OUT/gpu_tests.log"; grep -E '^attention' "$LOG"
+  python3 benchmarks/gemv_overhead.py --out "$OUT" 2>&1 | tee -a "$LOG"
+  echo "==== summary ===="; head -n 1 "$LOG"; cat "$OUT/gpu_tests.log"; grep -E '^attention|^empty|^gemv_overhead' "$LOG"
   exit 0
 fi
 if [ "$MODE" = sweep ]; then
