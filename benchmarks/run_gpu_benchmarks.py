@@ -333,21 +333,21 @@ def bench(run: Run, llm: LLM, tests: list[BenchTest], modes: list[str], reps: in
 
 
 def bench_variants(run: Run, llm: LLM) -> None:
-    """tg128 with the decode options against the default (PDL on where the GPU has it, 16-bit activations): rope
-    with the cache write in the attention launch, alone and with the attention merge there too (experimental;
-    the latter at depth too); the GEMVs' weight prefetch on; PDL off; f32 activations (the path the default
-    replaced); int8 activations, with PDL on and off; each row's backend name says which. Then int8 + PDL deep
-    in the context (its attention is a larger share of its step)."""
+    """tg128 with the decode options against the default (PDL on where the GPU has it, 16-bit activations, rope,
+    the cache write and the merge in the attention launch): the merge in a launch of its own, then rope and
+    the cache write too (the step before they moved; at depth too); the GEMVs' weight prefetch on; PDL off; f32
+    activations (the path the default replaced); int8 activations, with PDL on and off; each row's backend
+    name says which. Then int8 + PDL deep in the context (its attention is a larger share of its step)."""
     pdl_default = llm.backend.bufs.pdl
-    llm.backend.set_rope_in_attention(True)  # rope and the cache write in the attention launch
+    llm.backend.set_fused_attention_merge(False)  # "-separate-merge"
     try:
         bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
-        llm.backend.set_fused_attention_merge(True)  # and the merge too: one attention launch a layer
+        llm.backend.set_rope_in_attention(False)  # "-separate-merge-separate-rope": three launches
         bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
         bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
     finally:
-        llm.backend.set_fused_attention_merge(False)
-        llm.backend.set_rope_in_attention(False)
+        llm.backend.set_fused_attention_merge(True)
+        llm.backend.set_rope_in_attention(True)
     if pdl_default:  # the GEMVs' L2 prefetch before their PDL wait, on (the backend's name says "-prefetch")
         llm.backend.set_weight_prefetch(True)
         try:

@@ -311,25 +311,25 @@ def test_weight_prefetch_changes_no_token(models):
         graph.backend.set_weight_prefetch(False)
 
 
-@pytest.mark.parametrize("merge, rope", [(True, False), (False, True), (True, True)])
-def test_fused_attention_stays_on_the_reference(models, merge, rope):
-    """The attention merge done by the last split in the attention launch, and rope with the cache write done
-    there too: greedy tokens within the logit tolerance of the fp32 reference, and graph replays equal to the
-    eager launches of the same kernels."""
+@pytest.mark.parametrize("merge, rope", [(False, False), (True, False), (False, True)])
+def test_separate_attention_launches_stay_on_the_reference(models, merge, rope):
+    """The default step has the attention merge, rope and the cache write in the attention launch (the other
+    tests check it); each part in a launch of its own instead: greedy tokens within the logit tolerance of the
+    fp32 reference, and graph replays equal to the eager launches of the same kernels."""
     _, reference, graph, eager = models
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     for llm in (graph, eager):
         llm.backend.set_fused_attention_merge(merge)
         llm.backend.set_rope_in_attention(rope)
     try:
-        assert ("-fused-merge" in graph.backend.name) == merge
-        assert graph.backend.name.endswith("-rope-in-attention") == rope
+        assert ("-separate-merge" in graph.backend.name) != merge
+        assert graph.backend.name.endswith("-separate-rope") != rope
         out = graph.generate([PROMPTS[2]], params)[0]
         assert eager.generate([PROMPTS[2]], params)[0].token_ids == out.token_ids
     finally:
         for llm in (graph, eager):
-            llm.backend.set_fused_attention_merge(False)
-            llm.backend.set_rope_in_attention(False)
+            llm.backend.set_fused_attention_merge(True)
+            llm.backend.set_rope_in_attention(True)
     agreement = greedy_agreement(reference.logits(out.prompt_token_ids + out.token_ids), len(out.prompt_token_ids),
                                  out.token_ids)
     assert agreement.is_within(LOGIT_TOLERANCE), agreement

@@ -185,8 +185,8 @@ class GPUBackend(Backend):
         untuned = self.is_cuda and self.bufs.gemv_shapes is None  # (benchmarks' baseline: runner/gemv_tuning)
         return (f"cuda-{self.mode.name}-{self.bufs.activations}" + ("-pdl" if self.bufs.pdl else "")
                 + ("-prefetch" if self.bufs.pdl and self.bufs.prefetch_weights else "")
-                + ("-fused-merge" if self.bufs.fused_attention_merge else "")
-                + ("-rope-in-attention" if self.bufs.rope_in_attention else "")
+                + ("" if self.bufs.fused_attention_merge else "-separate-merge")
+                + ("" if self.bufs.rope_in_attention else "-separate-rope")
                 + ("-default-shapes" if untuned else ""))
 
     def set_activations(self, form: str) -> None:
@@ -249,14 +249,16 @@ class GPUBackend(Backend):
         self._recapture()
 
     def set_fused_attention_merge(self, enabled: bool) -> None:
-        """Experimental: decode attention merges its splits in the same launch (the last split to finish does
-        it), one launch a layer fewer; off by default until measured. Recaptures the current mode's graphs."""
+        """Decode attention merges its splits in the same launch (the last split to finish does it), one launch a
+        layer fewer than a merge kernel of its own (off: that kernel, named "-separate-merge"; for
+        comparison). On by default. Recaptures the current mode's graphs."""
         self.bufs.fused_attention_merge = bool(enabled)
         self._recapture()
 
     def set_rope_in_attention(self, enabled: bool) -> None:
-        """Experimental: decode attention rotates q and k and writes the new token into the KV cache itself, one
-        launch a layer fewer; off by default until measured. Recaptures the current mode's graphs."""
+        """Decode attention rotates q and k and writes the new token into the KV cache itself, one launch a layer
+        fewer than a rope kernel before it (off: that kernel, named "-separate-rope"; for comparison). On by
+        default. Recaptures the current mode's graphs."""
         self.bufs.rope_in_attention = bool(enabled)
         self._recapture()
 

@@ -80,13 +80,12 @@ class StepBuffers:
     # ._prefetch_rows_l2), so the reads start while the kernel before drains. Off: measured slower on an H100
     # (tg128 7B Q4_K_M 356 t/s with it, 404 without; benchmarks/NOTES.md). Read when the step is captured.
     prefetch_weights: bool = False
-    # Experimental: decode attention's last split merges the splits in the same launch (kernels/decode_attention
-    # fused_merge), one launch a layer fewer; not yet measured, off. Read when the step is captured.
-    fused_attention_merge: bool = False
-    # Experimental: decode attention rotates q and the new k and writes the new token's k and v into the cache
-    # itself (kernels/decode_attention NewToken), so rope_and_cache_write's launch goes; not yet measured, off.
-    # Read when the step is captured.
-    rope_in_attention: bool = False
+    # Decode attention's last split merges the splits in the same launch (kernels/decode_attention fused_merge),
+    # and it rotates q and the new k and writes the new token into the cache itself (NewToken) instead of
+    # rope_and_cache_write's launch before it: one attention launch a layer instead of three. Off: the separate
+    # launches, for comparison. Read when the step is captured.
+    fused_attention_merge: bool = True
+    rope_in_attention: bool = True
     # The integer-dot GEMVs' launch shapes, tuned at load on a GPU (runner/gemv_tuning); None: the defaults.
     gemv_shapes: GemvShapes | None = None
 
