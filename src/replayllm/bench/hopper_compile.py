@@ -123,7 +123,8 @@ def compiling_launches(results: list[CompiledFacts], label: str = "") -> Iterato
             raise AssertionError(f"{self.__name__}: compiled with USE_PDL but its PTX never waits")
         # The instructions a flag exists for: missing, the flag would silently do nothing (or, for the fused
         # merge, leave other programs' partials unordered).
-        for flag, needed in (("PREFETCH", ("prefetch.global.L2",)), ("FUSED_MERGE", ("fence.acq_rel.gpu", "atom."))):
+        for flag, needed in (("PREFETCH", ("prefetch.global.L2",)), ("FUSED_MERGE", ("fence.acq_rel.gpu", "atom.")),
+                             ("EXACT", ("mul.rn.f32", "sub.rn.f32", "div.rn.f32", "fence.acq_rel.gpu"))):
             if constants.get(flag) and not all(n in kernel.asm["ptx"] for n in needed):
                 raise AssertionError(f"{self.__name__}: compiled with {flag} but its PTX lacks {needed}")
         results.append(CompiledFacts(f"{label}{self.__name__}", registers, spills, kernel.metadata.shared))
@@ -142,6 +143,8 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
     from .. import kernels as K
     from ..kernels.int8_activations import QuantizedActivations, quantize_activations
     from ..kernels.decode_attention import NewToken
+    from ..kernels.greedy_sample import GreedySampleWorkspace, greedy_sample_step
+    from ..sampling.sampler import SamplerState
     from ..kernels import float_matvec
     from ..kernels.quant_matvec_q8 import ROW_TILE_TYPES, quant_matvec_q8
     from ..kernels.quant_weight import MATVEC_TYPES
@@ -232,6 +235,12 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
     calls.append(("PDL + prefetch F16: ", lambda: float_matvec.float_matvec(
         x1, weight(T.F16), torch.zeros(1, 32), pdl=True, prefetch=True)))
     calls.append(("PDL: ", lambda: K.rmsnorm(x1, norm, 1e-5, torch.zeros(1, hidden), h_q8, pdl=True)))
+    sampler = SamplerState.create(1, 32000, "cpu")
+    one = torch.zeros(1, dtype=torch.int64)
+    calls.append(("PDL: ", lambda: greedy_sample_step(
+        torch.zeros(1, 32000), sampler.token_counts, sampler.repetition_penalty, sampler.frequency_penalty,
+        sampler.presence_penalty, sampler.penalty_last_n, sampler.window, sampler.window_count, sampler.step, one,
+        one.clone(), torch.zeros(1, dtype=torch.int32), GreedySampleWorkspace.create(1, 32000, "cpu"), pdl=True)))
     q_prefill = torch.zeros(48, heads, head_dim)
     calls.append(("", lambda: K.paged_prefill_attention(q_prefill, cache, cache, table[0], 0,
                                                         torch.zeros_like(q_prefill))))

@@ -2,7 +2,8 @@
 
 A `DecodeGraph` owns one batch bucket's captured work: `steps_per_graph` consecutive decode steps over the
 same `StepBuffers`. With `sample_on_device`, each captured step runs all layers, samples on the GPU, writes the
-sampled token into the step's own input buffer and into `out_tokens`, and advances `positions`; per token the
+sampled token into the step's own input buffer and into `out_tokens`, and advances `positions` (for a
+greedy-only graph all of that after the layers is one launch, kernels/greedy_sample); per token the
 host only calls `replay()`: no allocation, no synchronisation, no Python work per layer. Without it (kept to
 measure what sampling on the host costs), the graph stops at the logits and advances `positions`.
 """
@@ -14,6 +15,7 @@ from typing import TypeVar
 
 import torch
 
+from ..kernels.greedy_sample import GreedySampleWorkspace, greedy_sample_step
 from ..sampling import SamplerState, sampler_for
 from .decode_step import StepBuffers
 
@@ -70,12 +72,23 @@ class DecodeGraph:
         # out_tokens[s] is the token sampled by the s-th step of one replay.
         self.out_tokens = torch.zeros(steps_per_graph, bufs.batch_size, dtype=torch.int64,
                                       device=bufs.tokens.device)
+        # A greedy-only graph draws, records, feeds the token back and advances the position in one launch
+        # (kernels/greedy_sample) instead of ~25 torch ones; the tokens are sample_greedy's.
+        self._greedy = (GreedySampleWorkspace.create(bufs.batch_size, sampler.vocab_size, bufs.tokens.device)
+                        if greedy_only and sampler is not None else None)
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def run_steps(self) -> None:
         """The body that is captured."""
         for s in range(self.steps_per_graph):
             logits = self.step(self.bufs)
+            if self._greedy is not None:
+                sampler = self.sampler
+                greedy_sample_step(logits, sampler.token_counts, sampler.repetition_penalty,
+                                   sampler.frequency_penalty, sampler.presence_penalty, sampler.penalty_last_n,
+                                   sampler.window, sampler.window_count, sampler.step, self.bufs.tokens,
+                                   self.out_tokens[s], self.bufs.positions, self._greedy, pdl=self.bufs.pdl)
+                continue
             if self.sampler is not None:
                 tokens = self._draw(logits, self.sampler)
                 self.sampler.record(tokens)
