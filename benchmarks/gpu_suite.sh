@@ -100,7 +100,8 @@ if [ "$MODE" != types ] && [ "$MODE" != fit ] && [ "$MODE" != bench ]; then  # t
   # Unmarked kernel tests that take the GPU when there is one: the integer-dot GEMVs (16-bit and int8) and the
   # kernels that write their activations.
   python3 -m pytest -q -p no:cacheprovider tests/kernels/test_quant_matvec_q8.py tests/kernels/test_float_matvec.py \
-    tests/kernels/test_rmsnorm.py tests/kernels/test_decode_attention.py -k "quant or matvec or copy or sliced or merge or new_token or cuda_graph or real_shapes" \
+    tests/kernels/test_rmsnorm.py tests/kernels/test_decode_attention.py tests/kernels/test_greedy_sample.py \
+    -k "quant or matvec or copy or sliced or merge or new_token or cuda_graph or real_shapes or greedy" \
     tests/kernels/test_quant_dequant.py::test_small_int_to_f32_is_exact_over_its_range 2>&1 | tee "$OUT/gpu_tests.log"
   status=${PIPESTATUS[0]}
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/cli tests/runner \
