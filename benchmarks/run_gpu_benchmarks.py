@@ -335,7 +335,8 @@ def bench(run: Run, llm: LLM, tests: list[BenchTest], modes: list[str], reps: in
 def bench_variants(run: Run, llm: LLM) -> None:
     """tg128 with the decode options against the default (PDL on where the GPU has it, 16-bit activations, rope,
     the cache write and the merge in the attention launch): the merge in a launch of its own, then rope and
-    the cache write too (the step before they moved; at depth too); the GEMVs' weight prefetch on; PDL off; f32
+    the cache write too (the step before they moved; at depth too); the greedy draw as torch's launches; the
+    GEMVs' weight prefetch on; PDL off; f32
     activations (the path the default replaced); int8 activations, with PDL on and off; each row's backend
     name says which. Then int8 + PDL deep in the context (its attention is a larger share of its step)."""
     pdl_default = llm.backend.bufs.pdl
@@ -348,6 +349,11 @@ def bench_variants(run: Run, llm: LLM) -> None:
     finally:
         llm.backend.set_fused_attention_merge(True)
         llm.backend.set_rope_in_attention(True)
+    llm.backend.set_one_launch_greedy(False)  # "-torch-greedy": the greedy draw as the torch sampler's launches
+    try:
+        bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
+    finally:
+        llm.backend.set_one_launch_greedy(True)
     if pdl_default:  # the GEMVs' L2 prefetch before their PDL wait, on (the backend's name says "-prefetch")
         llm.backend.set_weight_prefetch(True)
         try:

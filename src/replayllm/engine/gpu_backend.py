@@ -121,6 +121,7 @@ class GPUBackend(Backend):
         self.device_sampler = SamplerState.create(1, config.vocab_size, self.device)
         self.host_sampler = SamplerState.create(1, config.vocab_size, torch.device("cpu"))
         self._graphs: dict[tuple[int, bool, bool], DecodeGraph] = {}
+        self.one_launch_greedy = True  # the greedy graph's sampling in one launch (set_one_launch_greedy)
         self.load_seconds = time.perf_counter() - started
         if int8_activations or activations is not None:
             self._set_activation_form("int8" if int8_activations else activations)
@@ -187,6 +188,7 @@ class GPUBackend(Backend):
                 + ("-prefetch" if self.bufs.pdl and self.bufs.prefetch_weights else "")
                 + ("" if self.bufs.fused_attention_merge else "-separate-merge")
                 + ("" if self.bufs.rope_in_attention else "-separate-rope")
+                + ("" if self.one_launch_greedy else "-torch-greedy")
                 + ("-default-shapes" if untuned else ""))
 
     def set_activations(self, form: str) -> None:
@@ -262,6 +264,13 @@ class GPUBackend(Backend):
         self.bufs.rope_in_attention = bool(enabled)
         self._recapture()
 
+    def set_one_launch_greedy(self, enabled: bool) -> None:
+        """The all-greedy graphs draw the token, record it and feed it back in one launch (kernels/greedy_sample;
+        on by default); off: the torch sampler's ~25 launches ("-torch-greedy"), for comparison. The tokens
+        are the same. Recaptures the current mode's graphs."""
+        self.one_launch_greedy = bool(enabled)
+        self._recapture()
+
     def _recapture(self) -> None:
         """Drop the captured graphs (they bake in the step's options) and capture the current mode's again."""
         self._graphs.clear()
@@ -291,7 +300,8 @@ class GPUBackend(Backend):
         key = (mode.steps_per_graph, mode.sample_on_device, greedy)
         if key not in self._graphs:
             sampler = self.device_sampler if mode.sample_on_device else None
-            graph = DecodeGraph(self._step, self.bufs, sampler, mode.steps_per_graph, greedy_only=greedy)
+            graph = DecodeGraph(self._step, self.bufs, sampler, mode.steps_per_graph, greedy_only=greedy,
+                                one_launch_greedy=self.one_launch_greedy)
             graph.capture()
             self.bufs.positions.zero_()
             self._graphs[key] = graph

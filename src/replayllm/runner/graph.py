@@ -59,7 +59,8 @@ def capture_after_warm_up(body: Callable[[], T], pool=None) -> tuple[torch.cuda.
 
 class DecodeGraph:
     def __init__(self, step: Callable[[StepBuffers], torch.Tensor], bufs: StepBuffers,
-                 sampler: SamplerState | None, steps_per_graph: int = 1, greedy_only: bool = False):
+                 sampler: SamplerState | None, steps_per_graph: int = 1, greedy_only: bool = False,
+                 one_launch_greedy: bool = True):
         if steps_per_graph < 1:
             raise ValueError(f"steps_per_graph must be >= 1, got {steps_per_graph}")
         if sampler is None and steps_per_graph != 1:
@@ -73,9 +74,10 @@ class DecodeGraph:
         self.out_tokens = torch.zeros(steps_per_graph, bufs.batch_size, dtype=torch.int64,
                                       device=bufs.tokens.device)
         # A greedy-only graph draws, records, feeds the token back and advances the position in one launch
-        # (kernels/greedy_sample) instead of ~25 torch ones; the tokens are sample_greedy's.
+        # (kernels/greedy_sample) instead of ~25 torch ones (`one_launch_greedy` off: those, for comparison); the
+        # tokens are sample_greedy's either way.
         self._greedy = (GreedySampleWorkspace.create(bufs.batch_size, sampler.vocab_size, bufs.tokens.device)
-                        if greedy_only and sampler is not None else None)
+                        if greedy_only and one_launch_greedy and sampler is not None else None)
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def run_steps(self) -> None:
