@@ -46,6 +46,7 @@ from ..errors import InvalidParameterError
 from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
 from .int8_activations import (ACTIVATION_BLOCK, QuantizedActivations, _quantize_blocks, _store_quantized_row,
                                check_activation_q8, q8_launch_args, q8_tensors)
+from ._last_program import _count_in
 from .kv_cache import check_paged_cache, gather_paged_cache_reference
 from .pdl import _pdl_wait, launch_options
 
@@ -148,12 +149,8 @@ def _paged_decode_attention_kernel(
                 # each program makes its partials visible GPU-wide (a fence in every thread, then the block's
                 # barrier) before counting itself in; the one that counts last reads them from L2 and resets
                 # the counter for the next launch. No second launch, no wait for the slowest split's neighbours.
-                if USE_FENCE:
-                    tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r,r", [split],
-                                              dtype=tl.int32, is_pure=False, pack=1)
-                tl.debug_barrier()
                 counter = counter_ptr + row * NUM_KV_HEADS + kv_head
-                if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_used - 1:
+                if _count_in(counter, num_used, split, USE_FENCE):
                     tl.store(counter, 0)
                     for g in tl.static_range(GROUP_SIZE):
                         _merge_head(part_max_ptr, part_sum_ptr, part_acc_ptr, row, kv_head * GROUP_SIZE + g,

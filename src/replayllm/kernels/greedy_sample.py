@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._last_program import _count_in
 from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
 from .pdl import _pdl_wait, launch_options
 
@@ -83,11 +84,7 @@ def _greedy_sample_kernel(
     part = r * NUM_PARTS + tl.program_id(1)
     tl.store(part_max_ptr + part, best)
     tl.store(part_id_ptr + part, first)
-    if EXACT:  # on a GPU: this program's pair visible GPU-wide before it counts itself in
-        tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r,r", [first], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-    tl.debug_barrier()
-    if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel", scope="gpu") == NUM_PARTS - 1:
+    if _count_in(counter_ptr + row, NUM_PARTS, first, EXACT):
         tl.store(counter_ptr + row, 0)
         parts = tl.arange(0, BLOCK_P)
         in_row = parts < NUM_PARTS
