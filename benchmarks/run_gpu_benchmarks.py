@@ -628,16 +628,16 @@ def main() -> None:
         if llm:
             run.stage("bench llama2-7b Q4_K_M", bench, run, llm,
                       [BenchTest("tg", 128), BenchTest("pp", 512)], ["graph"], 3)
-            run.stage("bench llama2-7b Q4_K_M, GEMVs at the kernels' default shapes", bench_default_shapes, run, llm)
-            run.stage("profile llama2-7b Q4_K_M", profile, run, llm, DEFAULT_MODES, 64)
-            synth_13b = start_synth("llama2-13b", "q4_k_m")  # after the profile: no host contention there
-            run.stage("kernels llama2-7b Q4_K_M", kernels, run, llm)
+            # The newest changes' comparisons first, so that a run cut short by its deadline still has them.
+            run.stage("bench llama2-7b Q4_K_M deep", bench, run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
+            run.stage("bench llama2-7b Q4_K_M decode variants", bench_variants, run, llm)
             run.stage("decode step kernel breakdown llama2-7b Q4_K_M", decode_breakdown, run, llm)
             run.stage("correctness llama2-7b Q4_K_M vs fp32 reference", correctness, run, llm, q7)
-            run.stage("bench llama2-7b Q4_K_M deep + multi-step", bench, run, llm,
-                      [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
+            run.stage("profile llama2-7b Q4_K_M", profile, run, llm, DEFAULT_MODES, 64)
+            synth_13b = start_synth("llama2-13b", "q4_k_m")  # after the profile: no host contention there
+            run.stage("bench llama2-7b Q4_K_M, GEMVs at the kernels' default shapes", bench_default_shapes, run, llm)
+            run.stage("kernels llama2-7b Q4_K_M", kernels, run, llm)
             run.stage("bench llama2-7b Q4_K_M 4-step", bench, run, llm, [BenchTest("tg", 128)], ["graph-4step"], 2)
-            run.stage("bench llama2-7b Q4_K_M PDL / int8 activations", bench_variants, run, llm)
             run.stage("time to first token llama2-7b Q4_K_M, 4095-token prompt", ttft_7b, run, llm)
             run.stage("prefill breakdown llama2-7b Q4_K_M", prefill_breakdown, run, llm, "prefill_7b")
             llm.close()
