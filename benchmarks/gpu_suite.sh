@@ -17,7 +17,8 @@
 #     types  the 7B F16 and Q8_0 benchmarks alone (run_gpu_benchmarks.py --only types), no tests
 #     fit    the 7B Q4_K_M under a 6 GiB cap alone, in a fresh process (run_gpu_benchmarks.py --only fit), no tests
 #     sweep  launch-shape sweeps of the 16-bit GEMVs and of decode attention alone (benchmarks/kernel_sweep.py)
-#     latency  the decode attention tests, its launch-shape sweep, then what a GEMV launch costs beyond its bytes
+#     latency  the decode attention, greedy draw, norm, SiLU and GPU CLI tests, decode attention's launch-shape
+#            sweep, then what a GEMV launch costs beyond its bytes
 #            (benchmarks/gemv_overhead.py): the step's latency-bound parts alone
 # The default model (98 MB) is larger than one transfer to the GPU host may be, and that host has no network: it
 # travels in two halves over two runs on the same host (`stage`, then a run with .carry/b/smol.part01). Without both,
@@ -78,9 +79,11 @@ if [ "$MODE" = probe ]; then
   exit 0
 fi
 if [ "$MODE" = latency ]; then
-  python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py 2>&1 | tail -n 3 | tee "$OUT/gpu_tests.log"
-  python3 benchmarks/kernel_sweep.py --out "$OUT" --only attention 2>&1 | tee -a "$LOG"
-  python3 benchmarks/gemv_overhead.py --out "$OUT" 2>&1 | tee -a "$LOG"
+  python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py tests/kernels/test_greedy_sample.py \
+    tests/kernels/test_rmsnorm.py tests/kernels/test_activation.py tests/cli/test_cli_gpu.py 2>&1 | tail -n 12 \
+    | tee "$OUT/gpu_tests.log"
+  timeout 60 python3 benchmarks/kernel_sweep.py --out "$OUT" --only attention 2>&1 | tee -a "$LOG"
+  timeout 60 python3 benchmarks/gemv_overhead.py --out "$OUT" 2>&1 | tee -a "$LOG"
   echo "==== summary ===="; head -n 1 "$LOG"; cat "$OUT/gpu_tests.log"; grep -E '^attention|^empty|^gemv_overhead' "$LOG"
   exit 0
 fi

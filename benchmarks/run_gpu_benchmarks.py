@@ -333,22 +333,24 @@ def bench(run: Run, llm: LLM, tests: list[BenchTest], modes: list[str], reps: in
 
 
 def bench_variants(run: Run, llm: LLM) -> None:
-    """tg128 with the decode options against the default (PDL on where the GPU has it, 16-bit activations, rope,
-    the cache write and the merge in the attention launch): the merge in a launch of its own, then rope and
-    the cache write too (the step before they moved; at depth too); the greedy draw as torch's launches; the
-    GEMVs' weight prefetch on; PDL off; f32
-    activations (the path the default replaced); int8 activations, with PDL on and off; each row's backend
-    name says which. Then int8 + PDL deep in the context (its attention is a larger share of its step)."""
+    """tg128 with the decode options against the default (PDL on where the GPU has it, 16-bit activations, the
+    attention merge in the attention launch, the greedy draw in one launch): the merge in a launch of its own
+    (at depth too); rope and the cache write in the attention launch (measured slower, off); the greedy draw as
+    torch's launches; the GEMVs' weight prefetch on; PDL off; f32 activations (the path the default replaced);
+    int8 activations, with PDL on and off; each row's backend name says which. Then int8 + PDL deep in the
+    context (its attention is a larger share of its step)."""
     pdl_default = llm.backend.bufs.pdl
     llm.backend.set_fused_attention_merge(False)  # "-separate-merge"
     try:
         bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
-        llm.backend.set_rope_in_attention(False)  # "-separate-merge-separate-rope": three launches
-        bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
         bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
     finally:
         llm.backend.set_fused_attention_merge(True)
-        llm.backend.set_rope_in_attention(True)
+    llm.backend.set_rope_in_attention(True)  # "-rope-in-attention"
+    try:
+        bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
+    finally:
+        llm.backend.set_rope_in_attention(False)
     llm.backend.set_one_launch_greedy(False)  # "-torch-greedy": the greedy draw as the torch sampler's launches
     try:
         bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)

@@ -77,7 +77,16 @@ def summarize(kernels: list[KernelInterval], steps: int, name_width: int = 60) -
                          idle_us_per_step=(span - busy) / steps, by_name=totals, last_step=kernels[-per_step:])
 
 
-def record_step_kernels(backend, positions: int = 64, replays: int = 20, greedy: bool = True,
+POSITIONS = 64  # the context the step is recorded at (tg128's range)
+REPLAYS = 20
+
+
+def context_needed(positions: int = POSITIONS, replays: int = REPLAYS) -> int:
+    """Tokens of context a record at `positions` with `replays` replays steps through (one replay before)."""
+    return positions + replays + 2
+
+
+def record_step_kernels(backend, positions: int = POSITIONS, replays: int = REPLAYS, greedy: bool = True,
                         pdl: bool | None = None) -> StepBreakdown:
     """Replay `backend`'s decode graph `replays` times at context `positions` under the torch profiler (the
     greedy variant, as tgN replays it, unless `greedy` is False) and summarize its kernels. `pdl` None keeps
@@ -103,7 +112,8 @@ def record_step_kernels(backend, positions: int = 64, replays: int = 20, greedy:
     return breakdown
 
 
-def record_as_loaded_and_without_pdl(backend, positions: int = 64, replays: int = 20) -> list[StepBreakdown]:
+def record_as_loaded_and_without_pdl(backend, positions: int = POSITIONS,
+                                     replays: int = REPLAYS) -> list[StepBreakdown]:
     """`record_step_kernels` with the backend's PDL setting, then, where that is on, with PDL off too (each
     kernel's own time, no overlap)."""
     return [record_step_kernels(backend, positions, replays, pdl=pdl)

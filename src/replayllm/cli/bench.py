@@ -62,6 +62,10 @@ def run_bench(args: argparse.Namespace) -> int:
     if not shapes:
         raise InvalidParameterError("nothing to run: give -p and/or -n values above 0")
     needed = max(depth + n for _, n, depth in shapes) + 2
+    if args.kernels:  # the breakdown steps through context of its own (bench/step_breakdown)
+        from ..bench.step_breakdown import context_needed
+
+        needed = max(needed, min(context_needed(), _model_context(args.model)))
     llm = LLM(args.model, device=args.device, mode=args.mode, progress=not args.quiet,
               max_context=min(max(needed, 16), _model_context(args.model)),
               int8_activations=args.int8_activations, pdl=args.pdl, prefill_chunk=args.prefill_chunk,
@@ -101,13 +105,15 @@ def run_bench(args: argparse.Namespace) -> int:
 def _kernel_breakdowns(llm) -> list:
     """The decode step's kernels at context 64 (bench/step_breakdown), as loaded and, where PDL is on, with it
     off (each kernel's own time); each printed as a table."""
-    from ..bench.step_breakdown import breakdown_table, record_as_loaded_and_without_pdl
+    from ..bench.step_breakdown import POSITIONS, breakdown_table, context_needed, record_as_loaded_and_without_pdl
 
     backend = llm.backend
     if not getattr(backend, "is_cuda", False):
         raise InvalidParameterError("--kernels records GPU kernels, and this model was loaded on the CPU (no "
                                     "usable CUDA GPU)")
-    out = record_as_loaded_and_without_pdl(backend)
+    # At context 64, or less where the model's context is shorter
+    positions = max(1, min(POSITIONS, llm.max_context_tokens - context_needed(0)))
+    out = record_as_loaded_and_without_pdl(backend, positions)
     for b in out:
         print(f"\ndecode step kernels ({backend.name if b.settings['pdl'] == backend.bufs.pdl else 'PDL off'}):")
         print(breakdown_table(b))

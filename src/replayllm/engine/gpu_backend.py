@@ -187,7 +187,7 @@ class GPUBackend(Backend):
         return (f"cuda-{self.mode.name}-{self.bufs.activations}" + ("-pdl" if self.bufs.pdl else "")
                 + ("-prefetch" if self.bufs.pdl and self.bufs.prefetch_weights else "")
                 + ("" if self.bufs.fused_attention_merge else "-separate-merge")
-                + ("" if self.bufs.rope_in_attention else "-separate-rope")
+                + ("-rope-in-attention" if self.bufs.rope_in_attention else "")
                 + ("" if self.one_launch_greedy else "-torch-greedy")
                 + ("-default-shapes" if untuned else ""))
 
@@ -258,9 +258,9 @@ class GPUBackend(Backend):
         self._recapture()
 
     def set_rope_in_attention(self, enabled: bool) -> None:
-        """Decode attention rotates q and k and writes the new token into the KV cache itself, one launch a layer
-        fewer than a rope kernel before it (off: that kernel, named "-separate-rope"; for comparison). On by
-        default. Recaptures the current mode's graphs."""
+        """Experimental: decode attention rotates q and k and writes the new token into the KV cache itself, one
+        launch a layer fewer than a rope kernel before it ("-rope-in-attention"). Off by default: measured
+        slower (benchmarks/NOTES.md). Recaptures the current mode's graphs."""
         self.bufs.rope_in_attention = bool(enabled)
         self._recapture()
 

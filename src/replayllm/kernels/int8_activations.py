@@ -95,7 +95,9 @@ def _quantize_blocks(x, q_ptrs, scale_ptrs, sum_ptrs, block_ok):
     WIDE: tl.constexpr = q_ptrs.dtype.element_ty == tl.int16
     QMAX: tl.constexpr = 32512.0 if WIDE else 127.0
     amax = tl.max(tl.abs(x), axis=1)  # [N]
-    inverse = tl.where(amax > 0.0, QMAX / tl.maximum(amax, 1e-30), 0.0)
+    # Both divisions rounded as IEEE (div_rn), not Triton's default approximation, whose rounding can differ
+    # between the kernels that inline this helper: every path's scales are then bit-identical.
+    inverse = tl.where(amax > 0.0, tl.math.div_rn(tl.zeros_like(amax) + QMAX, tl.maximum(amax, 1e-30)), 0.0)
     q = tl.floor(x * inverse[:, None] + 0.5)  # in [-QMAX, QMAX]
     if WIDE:
         v = q.to(tl.int32)
@@ -109,7 +111,7 @@ def _quantize_blocks(x, q_ptrs, scale_ptrs, sum_ptrs, block_ok):
         tl.store(hi_ptrs + 4, lo.to(tl.int8), mask=block_ok[:, None])
     else:
         tl.store(q_ptrs, q.to(tl.int8), mask=block_ok[:, None])
-    tl.store(scale_ptrs, amax / QMAX, mask=block_ok)
+    tl.store(scale_ptrs, tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX), mask=block_ok)
     tl.store(sum_ptrs, tl.sum(x, axis=1), mask=block_ok)
 
 

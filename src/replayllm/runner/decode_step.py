@@ -80,12 +80,13 @@ class StepBuffers:
     # ._prefetch_rows_l2), so the reads start while the kernel before drains. Off: measured slower on an H100
     # (tg128 7B Q4_K_M 356 t/s with it, 404 without; benchmarks/NOTES.md). Read when the step is captured.
     prefetch_weights: bool = False
-    # Decode attention's last split merges the splits in the same launch (kernels/decode_attention fused_merge),
-    # and it rotates q and the new k and writes the new token into the cache itself (NewToken) instead of
-    # rope_and_cache_write's launch before it: one attention launch a layer instead of three. Off: the separate
-    # launches, for comparison. Read when the step is captured.
+    # Decode attention's last split merges the splits in the same launch (kernels/decode_attention fused_merge);
+    # off: a merge kernel of its own, for comparison. Read when the step is captured.
     fused_attention_merge: bool = True
-    rope_in_attention: bool = True
+    # Decode attention rotates q and the new k and writes the new token into the cache itself (NewToken) instead
+    # of rope_and_cache_write's launch before it. Off: measured slower on an H100 (tg128 7B Q4_K_M 402.8 t/s
+    # with it, 414.3 without; at depth 3,840 299.5 against 313.0: benchmarks/NOTES.md). Read when captured.
+    rope_in_attention: bool = False
     # The integer-dot GEMVs' launch shapes, tuned at load on a GPU (runner/gemv_tuning); None: the defaults.
     gemv_shapes: GemvShapes | None = None
 
