@@ -80,10 +80,11 @@ if [ "$MODE" = probe ]; then
 fi
 if [ "$MODE" = latency ]; then
   python3 -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention.py tests/kernels/test_greedy_sample.py \
-    tests/kernels/test_rmsnorm.py tests/kernels/test_activation.py tests/cli/test_cli_gpu.py 2>&1 | tail -n 12 \
+    tests/kernels/test_rmsnorm.py tests/kernels/test_activation.py \
+    tests/cli/test_cli_gpu.py::test_bench_kernels_shows_the_decode_step_kernel_by_kernel 2>&1 | tail -n 12 \
     | tee "$OUT/gpu_tests.log"
-  timeout 60 python3 benchmarks/kernel_sweep.py --out "$OUT" --only attention 2>&1 | tee -a "$LOG"
-  timeout 60 python3 benchmarks/gemv_overhead.py --out "$OUT" 2>&1 | tee -a "$LOG"
+  timeout 45 python3 benchmarks/kernel_sweep.py --out "$OUT" --only attention 2>&1 | tee -a "$LOG"
+  timeout 45 python3 benchmarks/gemv_overhead.py --out "$OUT" 2>&1 | tee -a "$LOG"
   echo "==== summary ===="; head -n 1 "$LOG"; cat "$OUT/gpu_tests.log"; grep -E '^attention|^empty|^gemv_overhead' "$LOG"
   exit 0
 fi
