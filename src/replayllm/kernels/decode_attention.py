@@ -18,9 +18,10 @@ are stored, fences them (every thread), meets its block at a barrier and counts 
 from L2, merges them for its kv head's q heads and sets the counter back to zero for the next launch. A
 sequence of one split (up to `split_tokens` tokens) needs no merge: its program writes the result itself.
 
-With `new_token` (the decode step's default) the launch also does rope_and_cache_write's work: every program
-rotates q as it loads it, and the program whose split holds the new position rotates the new k and writes it and
-v into the cache, then meets its block at a barrier before reading its tiles, that token among them.
+With `new_token` (opt-in; measured slower on an H100, benchmarks/NOTES.md) the launch also does
+rope_and_cache_write's work: every program rotates q as it loads it, and the program whose split holds the new
+position rotates the new k and writes it and v into the cache, then meets its block at a barrier before
+reading its tiles, that token among them.
 
 Scores are kept in log2 units (multiplied by scale * log2(e)), so the kernels exponentiate with exp2.
 
