@@ -53,3 +53,11 @@ def test_table_names_the_kernels_and_the_idle_time():
     assert "16 us a step, 3 launches, GPU busy 14 us and idle 2 us" in text  # 5 gaps of 1 us over 2 steps
     assert "pdl False" in text
     assert b.to_json()["by_name"][0]["kernel"] == "_gemv_kernel" and b.to_json()["positions"] == 64
+
+
+def test_the_record_fits_the_context_it_is_given():
+    from replayllm.bench.step_breakdown import POSITIONS, REPLAYS, context_needed, positions_within
+
+    assert positions_within(context_needed()) == POSITIONS  # the CLI's context for --kernels
+    assert positions_within(40) == 40 - REPLAYS - 2 and context_needed(positions_within(40)) == 40
+    assert positions_within(5) == 1  # never below one token of context

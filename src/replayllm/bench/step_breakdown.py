@@ -86,6 +86,11 @@ def context_needed(positions: int = POSITIONS, replays: int = REPLAYS) -> int:
     return positions + replays + 2
 
 
+def positions_within(max_context_tokens: int, replays: int = REPLAYS) -> int:
+    """POSITIONS, or less where a record there would step past `max_context_tokens` (at least 1)."""
+    return max(1, min(POSITIONS, max_context_tokens - context_needed(0, replays)))
+
+
 def record_step_kernels(backend, positions: int = POSITIONS, replays: int = REPLAYS, greedy: bool = True,
                         pdl: bool | None = None) -> StepBreakdown:
     """Replay `backend`'s decode graph `replays` times at context `positions` under the torch profiler (the

@@ -105,15 +105,13 @@ def run_bench(args: argparse.Namespace) -> int:
 def _kernel_breakdowns(llm) -> list:
     """The decode step's kernels at context 64 (bench/step_breakdown), as loaded and, where PDL is on, with it
     off (each kernel's own time); each printed as a table."""
-    from ..bench.step_breakdown import POSITIONS, breakdown_table, context_needed, record_as_loaded_and_without_pdl
+    from ..bench.step_breakdown import breakdown_table, positions_within, record_as_loaded_and_without_pdl
 
     backend = llm.backend
     if not getattr(backend, "is_cuda", False):
         raise InvalidParameterError("--kernels records GPU kernels, and this model was loaded on the CPU (no "
                                     "usable CUDA GPU)")
-    # At context 64, or less where the model's context is shorter
-    positions = max(1, min(POSITIONS, llm.max_context_tokens - context_needed(0)))
-    out = record_as_loaded_and_without_pdl(backend, positions)
+    out = record_as_loaded_and_without_pdl(backend, positions_within(llm.max_context_tokens))
     for b in out:
         print(f"\ndecode step kernels ({backend.name if b.settings['pdl'] == backend.bufs.pdl else 'PDL off'}):")
         print(breakdown_table(b))

@@ -1,4 +1,5 @@
-"""Argument checks shared by the kernel launchers: dtype, shape, memory layout and device.
+"""Argument checks shared by the kernel launchers (dtype, shape, memory layout and device), and whether they run
+under Triton's interpreter.
 
 A Triton kernel trusts the pointers and strides it is given; a wrong dtype or a transposed view would make it
 read the wrong bytes without any error. The launchers therefore check every tensor on the host (metadata only:
@@ -7,6 +8,7 @@ no device synchronisation) and raise ValueError naming the argument and what was
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -44,6 +46,12 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
         listing = ", ".join(f"{name} on {d}" for name, d in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
     return first
+
+
+def under_interpreter() -> bool:
+    """Whether Triton runs kernels under its interpreter (TRITON_INTERPRET=1: no PTX, programs one by one), where
+    the launchers drop what only a GPU has (dp4a, fences, prefetches, IEEE-rounding asm)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def next_power_of_2(n: int) -> int:

@@ -36,7 +36,6 @@ magnitude, the f16 range.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -44,12 +43,13 @@ import triton
 import triton.language as tl
 
 from ..errors import InvalidParameterError
-from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
+from ._tensor_checks import check_same_device, check_tensor, next_power_of_2, under_interpreter
 from .int8_activations import (ACTIVATION_BLOCK, QuantizedActivations, _quantize_blocks, _store_quantized_row,
                                check_activation_q8, q8_launch_args, q8_tensors)
 from ._last_program import _count_in
 from .kv_cache import check_paged_cache, gather_paged_cache_reference
 from .pdl import _pdl_wait, launch_options
+from .rope import _load_rotated
 
 TARGET_NUM_SPLITS = 64  # enough programs to fill a GPU at batch 1; few enough to merge cheaply
 DEFAULT_MIN_SPLIT_TOKENS = 128  # measured on an H100: 64..256 within 10%, 128 best at 4096 tokens
@@ -161,27 +161,6 @@ def _paged_decode_attention_kernel(
         else:
             _store_partials(part_max_ptr, part_sum_ptr, part_acc_ptr, running_max, running_sum, acc, row, heads,
                             group_mask, dims, dim_mask, split, NUM_KV_HEADS * GROUP_SIZE, HEAD_DIM, NUM_SPLITS)
-
-
-@triton.jit
-def _load_rotated(base, dims, mask, cos_row, sin_row, HALF_ROPE: tl.constexpr, NEOX: tl.constexpr):
-    """x[base + dims] (f32) rotated by the angles at cos_row, sin_row (as kernels/rope.py rotates it): each
-    element is loaded with its pair partner; dims at or past 2 * HALF_ROPE pass through. base [G, 1] and dims
-    [1, D], or both [D]."""
-    rotated = dims < 2 * HALF_ROPE
-    if NEOX:  # pairs (i, i + HALF_ROPE)
-        first = dims < HALF_ROPE
-        pair = tl.where(first, dims, dims - HALF_ROPE)
-        partner = tl.where(first, dims + HALF_ROPE, dims - HALF_ROPE)
-    else:  # pairs (2i, 2i + 1)
-        first = dims % 2 == 0
-        pair = dims // 2
-        partner = tl.where(first, dims + 1, dims - 1)
-    x = tl.load(base + dims, mask=mask, other=0.0)
-    x_partner = tl.load(base + tl.where(rotated, partner, dims), mask=mask & rotated, other=0.0)
-    cos = tl.load(cos_row + tl.where(rotated, pair, 0), mask=rotated, other=1.0)
-    sin = tl.load(sin_row + tl.where(rotated, pair, 0), mask=rotated, other=0.0)
-    return tl.where(first, x * cos - x_partner * sin, x * cos + x_partner * sin)
 
 
 @triton.jit
@@ -434,7 +413,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_D=block_d, BLOCK_N=block_n, EARLY_V=bool(early_v), FUSED_MERGE=bool(fused_merge),
         ROPE=new_token is not None, NEOX=bool(new_token is not None and new_token.neox),
         HALF_ROPE=new_token.cos.shape[1] if new_token is not None else 1,
-        USE_FENCE=os.environ.get("TRITON_INTERPRET") != "1", num_warps=num_warps, **merge_shape,
+        USE_FENCE=not under_interpreter(), num_warps=num_warps, **merge_shape,
         **launch_options(pdl))
     if not fused_merge:
         _merge_splits_kernel[(batch, num_q_heads)](

@@ -13,7 +13,6 @@ The sums run in another order than quant_matvec's: the results agree to f32 roun
 
 from __future__ import annotations
 
-import os
 
 import triton
 import triton.language as tl
@@ -21,7 +20,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from ..errors import UnsupportedError
-from ._tensor_checks import check_powers_of_two, check_same_device, check_tensor
+from ._tensor_checks import check_powers_of_two, check_same_device, check_tensor, under_interpreter
 from .pdl import _pdl_wait, launch_options
 from .quant_weight import QuantWeight
 from .row_tiles import _prefetch_rows_l2, _program_rows, _store_row_tiles, _sum_tile, _tile_sources
@@ -103,7 +102,7 @@ def float_matvec(x: torch.Tensor, w: QuantWeight, out: torch.Tensor, bias: torch
         got = w.ggml_type.name if isinstance(w, QuantWeight) else type(w).__name__
         raise UnsupportedError(f"float_matvec takes F16 / BF16 weights with a multiple of {CHUNK} columns, got {got}"
                                + (f" with {w.n_cols} columns" if isinstance(w, QuantWeight) else ""))
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = under_interpreter()
     if block_n is None:
         block_n = INTERPRETER_BLOCK_N if interpreted else DEFAULT_BLOCK_N
     check_powers_of_two("float_matvec", block_n=block_n, chunks=chunks)

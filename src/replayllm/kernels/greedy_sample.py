@@ -17,7 +17,6 @@ instructions, which the compiler may not fuse into an FMA), so the argmax is the
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._last_program import _count_in
-from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
+from ._tensor_checks import check_same_device, check_tensor, next_power_of_2, under_interpreter
 from .pdl import _pdl_wait, launch_options
 
 BLOCK_V = 2048  # logits a program: 16 programs a row for a 32k vocabulary
@@ -165,4 +164,4 @@ def greedy_sample_step(logits: torch.Tensor, token_counts: torch.Tensor, repetit
         window_count, step, tokens, out_tokens, positions, workspace.part_max, workspace.part_id,
         workspace.counters, vocab, logits.stride(0), token_counts.stride(0), window.stride(0),
         NUM_PARTS=num_parts, BLOCK_V=BLOCK_V, BLOCK_P=max(2, next_power_of_2(num_parts)),
-        EXACT=os.environ.get("TRITON_INTERPRET") != "1", num_warps=4, **launch_options(pdl))
+        EXACT=not under_interpreter(), num_warps=4, **launch_options(pdl))

@@ -41,14 +41,13 @@ Under Triton's interpreter (no PTX), `dp4a` is computed with shifts and multipli
 
 from __future__ import annotations
 
-import os
 import torch
 import triton
 import triton.language as tl
 from gguf import GGMLQuantizationType
 
 from ..errors import UnsupportedError
-from ._tensor_checks import check_same_device, check_tensor
+from ._tensor_checks import check_same_device, check_tensor, under_interpreter
 from .int8_activations import ACTIVATION_BLOCK, QuantizedActivations, wide_values
 from .quant_dequant import _kquant_scales
 from .quant_weight import QuantWeight
@@ -581,7 +580,7 @@ def quant_matvec_q8(xq: QuantizedActivations, w: QuantWeight, out: torch.Tensor,
         supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
         raise UnsupportedError(f"quant_matvec_q8 supports {supported} weights, got {got}")
     launch, chunk_weights = _KERNELS[w.ggml_type]
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = under_interpreter()
     if block_n is None:  # the interpreter runs programs one by one at a cost each: few large ones there
         block_n = INTERPRETER_BLOCK_N if interpreted else DEFAULT_BLOCK_N
     for name, value in (("block_n", block_n), ("chunks", chunks)):

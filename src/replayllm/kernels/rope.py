@@ -6,8 +6,10 @@ Two pairings of the rotated dimensions exist, and the GGUF file decides which (s
 each pair i rotated by the angle of row `position` and column i of the cos/sin tables, which already include any
 rope scaling. With rope_dim < head_dim only the first rope_dim dimensions rotate; the rest pass through.
 
-Each program handles one head of one batch row, and each thread stores exactly the elements it loaded, so q is
-rotated in place without a race between threads.
+Each program handles one head of one batch row. q is rotated in place: each thread loads both elements of its
+pairs and stores exactly those, so no thread reads what another writes. k goes to the cache, elsewhere, so it
+is rotated by `_load_rotated`, each element loaded with its partner (decode attention's opt-in rope uses it
+too).
 
 `num_rows`, an int32 device scalar, limits the work to the first rows: a prefill CUDA graph captured for a
 bucket of rows serves shorter chunks, and its padding rows must neither write the cache nor read a position
@@ -23,6 +25,28 @@ import triton.language as tl
 from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
 from .kv_cache import check_paged_cache
 from .pdl import _pdl_wait, launch_options
+
+
+@triton.jit
+def _load_rotated(base, dims, mask, cos_row, sin_row, HALF_ROPE: tl.constexpr, NEOX: tl.constexpr):
+    """x[base + dims] (f32) rotated by the angles at cos_row, sin_row (the row's cos and sin tables): each
+    element is loaded with its pair partner (the pairing of the module docstring); dims at or past
+    2 * HALF_ROPE pass through. base [G, 1] and dims [1, D], or both [D]. For a rotation written elsewhere than
+    it was read: in place, a thread would read a partner another thread may have overwritten."""
+    rotated = dims < 2 * HALF_ROPE
+    if NEOX:  # pairs (i, i + HALF_ROPE)
+        first = dims < HALF_ROPE
+        pair = tl.where(first, dims, dims - HALF_ROPE)
+        partner = tl.where(first, dims + HALF_ROPE, dims - HALF_ROPE)
+    else:  # pairs (2i, 2i + 1)
+        first = dims % 2 == 0
+        pair = dims // 2
+        partner = tl.where(first, dims + 1, dims - 1)
+    x = tl.load(base + dims, mask=mask, other=0.0)
+    x_partner = tl.load(base + tl.where(rotated, partner, dims), mask=mask & rotated, other=0.0)
+    cos = tl.load(cos_row + tl.where(rotated, pair, 0), mask=rotated, other=1.0)
+    sin = tl.load(sin_row + tl.where(rotated, pair, 0), mask=rotated, other=0.0)
+    return tl.where(first, x * cos - x_partner * sin, x * cos + x_partner * sin)
 
 
 @triton.jit
@@ -74,13 +98,8 @@ def _rope_and_cache_write_kernel(
         page = tl.load(page_table_ptr + row.to(tl.int64) * page_table_row_stride + position // PAGE_SIZE)
         slot = ((page.to(tl.int64) * NUM_KV_HEADS + kv_head) * PAGE_SIZE + position % PAGE_SIZE) * HEAD_DIM
         k_head = k_ptr + row.to(tl.int64) * k_row_stride + kv_head * k_head_stride
-        x1 = tl.load(k_head + first, mask=pair_mask, other=0.0)
-        x2 = tl.load(k_head + second, mask=pair_mask, other=0.0)
-        tl.store(k_cache_ptr + slot + first, (x1 * cos - x2 * sin).to(tl.float16), mask=pair_mask)
-        tl.store(k_cache_ptr + slot + second, (x2 * cos + x1 * sin).to(tl.float16), mask=pair_mask)
-        passthrough = (dims >= 2 * HALF_ROPE) & dim_mask  # disjoint from the rotated dims
-        k_rest = tl.load(k_head + dims, mask=passthrough, other=0.0)
-        tl.store(k_cache_ptr + slot + dims, k_rest.to(tl.float16), mask=passthrough)
+        k_rotated = _load_rotated(k_head, dims, dim_mask, cos_ptr + table_row, sin_ptr + table_row, HALF_ROPE, NEOX)
+        tl.store(k_cache_ptr + slot + dims, k_rotated.to(tl.float16), mask=dim_mask)
         v = tl.load(v_ptr + row.to(tl.int64) * v_row_stride + kv_head * v_head_stride + dims, mask=dim_mask,
                     other=0.0)
         tl.store(v_cache_ptr + slot + dims, v.to(tl.float16), mask=dim_mask)
