@@ -2,7 +2,7 @@
 # The one script the GPU machine runs: install what is missing (wheels carried in .whl/), write the synthetic
 # models in the background, run the gpu-marked tests, run the benchmarks, write JSON under $OUT (or
 # benchmarks/results/latest/ without $OUT), and print a short summary last.
-#   usage: bash benchmarks/gpu_suite.sh [stage|probe|tests|full|bench|types|fit|sweep|latency] [BENCH_DEADLINE_S]
+#   usage: bash benchmarks/gpu_suite.sh [stage|probe|tests|full|targets|bench|types|fit|sweep|latency] [BENCH_DEADLINE_S]
 #     stage  keep the first half of the default model (.carry/a/smol.part00) in /tmp for a second run on the same host
 #     probe  the new kernels' tests; the decode GEMV's evidence: benchmarks/gemv_probe.py (GB/s, registers,
 #            spills; the int8-activation Q4_K kernel beside the default), Nsight Compute's view of the int8
@@ -14,6 +14,8 @@
 #     bench  full without the tests (for a commit whose tests ran on the GPU already)
 #     full   the tests, then benchmarks/run_gpu_benchmarks.py, which starts no stage past BENCH_DEADLINE_S
 #            seconds (default 330) so that a run under a wall-clock limit still brings results back
+#     targets  the tests, then the issue's Q4_K_M rows alone (run_gpu_benchmarks.py --only targets): 7B at depth 0
+#            and deep, the step breakdown, the correctness checks, 13B; no comparisons
 #     types  the 7B F16 and Q8_0 benchmarks alone (run_gpu_benchmarks.py --only types), no tests
 #     fit    the 7B Q4_K_M under a 6 GiB cap alone, in a fresh process (run_gpu_benchmarks.py --only fit), no tests
 #     sweep  launch-shape sweeps of the 16-bit GEMVs and of decode attention alone (benchmarks/kernel_sweep.py)
@@ -94,7 +96,7 @@ if [ "$MODE" = sweep ]; then
   echo "==== summary ===="; head -n 1 "$LOG"; grep -E '^gemv|^attention|^ +next|^sweep' "$LOG"
   exit 0
 fi
-if [ "$MODE" = full ] || [ "$MODE" = bench ]; then
+if [ "$MODE" = full ] || [ "$MODE" = bench ] || [ "$MODE" = targets ]; then
   # 12 of 16 cores, so the tests keep cores of their own; the 13B model is written later, by the benchmarks.
   (python3 -m replayllm.cli.main synth --shape llama2-7b --quant q4_k_m --workers 12 --quiet \
      "$REPLAYLLM_SYNTH_DIR/llama2-7b-q4_k_m.gguf" && echo "synth llama2-7b q4_k_m done at $(date +%T)") >> "$LOG" 2>&1 &
@@ -115,6 +117,9 @@ if [ "$MODE" != types ] && [ "$MODE" != fit ] && [ "$MODE" != bench ]; then  # t
 fi
 if [ "$MODE" = full ] || [ "$MODE" = bench ]; then
   python3 benchmarks/run_gpu_benchmarks.py --out "$OUT" --deadline-s "$DEADLINE" 2>&1 | tee -a "$LOG"
+fi
+if [ "$MODE" = targets ]; then
+  python3 benchmarks/run_gpu_benchmarks.py --out "$OUT" --deadline-s "$DEADLINE" --only targets 2>&1 | tee -a "$LOG"
 fi
 if [ "$MODE" = types ]; then
   python3 benchmarks/run_gpu_benchmarks.py --out "$OUT" --deadline-s "$DEADLINE" --only types 2>&1 | tee -a "$LOG"

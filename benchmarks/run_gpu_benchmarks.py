@@ -593,14 +593,51 @@ def other_types(run: Run) -> None:
         path.unlink()  # disk: the next file needs the room
 
 
+def targets(run: Run) -> None:
+    """`--only targets`: the issue's Q4_K_M rows at today's defaults, with no comparisons (the variants of a full
+    run measured those): 7B tg128 and pp512, tg128 deep in the context, the step kernel by kernel, the 7B checks
+    against the fp32 reference, the default model's greedy agreement, then 13B tg128 and pp512."""
+    run.results["copy_gbps"] = measure_copy_gbps(torch.device("cuda"))
+    run.summary.append(f"copy bandwidth {run.results['copy_gbps']:.0f} GB/s (read + write)")
+    q7 = run.stage("wait for llama2-7b q4_k_m", wait_for, SYNTH_DIR / "llama2-7b-q4_k_m.gguf", 240)
+    synth_13b = None
+    if q7:
+        llm = run.stage("load llama2-7b Q4_K_M (cold kernel cache), ctx 4096", load, run, "startup_7b_cold", q7)
+        if llm:
+            run.stage("bench llama2-7b Q4_K_M", bench, run, llm,
+                      [BenchTest("tg", 128), BenchTest("pp", 512)], ["graph"], 3)
+            run.stage("bench llama2-7b Q4_K_M deep", bench, run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
+            synth_13b = start_synth("llama2-13b", "q4_k_m")
+            run.stage("decode step kernel breakdown llama2-7b Q4_K_M", decode_breakdown, run, llm)
+            run.stage("correctness llama2-7b Q4_K_M vs fp32 reference", correctness, run, llm, q7)
+            llm.close()
+            del llm
+            torch.cuda.empty_cache()
+    run.stage("default model: greedy agreement of the default and int8 paths", default_model_agreement, run)
+    q13 = SYNTH_DIR / "llama2-13b-q4_k_m.gguf"
+    if q13.exists() or run.stage("wait for llama2-13b q4_k_m", wait_for, q13, 150):
+        llm = run.stage("load llama2-13b Q4_K_M", load, run, "startup_13b", q13)
+        if llm:
+            run.stage("bench llama2-13b Q4_K_M", bench, run, llm, [BenchTest("tg", 128), BenchTest("pp", 512)],
+                      ["graph"], 2)
+            llm.close()
+    if run.bench_rows:
+        run.summary.append(markdown_table(run.bench_rows))
+    if synth_13b is not None and synth_13b.poll() is None:
+        synth_13b.terminate()
+    run.flush()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--deadline-s", type=float, default=400.0, help="start no stage after this many seconds")
     parser.add_argument("--fit-model", default=None, help="with --only fit: the 7B Q4_K_M file")
-    parser.add_argument("--only", choices=["types", "fit"], default=None,
+    parser.add_argument("--only", choices=["types", "fit", "targets"], default=None,
                         help="types: only the 7B F16 and Q8_0 files (a run of its own: they take minutes to write); "
-                             "fit: only the 7B Q4_K_M under a 6 GiB cap, in a process that has loaded nothing else")
+                             "fit: only the 7B Q4_K_M under a 6 GiB cap, in a process that has loaded nothing else; "
+                             "targets: the decode-speed targets' Q4_K_M rows alone (7B at depth 0 and deep, 13B), "
+                             "the step breakdown and the correctness checks")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -618,6 +655,9 @@ def main() -> None:
         if run.bench_rows:
             run.summary.append(markdown_table(run.bench_rows))
         run.flush()
+        return
+    if args.only == "targets":
+        targets(run)
         return
     synth_13b = None
     from replayllm.bench.profiler import DEFAULT_MODES, table
