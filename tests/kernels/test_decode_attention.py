@@ -115,12 +115,23 @@ def test_head_dim_not_a_power_of_two_and_page_size_one():
     assert _relative_error(out, paged_decode_attention_reference(*args, 0.2)) < TOLERANCE
 
 
+def _assert_same_copy(fused, separate):
+    """The attention kernel's quantized copy against quantize_activations(out): the kernel quantizes its result
+    as it holds it in registers, and on an H100 that differed from the stored out in the last bit of some values
+    (scales a few ulps apart at head_dim 32), so quants may differ by one and scales by f32 rounding; the block
+    sums to f32 rounding (each kernel adds a block's values in the order its layout gives)."""
+    from replayllm.kernels.int8_activations import wide_values
+
+    assert (wide_values(fused.q) - wide_values(separate.q)).abs().max() <= 1
+    assert torch.allclose(fused.scale, separate.scale, rtol=1e-6, atol=0)
+    assert torch.allclose(fused.block_sum, separate.block_sum, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("wide", [False, True], ids=["int8", "16bit"])
 @pytest.mark.parametrize("head_dim", [32, 96])  # 96: the head's blocks do not fill BLOCK_D (128)
 def test_quantized_copy_equals_quantize_activations_of_the_output(wide, head_dim):
-    """The merge's int8 or 16-bit copy of out (as [B, Hq * Dh]) is bit for bit what quantize_activations makes
-    of it: quants and scales; the block sums to f32 rounding (each kernel adds a block's values in the order its
-    layout gives)."""
+    """The merge's int8 or 16-bit copy of out (as [B, Hq * Dh]) is what quantize_activations makes of it, to the
+    last bit of a value (_assert_same_copy)."""
     from replayllm.kernels.int8_activations import QuantizedActivations, quantize_activations, wide_values
 
     args = _setup([5, 40], 4, 2, head_dim, 4, 64, seed=11, q_scale=2.0)
@@ -130,9 +141,8 @@ def test_quantized_copy_equals_quantize_activations_of_the_output(wide, head_dim
     paged_decode_attention(*args, 0.3, out, workspace, out_q8=fused)
     assert _relative_error(out, paged_decode_attention_reference(*args, 0.3)) < TOLERANCE
     separate = quantize_activations(out.view(2, -1), QuantizedActivations.allocate(2, 4 * head_dim, DEVICE, wide=wide))
-    assert torch.equal(fused.q, separate.q) and wide_values(fused.q).abs().max() == (32512 if wide else 127)
-    assert torch.equal(fused.scale, separate.scale)
-    assert torch.allclose(fused.block_sum, separate.block_sum, rtol=1e-6, atol=1e-6)
+    assert wide_values(fused.q).abs().max() == (32512 if wide else 127)
+    _assert_same_copy(fused, separate)
 
 
 @pytest.mark.parametrize("block_n, num_warps", [(16, 2), (32, 8)])
@@ -180,7 +190,7 @@ def test_the_last_split_merges_in_the_same_launch(group_size):
         assert int(workspace.counters.abs().sum()) == 0
     separate = quantize_activations(out.view(3, -1), QuantizedActivations.allocate(3, 4 * group_size * 32, DEVICE,
                                                                                    wide=True))
-    assert torch.equal(fused.q, separate.q) and torch.equal(fused.scale, separate.scale)
+    _assert_same_copy(fused, separate)
     two_launches = torch.full_like(out, float("nan"))
     paged_decode_attention(*args, 0.3, two_launches, workspace)
     assert torch.allclose(out, two_launches, rtol=1e-6, atol=1e-6)

@@ -15,8 +15,10 @@ f32 sum of the block's original values is kept too (the Q4_K min term needs it).
 The width is the quant tensor's dtype (int8 or int16). The block arithmetic is one Triton helper,
 `_quantize_blocks`, shared by the standalone kernel here and by the kernels that produce an activation and
 quantize it in the same launch (rmsnorm, silu_mul, the decode-attention merge), which read the width from the
-pointer they are given: every path gives bit-identical quants and scales (the block sums may differ in the
-order f32 additions take in each kernel's reduction).
+pointer they are given: from the same values every path gives bit-identical quants and scales (the block sums
+may differ in the order f32 additions take in each kernel's reduction). The attention merge quantizes its result
+as it holds it in registers, which on an H100 differed from the f32 output it stores in the last bit of some
+values, so its copy may be a quant step or a rounding of the scale away from quantize_activations(out).
 """
 
 from __future__ import annotations
