@@ -104,10 +104,11 @@ def wait_for(path: Path, timeout_s: float) -> Path:
     return path
 
 
-def load(run: Run, key: str, path: Path, mode: str = "graph") -> LLM:
+def load(run: Run, key: str, path: Path, mode: str = "graph", **options) -> LLM:
+    """options: LLM's (kv_cache="int8", ...)."""
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    llm = LLM(path, device="cuda", mode=mode, max_context=CONTEXT, progress=False)
+    llm = LLM(path, device="cuda", mode=mode, max_context=CONTEXT, progress=False, **options)
     total = time.perf_counter() - started
     b, gib = llm.backend, 2**30
     info = {"total_s": total, "load_s": b.load_seconds, "startup_s": b.startup_seconds,
@@ -240,14 +241,78 @@ def correctness(run: Run, llm: LLM, path: Path) -> None:
         f"{max(result['int8_greedy_32_max_relative_shortfall_vs_int8_reference']):.1e}")
 
 
+def kv_int8_7b(run: Run, path: Path) -> None:
+    """The int8 KV cache on the 7B Q4_K_M (a load of its own): tg128 at depth 0 and deep in the context; graph ==
+    eager; its error against the fp32 reference and against the reference that rounds keys and values the same
+    way (ReferenceBackend kv_cache="int8"): prefill logits, 32 greedy tokens of 3 prompts, and the decode-step
+    logits of 16 teacher-forced steps after a prompt of DEEP tokens, where the rounding of thousands of cached
+    keys and values adds up."""
+    from replayllm.engine.reference_backend import ReferenceBackend
+
+    llm = load(run, "startup_7b_kv_int8", path, kv_cache="int8")
+    try:
+        bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
+        bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(3, llm.config.vocab_size, (n,), generator=gen).tolist() for n in (16, 5, 40)]
+        deep = torch.randint(3, llm.config.vocab_size, (DEEP + 16,), generator=gen).tolist()
+        params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+        b = llm.backend
+        tokens = {}
+        for mode in ("graph", "eager"):
+            b.set_mode(mode)
+            tokens[mode] = [llm.generate([p], params)[0].token_ids for p in prompts]
+        b.set_mode("graph")
+        gpu_logits = llm.logits(prompts[0])
+        deep_logits = b.decode_logits(deep, DEEP)
+        result = {"graph_equals_eager": tokens["graph"] == tokens["eager"], "tokens_graph": tokens["graph"],
+                  "metric": "max |gpu - ref| / max |ref|", "deep_prompt_tokens": DEEP, "deep_decode_steps": 16}
+        for name, kv_cache in (("fp32", "f16"), ("int8_kv_reference", "int8")):
+            reference = ReferenceBackend(llm.model_file, DEEP + 32, progress=False, device="cuda", kv_cache=kv_cache)
+            try:
+                ref_logits = reference.logits(prompts[0])
+                agreements = [greedy_agreement(reference.logits(p + t), len(p), t)
+                              for p, t in zip(prompts, tokens["graph"])]
+                ref_tokens = [list(reference.generate_ids(p, params, 0, 32)) for p in prompts]
+                deep_ref = reference.logits(deep)[DEEP:]
+            finally:
+                del reference
+                torch.cuda.empty_cache()
+            rel = lambda a, ref: ((a - ref).abs().max() / ref.abs().max()).item()  # noqa: E731
+            result[f"vs_{name}"] = {
+                "prefill_rel_logit_error": rel(gpu_logits, ref_logits),
+                "argmax_equal_every_position": bool(torch.equal(gpu_logits.argmax(-1), ref_logits.argmax(-1))),
+                "greedy_32_identical": [t == r for t, r in zip(tokens["graph"], ref_tokens)],
+                "greedy_32_first_divergence": [a.first_divergence for a in agreements],
+                "greedy_32_max_relative_shortfall": [a.max_relative_shortfall for a in agreements],
+                "deep_decode_rel_logit_error": rel(deep_logits, deep_ref),
+                "deep_decode_argmax_equal": int((deep_logits.argmax(-1) == deep_ref.argmax(-1)).sum()),
+            }
+    finally:
+        llm.close()
+        del llm
+        torch.cuda.empty_cache()
+    run.results["kv_int8_7b"] = result
+    parts = []
+    for name in ("fp32", "int8_kv_reference"):
+        r = result[f"vs_{name}"]
+        parts.append(f"vs {name}: prefill {r['prefill_rel_logit_error']:.1e}, argmax equal "
+                     f"{r['argmax_equal_every_position']}, greedy32 identical {r['greedy_32_identical']} (first "
+                     f"divergence {r['greedy_32_first_divergence']}, max rel shortfall "
+                     f"{max(r['greedy_32_max_relative_shortfall']):.1e}), decode at depth {DEEP} "
+                     f"{r['deep_decode_rel_logit_error']:.1e} (argmax equal {r['deep_decode_argmax_equal']}/16)")
+    run.summary.append(f"    7B int8 KV cache: graph==eager {result['graph_equals_eager']}; " + "; ".join(parts))
+
+
 CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
                 "Explain what a CUDA graph is in two sentences.", "List three prime numbers greater than 50."]
 
 
 def default_model_agreement(run: Run) -> None:
-    """The default (real) model: 48 greedy tokens of 4 chat prompts from the default path and the int8 path,
-    each against the fp32 reference: where they first differ from it, and the int8 tokens' largest shortfall
-    under the fp32 and the int8 reference."""
+    """The default (real) model: 48 greedy tokens of 4 chat prompts from the default path, the int8-activation
+    path and the int8 KV cache, each against the fp32 reference: where they first differ from it, the int8
+    tokens' largest shortfall under the fp32 and the int8 reference, and where the int8 KV cache's tokens first
+    differ from its own reference's (keys and values rounded the same way)."""
     from replayllm.default_model import DEFAULT_MODEL, cache_dir
     from replayllm.engine.reference_backend import ReferenceBackend
 
@@ -262,8 +327,12 @@ def default_model_agreement(run: Run) -> None:
         with decode_options(llm, activations="int8"):
             int8 = [llm.generate([p], params)[0].token_ids for p in prompts]
         reference = ReferenceBackend(llm.model_file, 512, progress=False, device="cuda")
-        for p, d, q in zip(prompts, default, int8):
+        kv_reference = ReferenceBackend(llm.model_file, 512, progress=False, device="cuda", kv_cache="int8")
+        with LLM(path, device="cuda", max_context=512, progress=False, kv_cache="int8") as kv_llm:
+            kv_int8 = [kv_llm.generate([p], params)[0].token_ids for p in prompts]
+        for p, d, q, kv in zip(prompts, default, int8, kv_int8):
             ref = list(reference.generate_ids(p, params, 0, 48))
+            kv_ref = list(kv_reference.generate_ids(p, params, 0, 48))
             rows.append({
                 "prompt_tokens": len(p),
                 "default_first_difference": next((i for i, (a, r) in enumerate(zip(d, ref)) if a != r), None),
@@ -272,15 +341,20 @@ def default_model_agreement(run: Run) -> None:
                     greedy_agreement(reference.logits(p + q), len(p), q).max_relative_shortfall,
                 "int8_max_relative_shortfall_vs_int8_reference":
                     greedy_agreement(reference.int8_reference_logits(p + q, len(p)), len(p), q).max_relative_shortfall,
+                "kv_int8_first_difference": next((i for i, (a, r) in enumerate(zip(kv, ref)) if a != r), None),
+                "kv_int8_first_difference_from_its_reference":
+                    next((i for i, (a, r) in enumerate(zip(kv, kv_ref)) if a != r), None),
             })
-        del reference
+        del reference, kv_reference
     run.results["default_model_agreement"] = {"tokens": 48, "prompts": CHAT_PROMPTS, "rows": rows}
     run.summary.append(
         "    default model, 48 greedy tokens of 4 chat prompts, first difference from the fp32 reference (None: "
         f"none): default path {[r['default_first_difference'] for r in rows]}, int8 "
         f"{[r['int8_first_difference'] for r in rows]}; int8 max rel shortfall vs fp32 "
         f"{max(r['int8_max_relative_shortfall_vs_fp32'] for r in rows):.1e}, vs int8 reference "
-        f"{max(r['int8_max_relative_shortfall_vs_int8_reference'] for r in rows):.1e}")
+        f"{max(r['int8_max_relative_shortfall_vs_int8_reference'] for r in rows):.1e}; int8 KV cache "
+        f"{[r['kv_int8_first_difference'] for r in rows]} (from the reference that rounds keys and values the same "
+        f"way: {[r['kv_int8_first_difference_from_its_reference'] for r in rows]})")
 
 
 def prefill_breakdown(run: Run, llm: LLM, key: str, n_tokens: int = 512) -> None:
@@ -368,6 +442,17 @@ def bench_variants(run: Run, llm: LLM) -> None:
             bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
             if activations == "int8" and pdl:
                 bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
+
+
+def bench_separate_merge(run: Run, llm: LLM) -> None:
+    """tg128 at depth 0 and deep with the attention merge in a launch of its own ("-separate-merge"), on the same
+    load as the default rows: the fused merge's worth, on one machine."""
+    llm.backend.set_fused_attention_merge(False)
+    try:
+        bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
+        bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
+    finally:
+        llm.backend.set_fused_attention_merge(True)
 
 
 def bench_default_shapes(run: Run, llm: LLM) -> None:
@@ -594,9 +679,10 @@ def other_types(run: Run) -> None:
 
 
 def targets(run: Run) -> None:
-    """`--only targets`: the issue's Q4_K_M rows at today's defaults, with no comparisons (the variants of a full
-    run measured those): 7B tg128 and pp512, tg128 deep in the context, the step kernel by kernel, the 7B checks
-    against the fp32 reference, the default model's greedy agreement, then 13B tg128 and pp512."""
+    """`--only targets`: the issue's Q4_K_M rows at today's defaults, with few comparisons (the variants of a full
+    run measured the rest): 7B tg128 and pp512, tg128 deep in the context, the same with the attention merge
+    apart, the step kernel by kernel, the 7B checks against the fp32 reference, the int8 KV cache (speed and
+    accuracy), the default model's greedy agreement, then 13B tg128 and pp512."""
     run.results["copy_gbps"] = measure_copy_gbps(torch.device("cuda"))
     run.summary.append(f"copy bandwidth {run.results['copy_gbps']:.0f} GB/s (read + write)")
     q7 = run.stage("wait for llama2-7b q4_k_m", wait_for, SYNTH_DIR / "llama2-7b-q4_k_m.gguf", 240)
@@ -608,11 +694,14 @@ def targets(run: Run) -> None:
                       [BenchTest("tg", 128), BenchTest("pp", 512)], ["graph"], 3)
             run.stage("bench llama2-7b Q4_K_M deep", bench, run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
             synth_13b = start_synth("llama2-13b", "q4_k_m")
+            run.stage("bench llama2-7b Q4_K_M, the attention merge in a launch of its own", bench_separate_merge,
+                      run, llm)
             run.stage("decode step kernel breakdown llama2-7b Q4_K_M", decode_breakdown, run, llm)
             run.stage("correctness llama2-7b Q4_K_M vs fp32 reference", correctness, run, llm, q7)
             llm.close()
             del llm
             torch.cuda.empty_cache()
+        run.stage("llama2-7b Q4_K_M with the int8 KV cache: speed and accuracy", kv_int8_7b, run, q7)
     run.stage("default model: greedy agreement of the default and int8 paths", default_model_agreement, run)
     q13 = SYNTH_DIR / "llama2-13b-q4_k_m.gguf"
     if q13.exists() or run.stage("wait for llama2-13b q4_k_m", wait_for, q13, 150):

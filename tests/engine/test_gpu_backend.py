@@ -356,3 +356,35 @@ def test_a_prefill_pass_allocates_no_more_than_its_estimate(models):
         backend.prefill_graphs = graphs
     estimate = backend.prefiller.peak_bytes(chunk)
     assert 0.5 * estimate < used <= estimate + 8 * 512  # the allocator rounds each block up to 512 bytes
+
+
+def test_int8_kv_cache_stays_on_its_reference_and_graph_equals_eager(models):
+    """The int8 KV cache (one scale per token and kv head) against the reference that rounds keys and values the
+    same way: prefill logits within the tolerance with the same argmax, greedy tokens within the logit tolerance
+    of it (exactly equal on the real model), graph replays equal to eager launches; and its rounding is really
+    there (its logits are not the f16 cache's)."""
+    name, reference, graph, _ = models
+    path = reference.model_file.path
+    int8_reference = LLM(path, device="cpu", progress=False, kv_cache="int8")
+    int8_graph = LLM(path, device="cuda", mode="graph", progress=False, kv_cache="int8")
+    int8_eager = LLM(path, device="cuda", mode="eager", progress=False, kv_cache="int8")
+    try:
+        assert int8_graph.backend.name.endswith("-kv-int8") and int8_reference.backend.name == "cpu-kv-int8"
+        ids = reference.tokenizer.encode(PROMPTS[2])
+        expected, actual = int8_reference.logits(ids), int8_graph.logits(ids)
+        assert _relative_error(actual, expected) < LOGIT_TOLERANCE
+        assert torch.equal(actual.argmax(-1), expected.argmax(-1))
+        assert not torch.equal(actual, graph.logits(ids))
+        params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+        for prompt in PROMPTS[:2]:
+            out = int8_graph.generate([prompt], params)[0]
+            assert int8_eager.generate([prompt], params)[0].token_ids == out.token_ids
+            if name == "default":
+                assert out.token_ids == int8_reference.generate([prompt], params)[0].token_ids
+            else:
+                agreement = greedy_agreement(int8_reference.logits(out.prompt_token_ids + out.token_ids),
+                                             len(out.prompt_token_ids), out.token_ids)
+                assert agreement.is_within(LOGIT_TOLERANCE), agreement
+    finally:
+        for m in (int8_reference, int8_graph, int8_eager):
+            m.close()

@@ -323,3 +323,35 @@ def test_a_float_model_decodes_with_f32_activations_and_keeps_to_the_reference(t
     finally:
         backend.close()
         reference.close()
+
+
+@pytest.fixture(scope="module")
+def int8_kv_pair(tiny_q4_k_m):
+    reference = LLM(tiny_q4_k_m, device="cpu", progress=False, max_context=64, kv_cache="int8")
+    backend = GPUBackend(reference.model_file, 64, mode="eager", progress=False, device=torch.device("cpu"),
+                         kv_cache="int8")
+    yield reference, backend
+    backend.close()
+    reference.close()
+
+
+def test_the_int8_kv_cache_matches_its_reference(int8_kv_pair, pair):
+    """The int8 KV cache through prefill (rope_and_cache_write quantizing, prefill attention reading) and decode
+    (decode attention reading it) against the reference that rounds keys and values the same way: prefill
+    logits within the tolerance with the same argmax, the same greedy tokens; and the rounding is there: its
+    logits are not the f16 cache's."""
+    reference, backend = int8_kv_pair
+    assert backend.name.endswith("-kv-int8") and backend.cache.k.dtype == torch.int8
+    ids = [1, 17, 230, 5, 99, 42, 7]
+    expected, actual = reference.logits(ids), backend.logits(ids)
+    error = ((actual - expected).abs().max() / expected.abs().max()).item()
+    assert error < LOGIT_TOLERANCE
+    assert torch.equal(actual.argmax(-1), expected.argmax(-1))
+    assert not torch.equal(actual, pair[1].logits(ids))
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    expected_tokens = list(reference.backend.generate_ids(ids[:4], params, 0, 3))
+    assert list(backend.generate_ids(ids[:4], params, 0, 3)) == expected_tokens
+    from replayllm.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match="int8"):
+        backend.set_rope_in_attention(True)

@@ -112,3 +112,28 @@ def test_default_model_knows_the_capital_of_france(default_model_path):
         chat = llm.generate([llm.chat_prompt_ids([{"role": "user", "content": "What is the capital of France?"}])],
                             SamplingParams(max_tokens=24, temperature=0.0))[0]
         assert "Paris" in chat.text and chat.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("kv_cache", ["int4", "", None, 8])
+def test_a_kv_cache_type_must_be_f16_or_int8(tiny_model_path, kv_cache):
+    with pytest.raises(InvalidParameterError, match="kv_cache must be one of f16, int8"):
+        LLM(tiny_model_path, device="cpu", progress=False, kv_cache=kv_cache)
+
+
+def test_the_int8_kv_reference_rounds_keys_and_values_and_nothing_else(tiny, tiny_model_path):
+    """On the CPU, kv_cache="int8" is the reference of the int8 cache: its logits move by the cache's rounding
+    (127 steps per row: ~1% of a value at most), neither zero nor more than a rounding's worth."""
+    from replayllm.engine.llm import KV_CACHE_TYPES
+    from replayllm.kernels.kv_cache import KV_CACHE_DTYPES
+
+    assert tuple(KV_CACHE_DTYPES) == KV_CACHE_TYPES
+    plain = tiny
+    rounded = LLM(tiny_model_path, device="cpu", progress=False, max_context=64, kv_cache="int8")
+    assert rounded.backend.name == "cpu-kv-int8" and plain.backend.name == "cpu"
+    ids = [1, 17, 230, 5, 99, 42, 7, 3]
+    expected, actual = plain.logits(ids), rounded.logits(ids)
+    error = ((actual - expected).abs().max() / expected.abs().max()).item()
+    assert 0 < error < 5e-2
+    # the first position attends to itself alone: softmax of one score is 1 whatever k's rounding, so only
+    # v's rounding reaches it
+    assert not torch.equal(actual[0], expected[0])

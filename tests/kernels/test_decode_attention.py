@@ -5,6 +5,8 @@ plain f16 or TF32 product, or a split merged twice or missed, is off by 1e-4 or 
 workspace are poisoned with NaN before each launch, so an unwritten output element or a partial result read
 from an unused split fails.
 Small splits (16 tokens) and pages (4 tokens) make short sequences cross page and split boundaries.
+An int8 cache is the f16 one quantized (quantize_kv_reference); the reference dequantizes it, and the kernel must
+match that as closely as it matches an f16 cache.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from replayllm.kernels.decode_attention import (
     paged_decode_attention,
     paged_decode_attention_reference,
 )
-from replayllm.kernels.kv_cache import gather_paged_cache_reference
+from replayllm.kernels.kv_cache import gather_paged_cache_reference, paged_cache_write_reference, quantize_kv_reference
 from replayllm.kernels.rope import rope_and_cache_write, rope_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -45,11 +47,17 @@ def _setup(lengths, num_q_heads, num_kv_heads, head_dim, page_size, max_context,
     return q, k_cache, v_cache, page_table, positions
 
 
-def _run(q, k_cache, v_cache, page_table, positions, workspace, scale):
+def _int8_cache(k_cache, v_cache):
+    """The f16 cache quantized as an int8 cache holds it: (k_cache, v_cache, k_scale, v_scale)."""
+    (k_q, k_scale), (v_q, v_scale) = quantize_kv_reference(k_cache), quantize_kv_reference(v_cache)
+    return k_q, v_q, k_scale, v_scale
+
+
+def _run(q, k_cache, v_cache, page_table, positions, workspace, scale, **options):
     out = torch.full(q.shape, float("nan"), device=q.device)
     for t in (workspace.part_max, workspace.part_sum, workspace.part_acc):
         t.fill_(float("nan"))
-    assert paged_decode_attention(q, k_cache, v_cache, page_table, positions, scale, out, workspace) is out
+    assert paged_decode_attention(q, k_cache, v_cache, page_table, positions, scale, out, workspace, **options) is out
     return out
 
 
@@ -262,6 +270,79 @@ def test_new_token_is_checked():
                                    new_token=token)
 
 
+@pytest.mark.parametrize("group_size, head_dim, fused_merge, early_v", [
+    (1, 32, False, False), (4, 32, True, True), (3, 24, True, False), (2, 32, False, True)])
+def test_int8_cache_matches_the_dequantized_reference(group_size, head_dim, fused_merge, early_v):
+    """lengths: one token; a page boundary; one split exactly; one token into a second split; several splits. The
+    per-token scales must be read at the same slot as the tokens, through shuffled pages."""
+    lengths = [1, 5, 16, 17, 53]
+    q, k_cache, v_cache, page_table, positions = _setup(lengths, 2 * group_size, 2, head_dim, 4, 64,
+                                                        seed=31 + group_size, q_scale=2.0)
+    k_q, v_q, k_scale, v_scale = _int8_cache(k_cache, v_cache)
+    workspace = DecodeAttentionWorkspace.create(len(lengths), 2 * group_size, head_dim, 64, DEVICE, split_tokens=16)
+    out = _run(q, k_q, v_q, page_table, positions, workspace, 0.3, k_scale=k_scale, v_scale=v_scale,
+               fused_merge=fused_merge, early_v=early_v)
+    expected = paged_decode_attention_reference(q, k_q, v_q, page_table, positions, 0.3, k_scale, v_scale)
+    for b in range(len(lengths)):
+        assert _relative_error(out[b], expected[b]) < TOLERANCE
+
+
+def test_int8_cache_scales_are_applied_to_scores_and_values():
+    """The int8 result is the f16 cache's up to the quantization (small, not zero); with either cache's scales
+    replaced by ones (a kernel that ignored them) it is far off."""
+    args = _setup([9, 40], 4, 2, 32, 4, 64, seed=37, q_scale=2.0)
+    q, k_cache, v_cache, page_table, positions = args
+    k_q, v_q, k_scale, v_scale = _int8_cache(k_cache, v_cache)
+    workspace = DecodeAttentionWorkspace.create(2, 4, 32, 64, DEVICE, split_tokens=16)
+    int8 = _run(q, k_q, v_q, page_table, positions, workspace, 0.3, k_scale=k_scale, v_scale=v_scale)
+    expected = paged_decode_attention_reference(q, k_q, v_q, page_table, positions, 0.3, k_scale, v_scale)
+    assert _relative_error(int8, expected) < TOLERANCE
+    assert 1e-4 < _relative_error(int8, _run(*args, workspace, 0.3)) < 0.05
+    ones = torch.ones_like(k_scale)
+    for k_s, v_s in ((ones, v_scale), (k_scale, ones)):
+        unscaled = _run(q, k_q, v_q, page_table, positions, workspace, 0.3, k_scale=k_s, v_scale=v_s)
+        assert _relative_error(unscaled, expected) > 0.5
+
+
+def test_int8_cache_with_the_quantized_copy():
+    from replayllm.kernels.int8_activations import QuantizedActivations, quantize_activations
+
+    q, k_cache, v_cache, page_table, positions = _setup([5, 40], 4, 2, 32, 4, 64, seed=41, q_scale=2.0)
+    k_q, v_q, k_scale, v_scale = _int8_cache(k_cache, v_cache)
+    workspace = DecodeAttentionWorkspace.create(2, 4, 32, 64, DEVICE, split_tokens=16)
+    expected = paged_decode_attention_reference(q, k_q, v_q, page_table, positions, 0.3, k_scale, v_scale)
+    for fused_merge, wide in ((False, False), (True, True)):
+        fused = QuantizedActivations.allocate(2, 4 * 32, DEVICE, wide=wide)
+        out = _run(q, k_q, v_q, page_table, positions, workspace, 0.3, k_scale=k_scale, v_scale=v_scale,
+                   out_q8=fused, fused_merge=fused_merge)
+        assert _relative_error(out, expected) < TOLERANCE
+        _assert_same_copy(fused, quantize_activations(out.view(2, -1),
+                                                      QuantizedActivations.allocate(2, 4 * 32, DEVICE, wide=wide)))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("int8 without scales", "an int8 KV cache needs its scales"),
+    ("f16 with scales", "k_scale, v_scale belong to an int8 KV cache"),
+    ("scales of the wrong shape", r"v_scale: expected shape \[16, 1, 4\]"),
+    ("int8 with new_token", "new_token .* cannot fill an int8 KV cache"),
+])
+def test_int8_cache_rejects_bad_arguments(case, message):
+    from replayllm.kernels.decode_attention import NewToken
+
+    q, k_cache, v_cache, page_table, positions = (t.cpu() for t in _setup([3], 2, 1, 16, 4, 32, seed=43))
+    k_q, v_q, k_scale, v_scale = _int8_cache(k_cache, v_cache)
+    caches, options = {
+        "int8 without scales": ((k_q, v_q), {}),
+        "f16 with scales": ((k_cache, v_cache), dict(k_scale=k_scale, v_scale=v_scale)),
+        "scales of the wrong shape": ((k_q, v_q), dict(k_scale=k_scale, v_scale=v_scale[:, :, :2])),
+        "int8 with new_token": ((k_q, v_q), dict(k_scale=k_scale, v_scale=v_scale, new_token=NewToken(
+            torch.zeros(1, 1, 16), torch.zeros(1, 1, 16), torch.zeros(32, 8), torch.zeros(32, 8), False))),
+    }[case]
+    workspace = DecodeAttentionWorkspace.create(1, 2, 16, 32, "cpu", split_tokens=16)
+    with pytest.raises(ValueError, match=message):
+        paged_decode_attention(q, *caches, page_table, positions, 0.25, torch.empty_like(q), workspace, **options)
+
+
 def test_fused_merge_needs_the_counters():
     args = _setup([5], 2, 2, 32, 4, 32, seed=3)
     ws = DecodeAttentionWorkspace.create(1, 2, 32, 32, DEVICE)
@@ -399,5 +480,39 @@ def test_rope_and_attention_replayed_in_a_cuda_graph_with_advancing_positions(on
             cached = gather_paged_cache_reference(k_cache, page_table[b], int(positions[b]) + 1)[:, -1]
             assert _relative_error(cached, rope_reference(k_in, cos, sin, positions, neox=False)[b]) < 1e-3
         expected = paged_decode_attention_reference(q_rotated, k_cache, v_cache, page_table, positions, dh ** -0.5)
+        assert _relative_error(out, expected) < TOLERANCE
+        positions.add_(1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused_merge", [False, True])
+def test_int8_cache_attention_replayed_in_a_cuda_graph_with_advancing_positions(fused_merge):
+    """Real shapes, an int8 cache: the captured launch reads the cache and its scales through the same pointers at
+    every replay; between replays the new token is quantized into its slot (outside the graph) at positions that
+    cross a page boundary and go from split 0 into split 1."""
+    batch, hq, hkv, dh, page_size, max_context = 2, 32, 8, 128, 16, 4096
+    gen = torch.Generator().manual_seed(13)
+    q, k_cache, v_cache, page_table, _ = _setup([1] * batch, hq, hkv, dh, page_size, max_context, seed=13)
+    k_cache, v_cache, k_scale, v_scale = _int8_cache(k_cache, v_cache)
+    positions = torch.tensor([126, 3000], dtype=torch.int32, device="cuda")
+    out = torch.zeros(batch, hq, dh, device="cuda")
+    workspace = DecodeAttentionWorkspace.create(batch, hq, dh, max_context, "cuda")
+
+    def step():
+        paged_decode_attention(q, k_cache, v_cache, page_table, positions, dh ** -0.5, out, workspace,
+                               k_scale=k_scale, v_scale=v_scale, fused_merge=fused_merge)
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(4):
+        q.copy_(torch.randn(q.shape, generator=gen))
+        k_new, v_new = (torch.randn(batch, hkv, dh, generator=gen).cuda() for _ in range(2))
+        paged_cache_write_reference(k_cache, v_cache, page_table, positions, k_new, v_new, k_scale, v_scale)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = paged_decode_attention_reference(q, k_cache, v_cache, page_table, positions, dh ** -0.5,
+                                                    k_scale, v_scale)
         assert _relative_error(out, expected) < TOLERANCE
         positions.add_(1)

@@ -2,7 +2,10 @@
 
 The placement tests use identity rotation tables (cos 1, sin 0), so the written k is exactly k rounded to f16
 and the whole cache can be compared bit for bit: every slot the page table names holds the token, every other
-element still holds the poison written before the launch.
+element still holds the poison written before the launch. An int8 cache is compared with the reference's
+quantization of the same rows: quants within one (a compiler may fuse x * inverse + 1/2 into one rounding),
+scales within 1e-6 relative, and the poison (quant -128, which the quantizer never produces, scale -1) kept
+exactly everywhere else.
 """
 
 from __future__ import annotations
@@ -10,11 +13,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replayllm.kernels.kv_cache import check_paged_cache, gather_paged_cache_reference, paged_cache_write_reference
+from replayllm.kernels.kv_cache import (check_paged_cache, gather_paged_cache_reference, paged_cache_write_reference,
+                                       quantize_kv_reference)
 from replayllm.kernels.rope import rope_and_cache_write
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 POISON = -1024.0  # exact in f16, far from any N(0, 1) sample
+INT8_POISON = -128  # quants are in [-127, 127]
+SCALE_POISON = -1.0  # scales are >= 0
 
 
 def test_gather_reference_follows_the_page_table():
@@ -42,6 +48,16 @@ def test_write_reference_writes_one_slot_per_row():
     assert int((cache_k != 0).sum()) == 6
 
 
+def test_quantize_reference_and_the_gather_that_dequantizes():
+    # amax 254 for exact arithmetic (scale 2): halves round up, floor(x / 2 + 1/2); a zero row: scale 0, quants 0
+    x = torch.tensor([[-254.0, -3.0, 127.0, 62.5], [0.0, 0.0, 0.0, 0.0]])
+    quants, scales = quantize_kv_reference(x)
+    assert quants.tolist() == [[-127, -1, 64, 31], [0, 0, 0, 0]] and scales.tolist() == [2.0, 0.0]
+    cache = quants.view(2, 1, 1, 4)  # two pages of one slot
+    dense = gather_paged_cache_reference(cache, torch.tensor([1, 0], dtype=torch.int32), 2, scales.view(2, 1, 1))
+    assert dense.tolist() == [[[0.0, 0.0, 0.0, 0.0], [-254.0, -2.0, 128.0, 62.0]]]
+
+
 def _identity_tables(max_ctx, rope_dim):
     return (torch.ones(max_ctx, rope_dim // 2, device=DEVICE), torch.zeros(max_ctx, rope_dim // 2, device=DEVICE))
 
@@ -52,28 +68,63 @@ def _poisoned_cache(num_pages, num_kv_heads, page_size, head_dim):
             torch.full(shape, POISON, dtype=torch.float16, device=DEVICE))
 
 
-@pytest.mark.parametrize("page_size, dh, rope_dim", [(1, 16, 16), (4, 24, 8), (16, 16, 16)])
-def test_cache_write_lands_in_the_slot_the_page_table_names_and_nowhere_else(page_size, dh, rope_dim):
-    # dh 24 and rope_dim 8: padded, masked blocks and the pass-through part of k
+def _poisoned_int8_cache(num_pages, num_kv_heads, page_size, head_dim):
+    """k_cache, v_cache, k_scale, v_scale of an int8 cache, all poisoned."""
+    shape = (num_pages, num_kv_heads, page_size, head_dim)
+    return (torch.full(shape, INT8_POISON, dtype=torch.int8, device=DEVICE),
+            torch.full(shape, INT8_POISON, dtype=torch.int8, device=DEVICE),
+            torch.full(shape[:3], SCALE_POISON, device=DEVICE), torch.full(shape[:3], SCALE_POISON, device=DEVICE))
+
+
+def _placement_batch(page_size, dh, rope_dim):
+    """A batch of 4 rows into a shuffled pool twice the size needed, at positions at the first and last slot of a
+    page and in the last page, with identity tables."""
     gen = torch.Generator().manual_seed(page_size)
     batch, hq, hkv, max_pages = 4, 2, 2, 3
     num_pages = 2 * batch * max_pages  # a pool larger than needed: the table skips pages
     page_table = torch.randperm(num_pages, generator=gen)[: batch * max_pages].view(batch, max_pages)
     page_table = page_table.to(torch.int32).to(DEVICE)
-    # positions at the first and last slot of a page and in the last page
     positions = torch.tensor([0, page_size - 1, page_size, max_pages * page_size - 1], dtype=torch.int32)
     positions = positions.to(DEVICE)
-    k_cache, v_cache = _poisoned_cache(num_pages, hkv, page_size, dh)
-    expected_k, expected_v = k_cache.clone(), v_cache.clone()
     q = torch.randn(batch, hq, dh, generator=gen).to(DEVICE)
     k = torch.randn(batch, hkv, dh, generator=gen).to(DEVICE)
     v = torch.randn(batch, hkv, dh, generator=gen).to(DEVICE)
     cos, sin = _identity_tables(max_pages * page_size, rope_dim)
-    rope_and_cache_write(q, k, v, cos, sin, positions, k_cache, v_cache, page_table, neox=False)
-    paged_cache_write_reference(expected_k, expected_v, page_table, positions, k, v)
+    return dict(q=q, k=k, v=v, cos=cos, sin=sin, positions=positions, page_table=page_table, num_pages=num_pages)
+
+
+@pytest.mark.parametrize("page_size, dh, rope_dim", [(1, 16, 16), (4, 24, 8), (16, 16, 16)])
+def test_cache_write_lands_in_the_slot_the_page_table_names_and_nowhere_else(page_size, dh, rope_dim):
+    # dh 24 and rope_dim 8: padded, masked blocks and the pass-through part of k
+    b = _placement_batch(page_size, dh, rope_dim)
+    batch, hkv = b["k"].shape[:2]
+    k_cache, v_cache = _poisoned_cache(b["num_pages"], hkv, page_size, dh)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    rope_and_cache_write(b["q"], b["k"], b["v"], b["cos"], b["sin"], b["positions"], k_cache, v_cache,
+                         b["page_table"], neox=False)
+    paged_cache_write_reference(expected_k, expected_v, b["page_table"], b["positions"], b["k"], b["v"])
     assert torch.equal(k_cache, expected_k)
     assert torch.equal(v_cache, expected_v)
     assert int((k_cache != POISON).sum()) == batch * hkv * dh  # exactly one slot per (row, kv head)
+
+
+@pytest.mark.parametrize("page_size, dh, rope_dim", [(1, 16, 16), (4, 24, 8), (16, 16, 16)])
+def test_int8_cache_write_lands_in_the_slot_the_page_table_names_and_nowhere_else(page_size, dh, rope_dim):
+    b = _placement_batch(page_size, dh, rope_dim)
+    batch, hkv = b["k"].shape[:2]
+    k_cache, v_cache, k_scale, v_scale = cache = _poisoned_int8_cache(b["num_pages"], hkv, page_size, dh)
+    expected = [t.clone() for t in cache]
+    rope_and_cache_write(b["q"], b["k"], b["v"], b["cos"], b["sin"], b["positions"], k_cache, v_cache,
+                         b["page_table"], neox=False, k_scale=k_scale, v_scale=v_scale)
+    paged_cache_write_reference(expected[0], expected[1], b["page_table"], b["positions"], b["k"], b["v"],
+                                expected[2], expected[3])
+    for quants, expected_quants in ((k_cache, expected[0]), (v_cache, expected[1])):
+        assert (quants.int() - expected_quants.int()).abs().max() <= 1
+        assert torch.equal(quants == INT8_POISON, expected_quants == INT8_POISON)
+        assert int((quants != INT8_POISON).sum()) == batch * hkv * dh  # exactly one slot per (row, kv head)
+    for scales, expected_scales in ((k_scale, expected[2]), (v_scale, expected[3])):
+        torch.testing.assert_close(scales, expected_scales, rtol=1e-6, atol=0)  # the poison kept exactly
+        assert int((scales != SCALE_POISON).sum()) == batch * hkv
 
 
 def test_prefill_rows_fill_consecutive_slots_of_one_sequence():

@@ -5,6 +5,9 @@ Metric: max |kernel - reference| / max |reference| < 5e-3 (the kernel rounds q a
 The page table is shuffled and points into a pool with spare pages; every slot past the sequence end (the
 tail of its last page, the table's pages beyond it) and every page outside the table holds NaN, so a key read
 past start+T or through a wrong page shows as NaN. The output is poisoned with NaN before each launch.
+An int8 cache is the same cache quantized (kv_cache.quantize_kv_reference), its unwritten slots holding quant
+-128 and a NaN scale; the reference dequantizes it, so the kernel's error is still only its f16 roundings and
+the same tolerance holds.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from replayllm.kernels.kv_cache import quantize_kv_reference
 from replayllm.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_reference
 
 TOLERANCE = 5e-3
@@ -41,9 +45,24 @@ def _setup(num_tokens, start, num_q_heads, num_kv_heads, head_dim, page_size, de
     return q.to(device), k_cache.to(device), v_cache.to(device), page_table_row.to(device)
 
 
-def _run(q, k_cache, v_cache, page_table_row, start, scale=None, **blocks):
+def _quantized(cache):
+    """(quants, scales) of _setup's f16 cache as an int8 one; its NaN slots get quant -128 and a NaN scale."""
+    written = ~cache.isnan().any(dim=-1)  # [pages, Hkv, page_size]
+    quants, scales = quantize_kv_reference(cache.float().nan_to_num())
+    quants[~written], scales[~written] = -128, float("nan")
+    return quants, scales
+
+
+def _setup_int8(*args, **kwargs):
+    """_setup's q, cache pair and page table with the cache quantized to int8, and the scales as keywords."""
+    q, k_cache, v_cache, page_table_row = _setup(*args, **kwargs)
+    (k_quants, k_scale), (v_quants, v_scale) = _quantized(k_cache), _quantized(v_cache)
+    return (q, k_quants, v_quants, page_table_row), dict(k_scale=k_scale, v_scale=v_scale)
+
+
+def _run(q, k_cache, v_cache, page_table_row, start, scale=None, **options):
     out = torch.full(q.shape, float("nan"), device=q.device)
-    assert paged_prefill_attention(q, k_cache, v_cache, page_table_row, start, out, scale, **blocks) is out
+    assert paged_prefill_attention(q, k_cache, v_cache, page_table_row, start, out, scale, **options) is out
     return out
 
 
@@ -154,6 +173,51 @@ def test_explicit_scale(device):
     assert _max_relative_error(out, paged_prefill_attention_reference(*args, 3, scale=0.05)) < TOLERANCE
 
 
+@pytest.mark.parametrize("num_tokens, start, num_kv_heads, head_dim, page_size, block_m, block_n", [
+    (7, 0, 4, 32, 16, 16, 16),  # one diagonal tile
+    (37, 21, 2, 32, 4, 16, 32),  # GQA, several query blocks, unmasked tiles, tiles larger than a page
+    (37, 17, 1, 48, 16, 32, 16),  # a padded head dim; key tiles smaller than the query block
+])
+def test_int8_cache_matches_the_dequantizing_reference(num_tokens, start, num_kv_heads, head_dim, page_size,
+                                                       block_m, block_n, device):
+    args, scales = _setup_int8(num_tokens, start, 4, num_kv_heads, head_dim, page_size, device,
+                               seed=num_tokens + start + head_dim)
+    out = _run(*args, start, block_m=block_m, block_n=block_n, **scales)
+    assert out.isfinite().all()
+    assert _max_relative_error(out, paged_prefill_attention_reference(*args, start, **scales)) < TOLERANCE
+
+
+def test_int8_cache_of_small_values(device):
+    # value scales of ~2e-5: probabilities times scales alone would underflow f16 (its normal range starts at 6e-5)
+    q, k_cache, v_cache, page_table_row = _setup(16, 496, 2, 1, 32, 16, device, seed=12)
+    (k_quants, k_scale), (v_quants, v_scale) = _quantized(k_cache), _quantized(v_cache * 1e-3)
+    args, scales = (q, k_quants, v_quants, page_table_row), dict(k_scale=k_scale, v_scale=v_scale)
+    out = _run(*args, 496, **scales)
+    assert _max_relative_error(out, paged_prefill_attention_reference(*args, 496, **scales)) < TOLERANCE
+
+
+def test_int8_span_on_the_device_attends_its_rows_only(device):
+    # the prefill graph's launch over an int8 cache: padding rows keep their poison, real rows match the reference
+    args, scales = _setup_int8(21, 9, 4, 2, 32, 16, device, seed=11)
+    q = args[0]
+    padded_q = torch.randn(48, 4, 32, device=device)
+    padded_q[:21] = q
+    span = torch.tensor([9, 21], dtype=torch.int32, device=device)
+    out = _run(padded_q, *args[1:], span, block_m=16, block_n=16, **scales)
+    assert out[21:].isnan().all()
+    assert _max_relative_error(out[:21], paged_prefill_attention_reference(*args, 9, **scales)) < TOLERANCE
+
+
+def test_int8_scales_are_applied(device):
+    # guards the comparison above against a kernel and a reference that both ignore a scale: with either one
+    # replaced by 1.0 (quants of up to 127 read as values) the output is far off
+    args, scales = _setup_int8(19, 5, 4, 2, 32, 16, device, seed=10)
+    expected = paged_prefill_attention_reference(*args, 5, **scales)
+    for name in ("k_scale", "v_scale"):
+        out = _run(*args, 5, block_m=16, block_n=16, **(scales | {name: torch.ones_like(scales[name])}))
+        assert _max_relative_error(out, expected) > 0.3, name
+
+
 def _cpu_args(**change):
     q, k_cache, v_cache, page_table_row = _setup(8, 4, 4, 2, 16, 4, "cpu", seed=8, spare_pages=0)
     return dict(q=q, k_cache=k_cache, v_cache=v_cache, page_table_row=page_table_row, start=4,
@@ -182,6 +246,26 @@ def test_rejects_bad_arguments(change, message):
         paged_prefill_attention(**_cpu_args(**change))
 
 
+def _int8_cache(**change):
+    """An int8 cache pair and its scales of _cpu_args' shapes, with `change` applied."""
+    return dict(k_cache=torch.zeros(7, 2, 4, 16, dtype=torch.int8), v_cache=torch.zeros(7, 2, 4, 16, dtype=torch.int8),
+                k_scale=torch.zeros(7, 2, 4), v_scale=torch.zeros(7, 2, 4)) | change
+
+
+@pytest.mark.parametrize("change, message", [
+    (_int8_cache(k_scale=None, v_scale=None), r"an int8 KV cache needs its scales \(k_scale, v_scale\)"),
+    (_int8_cache(k_scale=None), "an int8 KV cache needs its scales"),
+    (dict(k_scale=torch.zeros(7, 2, 4), v_scale=torch.zeros(7, 2, 4)), "k_scale, v_scale belong to an int8 KV cache"),
+    (_int8_cache(v_scale=torch.zeros(7, 2, 8)), r"v_scale: expected shape \[7, 2, 4\]"),
+    (_int8_cache(k_scale=torch.zeros(7, 2, 4, dtype=torch.float64)), "k_scale: expected dtype torch.float32"),
+    (_int8_cache(k_scale=torch.zeros(7, 4, 2).transpose(1, 2)), "k_scale: must be contiguous"),
+    (_int8_cache(v_cache=torch.zeros(7, 2, 4, 16, dtype=torch.float16)), "v_cache: expected dtype torch.int8"),
+])
+def test_rejects_bad_int8_arguments(change, message):
+    with pytest.raises(ValueError, match=message):
+        paged_prefill_attention(**_cpu_args(**change))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_kv_heads", [8, 32])
 @pytest.mark.parametrize("num_tokens, start", [(600, 0), (300, 700)])
@@ -190,3 +274,12 @@ def test_real_shapes(num_tokens, start, num_kv_heads):
     out = _run(*args, start)
     assert out.isfinite().all()
     assert _max_relative_error(out, paged_prefill_attention_reference(*args, start)) < TOLERANCE
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens, start", [(600, 0), (300, 700)])
+def test_int8_real_shapes(num_tokens, start):
+    args, scales = _setup_int8(num_tokens, start, 32, 8, 128, 16, "cuda", seed=13)
+    out = _run(*args, start, **scales)
+    assert out.isfinite().all()
+    assert _max_relative_error(out, paged_prefill_attention_reference(*args, start, **scales)) < TOLERANCE

@@ -3,7 +3,10 @@
 The torch reference is itself checked against an independent formulation, multiplication of complex numbers
 by e^(i * position * frequency), so a shared misunderstanding of the pairing cannot pass both.
 Metrics: q is f32, ||kernel - reference|| / ||reference|| < 1e-5; the cached k is f16, so each element must be
-within one f16 ulp of the float64 result rounded to f16, and v must equal v rounded to f16 exactly.
+within one f16 ulp of the float64 result rounded to f16, and v must equal v rounded to f16 exactly. An int8
+cache's quants must be within one of quantize_kv_reference's (a rounding tie may fall either way, the rotation
+being f32) and its scales within 1e-6 relative; each dequantized value within half a quant step of the exact
+value (plus f32 slack).
 Where the cache write lands is tested in test_kv_cache.py.
 """
 
@@ -12,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replayllm.kernels.kv_cache import gather_paged_cache_reference
+from replayllm.kernels.kv_cache import gather_paged_cache_reference, quantize_kv_reference
 from replayllm.kernels.rope import rope_and_cache_write, rope_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,7 +82,16 @@ def test_the_two_pairings_differ():
     assert _relative_error(normal, neox) > 0.1
 
 
-def _run(batch, num_q_heads, num_kv_heads, head_dim, rope_dim, positions, neox, seed=0, page_size=4):
+def _at_slots(t: torch.Tensor, page_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, ...]: what t (a cache [pages, Hkv, page_size, Dh] or its scales [pages, Hkv, page_size]) holds
+    in the slot of each row's position."""
+    page_size = t.shape[2]
+    return torch.stack([t[int(page_table[b, p // page_size]), :, p % page_size]
+                        for b, p in enumerate(positions.tolist())])
+
+
+def _run(batch, num_q_heads, num_kv_heads, head_dim, rope_dim, positions, neox, seed=0, page_size=4,
+         kv_int8=False):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, num_q_heads, head_dim, generator=gen).to(DEVICE)
     k = torch.randn(batch, num_kv_heads, head_dim, generator=gen).to(DEVICE)
@@ -87,12 +99,21 @@ def _run(batch, num_q_heads, num_kv_heads, head_dim, rope_dim, positions, neox, 
     max_pages = -(-(max(positions) + 1) // page_size)
     num_pages = batch * max_pages
     page_table = torch.randperm(num_pages, generator=gen).to(torch.int32).view(batch, max_pages).to(DEVICE)
-    k_cache = torch.zeros(num_pages, num_kv_heads, page_size, head_dim, dtype=torch.float16, device=DEVICE)
+    cache_dtype = torch.int8 if kv_int8 else torch.float16
+    k_cache = torch.zeros(num_pages, num_kv_heads, page_size, head_dim, dtype=cache_dtype, device=DEVICE)
     v_cache = torch.zeros_like(k_cache)
+    scales = dict(k_scale=torch.zeros(k_cache.shape[:3], device=DEVICE),
+                  v_scale=torch.zeros(k_cache.shape[:3], device=DEVICE)) if kv_int8 else {}
     positions = torch.tensor(positions, dtype=torch.int32, device=DEVICE)
     cos, sin = _tables(int(positions.max()) + 1, rope_dim)
     q_in, k_in, v_in = q.clone(), k.clone(), v.clone()
-    rope_and_cache_write(q, k, v, cos, sin, positions, k_cache, v_cache, page_table, neox=neox)
+    rope_and_cache_write(q, k, v, cos, sin, positions, k_cache, v_cache, page_table, neox=neox, **scales)
+    if kv_int8:  # the raw quants and scales: the int8 tests compare them, not the dequantized rows
+        return dict(k_in=k_in, v_in=v_in, cos=cos, sin=sin, positions=positions,
+                    k_quants=_at_slots(k_cache, page_table, positions),
+                    v_quants=_at_slots(v_cache, page_table, positions),
+                    k_scales=_at_slots(scales["k_scale"], page_table, positions),
+                    v_scales=_at_slots(scales["v_scale"], page_table, positions))
     cached_k = torch.stack([gather_paged_cache_reference(k_cache, page_table[b], int(positions[b]) + 1)[:, -1]
                             for b in range(batch)])  # [B, Hkv, Dh]: the slot of each row's position
     cached_v = torch.stack([gather_paged_cache_reference(v_cache, page_table[b], int(positions[b]) + 1)[:, -1]
@@ -129,6 +150,40 @@ def test_odd_head_dim_and_rope_dim_not_a_power_of_two():
     assert torch.equal(r["cached_v"], r["v_in"].half().float())
 
 
+@pytest.mark.parametrize("neox, head_dim, rope_dim", [(False, 32, 32), (True, 32, 16), (True, 80, 48)])
+def test_int8_cache_holds_the_rotated_k_and_v_quantized(neox, head_dim, rope_dim):
+    # head_dim 80: a padded block whose masked dims must not count towards the row's max
+    r = _run(batch=3, num_q_heads=2, num_kv_heads=2, head_dim=head_dim, rope_dim=rope_dim, positions=[0, 9, 22],
+             neox=neox, kv_int8=True)
+    rotated_k = rope_reference(r["k_in"], r["cos"], r["sin"], r["positions"], neox=neox)
+    exact_k = _rotate_as_complex(r["k_in"], r["positions"], rope_dim, neox)
+    for name, rotated, exact in (("k", rotated_k, exact_k), ("v", r["v_in"], r["v_in"].double())):
+        quants, scales = r[f"{name}_quants"].cpu(), r[f"{name}_scales"].cpu()
+        expected_quants, expected_scales = quantize_kv_reference(rotated.cpu())
+        assert (quants.int() - expected_quants.int()).abs().max() <= 1
+        torch.testing.assert_close(scales, expected_scales, rtol=1e-6, atol=0)
+        step = scales.double()[..., None]
+        error = (quants.double() * step - exact.cpu()).abs()
+        assert (error <= 0.5 * step + 1e-6 * exact.abs().amax(dim=-1, keepdim=True).cpu()).all()
+
+
+def test_int8_cache_stores_a_row_of_zeros_as_zero_quants_and_scale():
+    # amax 0: the inverse is taken as 0, not 127 / 0, so neither quants nor scale are NaN
+    k, v = torch.zeros(2, 1, 16, device=DEVICE), torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(1))
+    v = v.to(DEVICE)
+    v[1] = 0.0
+    k_cache = torch.full((1, 1, 4, 16), -128, dtype=torch.int8, device=DEVICE)
+    v_cache = k_cache.clone()
+    k_scale, v_scale = torch.full((1, 1, 4), -1.0, device=DEVICE), torch.full((1, 1, 4), -1.0, device=DEVICE)
+    cos, sin = _tables(4, 16)
+    positions, page_table = torch.tensor([1, 2], dtype=torch.int32), torch.zeros(2, 1, dtype=torch.int32)
+    rope_and_cache_write(torch.zeros(2, 1, 16, device=DEVICE), k, v, cos, sin, positions.to(DEVICE), k_cache,
+                         v_cache, page_table.to(DEVICE), neox=False, k_scale=k_scale, v_scale=v_scale)
+    assert (k_cache[0, 0, 1:3] == 0).all() and (k_scale[0, 0, 1:3] == 0.0).all()
+    assert (v_cache[0, 0, 2] == 0).all() and v_scale[0, 0, 2] == 0.0
+    assert v_scale[0, 0, 1] > 0.0  # the row that is not zero
+
+
 def test_rotation_preserves_relative_position():
     # q_m . k_n depends only on m - n: the property RoPE exists for
     gen = torch.Generator().manual_seed(9)
@@ -144,6 +199,12 @@ def test_rotation_preserves_relative_position():
     assert score(10, 4) != pytest.approx(score(10, 5), rel=1e-3)
 
 
+def _int8_cache(**change):
+    """Arguments of a valid int8 cache of test_rejects_bad_arguments' shapes, with `change` applied."""
+    return dict(k_cache=torch.zeros(4, 2, 4, 16, dtype=torch.int8), v_cache=torch.zeros(4, 2, 4, 16, dtype=torch.int8),
+                k_scale=torch.zeros(4, 2, 4), v_scale=torch.zeros(4, 2, 4)) | change
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(q=torch.zeros(2, 4, 16, dtype=torch.float64)), "q: expected dtype torch.float32"),
     (dict(k=torch.zeros(2, 3, 16)), r"v: expected shape \[2, 3, 16\]"),
@@ -153,6 +214,12 @@ def test_rotation_preserves_relative_position():
     (dict(k_cache=torch.zeros(4, 2, 3, 16, dtype=torch.float16),
           v_cache=torch.zeros(4, 2, 3, 16, dtype=torch.float16)), "page size .* must be a power of two"),
     (dict(v_cache=torch.zeros(4, 2, 4, 16, dtype=torch.float32)), "v_cache: expected dtype torch.float16"),
+    (_int8_cache(k_scale=None, v_scale=None), r"an int8 KV cache needs its scales \(k_scale, v_scale\)"),
+    (_int8_cache(v_scale=None), "an int8 KV cache needs its scales"),
+    (dict(k_scale=torch.zeros(4, 2, 4), v_scale=torch.zeros(4, 2, 4)), "k_scale, v_scale belong to an int8 KV cache"),
+    (_int8_cache(k_scale=torch.zeros(4, 2, 8)), r"k_scale: expected shape \[4, 2, 4\]"),
+    (_int8_cache(v_scale=torch.zeros(4, 2, 4, dtype=torch.float16)), "v_scale: expected dtype torch.float32"),
+    (_int8_cache(v_cache=torch.zeros(4, 2, 4, 16, dtype=torch.float16)), "v_cache: expected dtype torch.int8"),
 ])
 def test_rejects_bad_arguments(bad, message):
     args = dict(q=torch.zeros(2, 4, 16), k=torch.zeros(2, 2, 16), v=torch.zeros(2, 2, 16),
@@ -173,6 +240,17 @@ def test_real_shapes(neox):
     assert _relative_error(r["q"], _rotate_as_complex(r["q_in"], r["positions"], 128, neox)) < 1e-5
     _assert_within_one_f16_ulp(r["cached_k"], _rotate_as_complex(r["k_in"], r["positions"], 128, neox))
     assert torch.equal(r["cached_v"], r["v_in"].half().float())
+
+
+@pytest.mark.gpu
+def test_int8_real_shapes():
+    r = _run(batch=4, num_q_heads=32, num_kv_heads=8, head_dim=128, rope_dim=128, positions=[0, 15, 1000, 4095],
+             neox=True, page_size=16, kv_int8=True)
+    rotated_k = rope_reference(r["k_in"], r["cos"], r["sin"], r["positions"], neox=True)
+    for name, rotated in (("k", rotated_k), ("v", r["v_in"])):
+        expected_quants, expected_scales = quantize_kv_reference(rotated)
+        assert (r[f"{name}_quants"].int() - expected_quants.int()).abs().max() <= 1
+        torch.testing.assert_close(r[f"{name}_scales"], expected_scales, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("num_rows", [0, 2, 5])
@@ -203,3 +281,31 @@ def test_rows_past_num_rows_are_left_alone(num_rows):
         assert torch.equal(v_cache[page, 0, slot].cpu(), v[b, 0].half().cpu())
     untouched = ~written
     assert (k_cache[:, 0].cpu()[untouched] == -5.0).all() and (v_cache[:, 0].cpu()[untouched] == -5.0).all()
+
+
+@pytest.mark.parametrize("num_rows", [0, 2])
+def test_int8_rows_past_num_rows_write_no_quants_and_no_scales(num_rows):
+    # the padding rows read row 0's position: a store they made would land in row 0's slot or its scale
+    gen = torch.Generator().manual_seed(num_rows)
+    batch, page_size = 5, 4
+    q, k, v = (torch.randn(batch, h, 16, generator=gen).to(DEVICE) for h in (2, 1, 1))
+    positions = torch.tensor([1, 6, 1000, 2000, 3000], dtype=torch.int32, device=DEVICE)
+    page_table = torch.tensor([[1, 0, 2]] * batch, dtype=torch.int32, device=DEVICE)
+    caches = [torch.full((3, 1, page_size, 16), -128, dtype=torch.int8, device=DEVICE) for _ in range(2)]
+    scales = [torch.full((3, 1, page_size), -1.0, device=DEVICE) for _ in range(2)]
+    cos, sin = _tables(16, 16)
+    limit = torch.tensor([num_rows], dtype=torch.int32, device=DEVICE)
+    rope_and_cache_write(q, k, v, cos, sin, positions, *caches, page_table, neox=False, num_rows=limit,
+                         k_scale=scales[0], v_scale=scales[1])
+    real = positions[:num_rows]
+    rotated_k = rope_reference(k[:num_rows], cos, sin, real, neox=False)
+    written = torch.zeros(3, page_size, dtype=torch.bool)
+    for cache, scale, x in ((caches[0], scales[0], rotated_k), (caches[1], scales[1], v[:num_rows])):
+        expected_quants, expected_scales = quantize_kv_reference(x.cpu())
+        for b, position in enumerate(real.tolist()):
+            page, slot = int(page_table[b, position // page_size]), position % page_size
+            written[page, slot] = True
+            assert (cache[page, 0, slot].cpu().int() - expected_quants[b, 0].int()).abs().max() <= 1
+            torch.testing.assert_close(scale[page, 0, slot].cpu(), expected_scales[b, 0], rtol=1e-6, atol=0)
+        assert (cache[:, 0].cpu()[~written] == -128).all() and (scale[:, 0].cpu()[~written] == -1.0).all()
+    assert int(written.sum()) == num_rows

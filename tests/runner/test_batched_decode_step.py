@@ -57,3 +57,19 @@ def test_a_batch_of_three_matches_each_sequence_alone_and_the_reference(setup):
         error = ((batched[row] - expected).abs().max() / expected.abs().max()).item()
         assert error < 1e-2 and batched[row].argmax() == expected.argmax()
 
+
+
+def test_an_int8_cache_holds_quants_and_a_scale_per_token_and_head(setup):
+    config = setup[1]
+    f16 = PagedKVCache.allocate(config, 64, 1, torch.device("cpu"))
+    int8 = PagedKVCache.allocate(config, 64, 1, torch.device("cpu"), dtype="int8")
+    assert (f16.dtype, int8.dtype) == ("f16", "int8")
+    assert int8.k.dtype == int8.v.dtype == torch.int8 and int8.k.shape == f16.k.shape
+    assert int8.k_scale.shape == int8.v_scale.shape == f16.k.shape[:-1] and int8.k_scale.dtype == torch.float32
+    row = config.head_dim  # bytes a token and kv head: the quants, then the f32 scale
+    assert int8.nbytes * 2 * row == f16.nbytes * (row + 4)
+    assert f16.scales(0) == {} and int8.scales(1)["v_scale"].data_ptr() == int8.v_scale[1].data_ptr()
+    from replayllm.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match="KV cache type must be one of f16, int8"):
+        PagedKVCache.allocate(config, 64, 1, torch.device("cpu"), dtype="fp8")

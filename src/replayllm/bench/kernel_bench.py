@@ -83,9 +83,12 @@ def _attention_row(backend, context_tokens: int) -> KernelRow:
         def body():
             for i in range(config.num_layers):
                 paged_decode_attention(bufs.q, cache.k[i], cache.v[i], bufs.page_table, bufs.positions,
-                                       config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace)
+                                       config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace,
+                                       **cache.scales(i))
         ms = time_graph_replay(body)
-    kv_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2 * (context_tokens + 1)
+    # a token's keys and values, each head's row and (int8) its f32 scale
+    row_bytes = config.head_dim * cache.k.element_size() + (4 if cache.k_scale is not None else 0)
+    kv_bytes = 2 * config.num_layers * config.num_kv_heads * row_bytes * (context_tokens + 1)
     return KernelRow(f"attention@{context_tokens}", config.num_layers, 1e3 * ms, kv_bytes,
                      kv_bytes / (ms * 1e-3) / 1e9)
 

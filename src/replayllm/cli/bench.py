@@ -69,7 +69,7 @@ def run_bench(args: argparse.Namespace) -> int:
     llm = LLM(args.model, device=args.device, mode=args.mode, progress=not args.quiet,
               max_context=min(max(needed, 16), _model_context(args.model)),
               int8_activations=args.int8_activations, pdl=args.pdl, prefill_chunk=args.prefill_chunk,
-              activations=args.activations, prefill_graphs=args.prefill_graphs)
+              activations=args.activations, prefill_graphs=args.prefill_graphs, kv_cache=args.kv_cache)
     if needed > llm.max_context_tokens:
         raise InvalidParameterError(f"depth + tokens = {needed} exceeds the model's context "
                                     f"({llm.max_context_tokens})")

@@ -68,6 +68,10 @@ def add_decode_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,
                         help="GPU: programmatic dependent launch of the decode kernels (default: on where the GPU "
                              "has it, compute capability 9.0+; same tokens either way)")
+    parser.add_argument("--kv-cache", choices=("f16", "int8"), default="f16",
+                        help="the KV cache's element type: f16 (default) or int8 (about half the bytes: faster "
+                             "decode deep in a long context, at a rounding of keys and values; on the CPU the "
+                             "reference rounds them the same way)")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +92,7 @@ def _load(args: argparse.Namespace):
 
     return LLM(args.model, device=args.device, max_context=args.ctx, mode=args.mode, progress=not args.quiet,
                int8_activations=args.int8_activations, pdl=args.pdl, prefill_chunk=args.prefill_chunk,
-               activations=args.activations, prefill_graphs=args.prefill_graphs)
+               activations=args.activations, prefill_graphs=args.prefill_graphs, kv_cache=args.kv_cache)
 
 
 def run_generate(args: argparse.Namespace) -> int:

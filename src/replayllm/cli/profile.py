@@ -40,7 +40,8 @@ def run_profile(args: argparse.Namespace) -> int:
     rows = []
     for path in args.models:
         llm = LLM(path, device="cuda", mode="graph", progress=not args.quiet, max_context=min(1024, _context(path)),
-                  int8_activations=args.int8_activations, pdl=args.pdl, activations=args.activations)
+                  int8_activations=args.int8_activations, pdl=args.pdl, activations=args.activations,
+                  kv_cache=args.kv_cache)
         try:
             rows += profile_modes(llm, modes, args.n_tokens)
         finally:

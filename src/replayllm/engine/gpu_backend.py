@@ -81,9 +81,10 @@ class GPUBackend(Backend):
     def __init__(self, model_file: ModelFile, max_context_tokens: int, mode: str = "graph",
                  progress: bool = True, device: torch.device | None = None, int8_activations: bool = False,
                  pdl: bool | None = None, prefill_chunk: int | None = None, activations: str | None = None,
-                 prefill_graphs: bool = True):
+                 prefill_graphs: bool = True, kv_cache: str = "f16"):
         """`prefill_chunk`: prompt tokens per prefill pass (already validated, see LLM); None chooses it at load
-        (`_default_prefill_chunk`). `prefill_graphs` (CUDA): capture the prefill passes at load."""
+        (`_default_prefill_chunk`). `prefill_graphs` (CUDA): capture the prefill passes at load. `kv_cache`: the
+        cache's element type, "f16" or "int8" (runner/kv_cache.py)."""
         started = time.perf_counter()
         self.config = config = model_file.config
         self.max_context_tokens = max_context_tokens
@@ -101,7 +102,7 @@ class GPUBackend(Backend):
         # request's end: the cache, rope tables and attention workspace keep that much slack, so those
         # discarded steps stay inside allocated memory and never touch another sequence's pages.
         capacity = max_context_tokens + MAX_STEPS_PER_GRAPH
-        self.cache = PagedKVCache.allocate(config, capacity, 1, self.device)
+        self.cache = PagedKVCache.allocate(config, capacity, 1, self.device, dtype=kv_cache)
         freq_factors = None
         if config.has_rope_freqs:  # Llama 3.x: per-frequency divisors stored as a tensor
             info = model_file.gguf.tensors["rope_freqs.weight"]
@@ -188,6 +189,7 @@ class GPUBackend(Backend):
                 + ("-prefetch" if self.bufs.pdl and self.bufs.prefetch_weights else "")
                 + ("" if self.bufs.fused_attention_merge else "-separate-merge")
                 + ("-rope-in-attention" if self.bufs.rope_in_attention else "")
+                + ("-kv-int8" if self.cache.dtype == "int8" else "")
                 + ("" if self.one_launch_greedy else "-torch-greedy")
                 + ("-default-shapes" if untuned else ""))
 
@@ -260,7 +262,10 @@ class GPUBackend(Backend):
     def set_rope_in_attention(self, enabled: bool) -> None:
         """Experimental: decode attention rotates q and k and writes the new token into the KV cache itself, one
         launch a layer fewer than a rope kernel before it ("-rope-in-attention"). Off by default: measured
-        slower (benchmarks/NOTES.md). Recaptures the current mode's graphs."""
+        slower (benchmarks/NOTES.md). Not with an int8 KV cache (rope_and_cache_write quantizes it). Recaptures
+        the current mode's graphs."""
+        if enabled and self.cache.dtype == "int8":
+            raise InvalidParameterError("rope in the attention launch writes an f16 KV cache only; this one is int8")
         self.bufs.rope_in_attention = bool(enabled)
         self._recapture()
 

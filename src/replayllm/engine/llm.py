@@ -20,6 +20,7 @@ from .stop_strings import StopStringFilter
 
 Prompt = str | Sequence[int]
 DEVICES = ("auto", "cpu", "cuda")
+KV_CACHE_TYPES = ("f16", "int8")  # kernels/kv_cache.KV_CACHE_DTYPES' names (not imported here: it loads Triton)
 DEFAULT_MAX_CONTEXT_TOKENS = 4096
 # Prompt tokens per prefill pass: at least the smallest tuning bucket (and a tensor-core tile); at most what
 # keeps a pass's activations of a large model near a GiB.
@@ -49,15 +50,21 @@ class LLM:
     so that a prompt chunk is one replay instead of a thousand launches from Python; None (default) turns
     it on wherever the device is CUDA, False prefills launch by launch (the same kernels; a chunk padded to its
     bucket may take another GEMM method, so logits agree to the GEMMs' rounding).
+    `kv_cache`: the KV cache's element type, "f16" (default) or "int8" (one scale per token and kv head, about
+    half the bytes: faster decode deep in a context, at a rounding of keys and values; kernels/kv_cache.py). On
+    the CPU, "int8" makes the reference round keys and values the same way: the int8 cache's oracle.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", *,
                  max_context: int | None = None, mode: str = "graph", progress: bool = True,
                  int8_activations: bool = False, pdl: bool | None = None, prefill_chunk: int | None = None,
-                 activations: str | None = None, prefill_graphs: bool | None = None):
+                 activations: str | None = None, prefill_graphs: bool | None = None, kv_cache: str = "f16"):
         if device not in DEVICES:
             raise InvalidParameterError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
         DecodeMode.parse(mode)  # an unknown mode fails before anything loads
+        if kv_cache not in KV_CACHE_TYPES:
+            raise InvalidParameterError(f"kv_cache must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache!r}")
+        self.kv_cache = kv_cache
         check_prefill_chunk(prefill_chunk)
         path = default_model_path(progress=progress) if model is None else model
         self._model_file: ModelFile = open_model_file(path)
@@ -88,12 +95,13 @@ class LLM:
         if self.device == "cpu":  # the reference has no prefill activations to bound: it ignores prefill_chunk
             from .reference_backend import ReferenceBackend
 
-            return ReferenceBackend(self._model_file, self.max_context_tokens, progress=progress)
+            return ReferenceBackend(self._model_file, self.max_context_tokens, progress=progress,
+                                    kv_cache=self.kv_cache)
         from .gpu_backend import GPUBackend
 
         return GPUBackend(self._model_file, self.max_context_tokens, mode=mode, progress=progress,
                           int8_activations=int8_activations, pdl=pdl, prefill_chunk=prefill_chunk,
-                          activations=activations, prefill_graphs=prefill_graphs)
+                          activations=activations, prefill_graphs=prefill_graphs, kv_cache=self.kv_cache)
 
     @property
     def model_file(self) -> ModelFile:

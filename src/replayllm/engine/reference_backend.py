@@ -22,9 +22,17 @@ from .model_file import ModelFile
 class ReferenceBackend(Backend):
 
     def __init__(self, model_file: ModelFile, max_context_tokens: int, progress: bool = True,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", kv_cache: str = "f16"):
+        """kv_cache "int8": keys and values go through the int8 KV cache's rounding as they are stored (the
+        reference of the GPU path with that cache); "f16" (the default): kept in f32, unrounded."""
         self.device = torch.device(device)
-        self.name = "cpu" if self.device.type == "cpu" else f"reference-{self.device.type}"
+        self.name = ("cpu" if self.device.type == "cpu" else f"reference-{self.device.type}") \
+            + ("-kv-int8" if kv_cache == "int8" else "")
+        self._kv_rounding = None
+        if kv_cache == "int8":
+            from ..kernels.kv_cache import round_trip_kv_reference
+
+            self._kv_rounding = round_trip_kv_reference
         self.config = model_file.config
         self.max_context_tokens = max_context_tokens
         gguf_file = model_file.gguf
@@ -51,7 +59,7 @@ class ReferenceBackend(Backend):
 
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
-        cache = self.model.new_kv_cache(len(token_ids))
+        cache = self.model.new_kv_cache(len(token_ids), self._kv_rounding)
         return self.model(torch.tensor(token_ids, dtype=torch.long, device=self.device), 0, cache).cpu()
 
     def int8_reference_logits(self, token_ids: list[int], first_row: int = 0) -> torch.Tensor:
@@ -82,7 +90,7 @@ class ReferenceBackend(Backend):
 
     @torch.inference_mode()
     def prefill_only(self, token_ids: list[int], chunk_tokens: int) -> None:
-        cache = self.model.new_kv_cache(len(token_ids))
+        cache = self.model.new_kv_cache(len(token_ids), self._kv_rounding)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         for start in range(0, len(token_ids), chunk_tokens):
             self.model(ids[start:start + chunk_tokens], start, cache)
@@ -90,7 +98,7 @@ class ReferenceBackend(Backend):
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: list[int], params: SamplingParams, seed: int,
                      max_new_tokens: int) -> Iterator[int]:
-        cache = self.model.new_kv_cache(len(prompt_ids) + max_new_tokens)
+        cache = self.model.new_kv_cache(len(prompt_ids) + max_new_tokens, self._kv_rounding)
         state = SamplerState.create(1, self.config.vocab_size, self.device)
         state.set_row(0, params, seed, prompt_ids)
         draw = sampler_for(params.is_greedy)  # the same tokens; greedy skips the sort

@@ -1,4 +1,4 @@
-"""Decode attention over the paged f16 KV cache: one query token per sequence, split over the sequence.
+"""Decode attention over the paged KV cache (f16 or int8): one query token per sequence, split over the sequence.
 
 "Flash decoding": the sequence is cut into splits of `split_tokens` tokens; program (b, kv_head, split) reads
 each K/V tile of its split once for all q heads of the kv head's group (GQA) and keeps an online softmax in
@@ -23,14 +23,23 @@ rope_and_cache_write's work: every program rotates q as it loads it, and the pro
 position rotates the new k and writes it and v into the cache, then meets its block at a barrier before
 reading its tiles, that token among them.
 
+An int8 cache (kernels/kv_cache.py) has one scale per (token, kv head) row, so a token's scale factors out of
+everything the kernel computes from that token: its score is (q . k_int8[t]) * k_scale[t] and its share of the
+output p[t] * v_scale[t] * v_int8[t]. The kernel therefore multiplies each column of scores by its k scale and
+each probability by its v scale before the V product (the softmax sum keeps the plain probabilities): two
+multiplies per token instead of one per element, and the tiles go into the products as int8 values converted
+to f16, which is exact (|q| <= 127). The cache is written by kernels/rope.rope_and_cache_write (`new_token`
+writes f16 only).
+
 Scores are kept in log2 units (multiplied by scale * log2(e)), so the kernels exponentiate with exp2.
 
-Precision: both products run on f16 tensor cores yet keep f32 accuracy. K and V are f16 already; the f32
-operand (q, then the probabilities p) is split as x = hi + lo / 2048 with hi = f16(x) and
-lo = f16((x - hi) * 2048), and x @ K = hi @ K + (lo @ K) / 2048 with f32 accumulation: f16 x f16 products are
-exact in f32, and the split leaves an error of about 2^-22 |x|. (A plain f16 q would cost ~5e-4 relative, TF32
-~1e-3; an f32 FMA dot spills registers at head_dim 128 and runs 5-30x slower.) q must stay below 65504 in
-magnitude, the f16 range.
+Precision: both products run on f16 tensor cores yet keep f32 accuracy. K and V are f16 already, or int8
+values, which f16 holds exactly; the f32 operand (q, then the probabilities p, times the v scales with an int8
+cache) is split as x = hi + lo / 2048 with hi = f16(x) and lo = f16((x - hi) * 2048), and
+x @ K = hi @ K + (lo @ K) / 2048 with f32 accumulation: f16 x f16 products are exact in f32, and the split
+leaves an error of about 2^-22 |x|, so the result is as close to an int8 cache's dequantized values as to an
+f16 cache's. (A plain f16 q would cost ~5e-4 relative, TF32 ~1e-3; an f32 FMA dot spills registers at head_dim
+128 and runs 5-30x slower.) q must stay below 65504 in magnitude, the f16 range.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ from ._tensor_checks import check_same_device, check_tensor, next_power_of_2, un
 from .int8_activations import (ACTIVATION_BLOCK, QuantizedActivations, _quantize_blocks, _store_quantized_row,
                                check_activation_q8, q8_launch_args, q8_tensors)
 from ._last_program import _count_in
-from .kv_cache import check_paged_cache, gather_paged_cache_reference
+from .kv_cache import check_paged_cache, gather_paged_cache_reference, scale_launch_args
 from .pdl import _pdl_wait, launch_options
 from .rope import _load_rotated
 
@@ -60,18 +69,19 @@ MAX_TILE_ELEMENTS = 8192  # one K or V tile [tokens, Dh] in registers: 64 x 128,
 
 @triton.jit
 def _paged_decode_attention_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, positions_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
-        q_row_stride, q_head_stride, page_table_row_stride, qk_scale_log2,
+        q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, page_table_ptr, positions_ptr, part_max_ptr,
+        part_sum_ptr, part_acc_ptr, q_row_stride, q_head_stride, page_table_row_stride, qk_scale_log2,
         counter_ptr, out_ptr, out_row_stride, out_head_stride, oq_ptr, oq_scale_ptr, oq_sum_ptr, oq_row_stride,
         oq_scale_row_stride, new_k_ptr, new_v_ptr, new_k_row_stride, new_k_head_stride, new_v_row_stride,
         new_v_head_stride, cos_ptr, sin_ptr, rope_row_stride,
         NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
         SPLIT_TOKENS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_N: tl.constexpr, EARLY_V: tl.constexpr, FUSED_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
-        MERGE_BLOCK_D: tl.constexpr, QUANTIZE: tl.constexpr, ROPE: tl.constexpr, NEOX: tl.constexpr,
-        HALF_ROPE: tl.constexpr, USE_FENCE: tl.constexpr, USE_PDL: tl.constexpr):
+        BLOCK_N: tl.constexpr, KV_INT8: tl.constexpr, EARLY_V: tl.constexpr, FUSED_MERGE: tl.constexpr,
+        BLOCK_S: tl.constexpr, MERGE_BLOCK_D: tl.constexpr, QUANTIZE: tl.constexpr, ROPE: tl.constexpr,
+        NEOX: tl.constexpr, HALF_ROPE: tl.constexpr, USE_FENCE: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_wait(USE_PDL)
-    # q: [B, Hq, Dh] f32; k_cache, v_cache: [pages, Hkv, PAGE_SIZE, Dh] f16; page_table: [B, max_pages] int32
+    # q: [B, Hq, Dh] f32; k_cache, v_cache: [pages, Hkv, PAGE_SIZE, Dh] f16, or int8 (KV_INT8) with k_scale,
+    # v_scale [pages, Hkv, PAGE_SIZE] f32 (else not read); page_table: [B, max_pages] int32
     # part_max, part_sum: [B_ws, Hq, NUM_SPLITS] f32; part_acc: [B_ws, Hq, NUM_SPLITS, Dh] f32 (B_ws >= B)
     # ROPE: q is not yet rotated; new_k, new_v [B, Hkv, Dh] f32 are the new token's (k unrotated), cos, sin
     # [max_ctx, HALF_ROPE] f32 the rope tables; the token goes into the cache at position seq_len - 1.
@@ -119,13 +129,24 @@ def _paged_decode_attention_kernel(
             tokens = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]; the first is always < end
             token_mask = tokens < end
             pages = tl.load(page_row + tokens // PAGE_SIZE, mask=token_mask, other=0).to(tl.int64)
-            token_rows = ((pages * NUM_KV_HEADS + kv_head) * PAGE_SIZE + tokens % PAGE_SIZE) * HEAD_DIM
+            token_slots = (pages * NUM_KV_HEADS + kv_head) * PAGE_SIZE + tokens % PAGE_SIZE  # the scales' index
+            token_rows = token_slots * HEAD_DIM
             kv_offsets = token_rows[:, None] + dims[None, :]  # [BLOCK_N, BLOCK_D]
             kv_mask = token_mask[:, None] & dim_mask[None, :]
             k_t = tl.trans(tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0))  # [BLOCK_D, BLOCK_N]
+            if KV_INT8:  # int8 values are exact in f16 (|q| <= 127); the scales load beside the tile
+                k_t = k_t.to(tl.float16)
+                k_scale = tl.load(k_scale_ptr + token_slots, mask=token_mask, other=0.0)  # [BLOCK_N]
             if EARLY_V:  # issued before the scores need K: V's round trip to memory overlaps K's (module docstring)
-                v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D] f16
-            scores = (tl.dot(q_hi, k_t) + tl.dot(q_lo, k_t) * (1.0 / 2048.0)) * qk_scale_log2  # [BLOCK_G, BLOCK_N]
+                v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+                if KV_INT8:
+                    v = v.to(tl.float16)
+                    v_scale = tl.load(v_scale_ptr + token_slots, mask=token_mask, other=0.0)  # [BLOCK_N]
+            dots = tl.dot(q_hi, k_t) + tl.dot(q_lo, k_t) * (1.0 / 2048.0)  # [BLOCK_G, BLOCK_N]
+            if KV_INT8:
+                scores = dots * (k_scale * qk_scale_log2)[None, :]
+            else:
+                scores = dots * qk_scale_log2
             scores = tl.where(token_mask[None, :], scores, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(scores, axis=1))
             correction = tl.exp2(running_max - new_max)  # exp2(-inf) = 0 on the first tile
@@ -133,8 +154,15 @@ def _paged_decode_attention_kernel(
             running_sum = running_sum * correction + tl.sum(probs, axis=1)
             if not EARLY_V:
                 v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-            p_hi = probs.to(tl.float16)
-            p_lo = ((probs - p_hi.to(tl.float32)) * 2048.0).to(tl.float16)
+                if KV_INT8:
+                    v = v.to(tl.float16)
+                    v_scale = tl.load(v_scale_ptr + token_slots, mask=token_mask, other=0.0)
+            if KV_INT8:  # each token's v scale goes on its probability (module docstring)
+                weights = probs * v_scale[None, :]
+            else:
+                weights = probs
+            p_hi = weights.to(tl.float16)
+            p_lo = ((weights - p_hi.to(tl.float32)) * 2048.0).to(tl.float16)
             acc = acc * correction[:, None] + tl.dot(p_hi, v) + tl.dot(p_lo, v) * (1.0 / 2048.0)
             running_max = new_max
         if FUSED_MERGE:
@@ -341,22 +369,25 @@ class NewToken:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            page_table: torch.Tensor, positions: torch.Tensor, scale: float, out: torch.Tensor,
-                           workspace: DecodeAttentionWorkspace, *, out_q8: QuantizedActivations | None = None,
+                           workspace: DecodeAttentionWorkspace, *, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None, out_q8: QuantizedActivations | None = None,
                            pdl: bool = False, block_n: int | None = None, num_warps: int = 4,
                            early_v: bool = False, fused_merge: bool = False,
                            new_token: NewToken | None = None) -> torch.Tensor:
     """out [B, Hq, Dh] f32 = softmax(scale * q k^T) v over tokens 0..positions[b] of each sequence b.
 
-    q [B, Hq, Dh] f32 (rotated); k_cache, v_cache [pages, Hkv, page_size, Dh] f16 with Hq % Hkv == 0;
-    page_table [B, max_pages] int32; positions [B] int32. With `out_q8` (Dh a multiple of 32), the merge also
-    writes out, viewed as [B, Hq * Dh], quantized (int8 or 16-bit) in blocks of 32, as quantize_activations would.
-    `block_n` (tokens a tile; None: the largest that fits, up to 64), `num_warps` and `early_v` (V's tile loaded
-    beside K's, not after the softmax) are the split kernel's launch shape, for tuning. With `fused_merge` the
-    last split of each (sequence, kv head) to finish merges the splits itself (one launch instead of two; the
-    workspace must have its counters, as `create` makes it); a sequence of one split then writes its result
-    straight away. With `new_token`, q is taken unrotated: the kernel rotates q, and the program whose split
-    holds position positions[b] rotates the new k and writes it and v into the cache before reading its tiles
-    (one launch instead of rope_and_cache_write's and this one; q itself is left as it is). Returns `out`."""
+    q [B, Hq, Dh] f32 (rotated); k_cache, v_cache [pages, Hkv, page_size, Dh] f16 with Hq % Hkv == 0, or int8
+    with their scales k_scale, v_scale [pages, Hkv, page_size] f32 (kernels/kv_cache.py; the result is then over
+    the dequantized values); page_table [B, max_pages] int32; positions [B] int32. With `out_q8` (Dh a multiple
+    of 32), the merge also writes out, viewed as [B, Hq * Dh], quantized (int8 or 16-bit) in blocks of 32, as
+    quantize_activations would. `block_n` (tokens a tile; None: the largest that fits, up to 64), `num_warps` and
+    `early_v` (V's tile loaded beside K's, not after the softmax) are the split kernel's launch shape, for tuning.
+    With `fused_merge` the last split of each (sequence, kv head) to finish merges the splits itself (one launch
+    instead of two; the workspace must have its counters, as `create` makes it); a sequence of one split then
+    writes its result straight away. With `new_token` (f16 caches only), q is taken unrotated: the kernel rotates
+    q, and the program whose split holds position positions[b] rotates the new k and writes it and v into the
+    cache before reading its tiles (one launch instead of rope_and_cache_write's and this one; q itself is left
+    as it is). Returns `out`."""
     check_tensor("q", q, torch.float32, (None, None, None), layout="rows")
     batch, num_q_heads, head_dim = q.shape
     check_tensor("out", out, torch.float32, (batch, num_q_heads, head_dim), layout="rows")
@@ -364,7 +395,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_kv_heads < 1 or num_q_heads % num_kv_heads:
         raise ValueError(f"q heads ({num_q_heads}) must be a multiple of the cache's kv heads "
                          f"(k_cache shape {list(k_cache.shape)})")
-    page_size = check_paged_cache(k_cache, v_cache, page_table, positions, batch, num_kv_heads, head_dim)
+    page_size = check_paged_cache(k_cache, v_cache, page_table, positions, batch, num_kv_heads, head_dim,
+                                  k_scale, v_scale)
+    kv_int8 = k_cache.dtype == torch.int8
     ws = workspace
     if ws.part_acc.shape[0] < batch or ws.part_acc.shape[1:] != (num_q_heads, ws.num_splits, head_dim):
         raise ValueError(f"workspace shaped {list(ws.part_acc.shape)} (batch, Hq, splits, Dh) does not fit q "
@@ -380,9 +413,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             raise ValueError(f"out_q8: the quantized copy is made per head and needs head_dim a multiple of "
                              f"{ACTIVATION_BLOCK}, got {head_dim}")
         check_activation_q8("out_q8", out_q8, batch, num_q_heads * head_dim)
+    scales = dict(k_scale=k_scale, v_scale=v_scale) if kv_int8 else {}
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, positions=positions, out=out,
-                      workspace=ws.part_acc, **q8_tensors("out_q8", out_q8))
+                      workspace=ws.part_acc, **scales, **q8_tensors("out_q8", out_q8))
     if new_token is not None:
+        if kv_int8:
+            raise ValueError("new_token writes the new k and v as f16 and cannot fill an int8 KV cache; write them "
+                             "with kernels/rope.rope_and_cache_write and call without new_token")
         new_token.check(batch, num_kv_heads, head_dim)
         check_same_device(q=q, new_k=new_token.k, new_v=new_token.v, cos=new_token.cos, sin=new_token.sin)
         rope_args = new_token.launch_args()
@@ -405,12 +442,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     merge_shape = dict(BLOCK_S=min(16, next_power_of_2(ws.num_splits)), MERGE_BLOCK_D=max(block_d, ACTIVATION_BLOCK),
                        QUANTIZE=out_q8 is not None)
     _paged_decode_attention_kernel[(batch * num_kv_heads, ws.num_splits)](
-        q, k_cache, v_cache, page_table, positions, ws.part_max, ws.part_sum, ws.part_acc,
-        q.stride(0), q.stride(1), page_table.stride(0), float(scale) * math.log2(math.e),
+        q, k_cache, v_cache, *scale_launch_args(k_cache, k_scale, v_scale), page_table, positions, ws.part_max,
+        ws.part_sum, ws.part_acc, q.stride(0), q.stride(1), page_table.stride(0), float(scale) * math.log2(math.e),
         ws.counters if fused_merge else positions, out, out.stride(0), out.stride(1), *out_q, *rope_args,
         NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits, BLOCK_G=max(16, next_power_of_2(group_size)),
-        BLOCK_D=block_d, BLOCK_N=block_n, EARLY_V=bool(early_v), FUSED_MERGE=bool(fused_merge),
+        BLOCK_D=block_d, BLOCK_N=block_n, KV_INT8=kv_int8, EARLY_V=bool(early_v), FUSED_MERGE=bool(fused_merge),
         ROPE=new_token is not None, NEOX=bool(new_token is not None and new_token.neox),
         HALF_ROPE=new_token.cos.shape[1] if new_token is not None else 1,
         USE_FENCE=not under_interpreter(), num_warps=num_warps, **merge_shape,
@@ -425,14 +462,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                     page_table: torch.Tensor, positions: torch.Tensor,
-                                     scale: float) -> torch.Tensor:
-    """Dense softmax(scale * q k^T) v per sequence over its gathered cache, in float64; returns f32 [B, Hq, Dh]."""
+                                     page_table: torch.Tensor, positions: torch.Tensor, scale: float,
+                                     k_scale: torch.Tensor | None = None,
+                                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense softmax(scale * q k^T) v per sequence over its gathered cache (an int8 one dequantized with k_scale,
+    v_scale), in float64; returns f32 [B, Hq, Dh]."""
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     group_size = q.shape[1] // k_cache.shape[1]
     for b, position in enumerate(positions.tolist()):
-        k = gather_paged_cache_reference(k_cache, page_table[b], position + 1).double()  # [Hkv, T, Dh]
-        v = gather_paged_cache_reference(v_cache, page_table[b], position + 1).double()
+        k = gather_paged_cache_reference(k_cache, page_table[b], position + 1, k_scale).double()  # [Hkv, T, Dh]
+        v = gather_paged_cache_reference(v_cache, page_table[b], position + 1, v_scale).double()
         k, v = k.repeat_interleave(group_size, dim=0), v.repeat_interleave(group_size, dim=0)  # [Hq, T, Dh]
         scores = torch.einsum("hd,htd->ht", q[b].double(), k) * scale
         out[b] = torch.einsum("ht,htd->hd", scores.softmax(dim=-1), v).float()

@@ -1,4 +1,4 @@
-"""Causal (flash) attention for one prefill chunk of one sequence, reading K and V from the paged f16 KV cache.
+"""Causal (flash) attention for one prefill chunk of one sequence, reading K and V from the paged KV cache.
 
 The chunk's queries are positions start .. start+T-1; the rope kernel has already written their keys and
 values, so query t attends to cached keys 0 .. start+t (a later chunk sees everything cached before it).
@@ -18,6 +18,14 @@ Prefill is compute-bound, so the hi/lo split that keeps decode attention at f32 
 tensor-core work here.
 q * scale * log2(e) must stay below 65504 in magnitude, the f16 range.
 
+An int8 cache (kv_cache.py: one f32 scale per (token, kv head) row) runs the same f16 products on its quants,
+converted exactly (|q| <= 127). A key's scale multiplies its column of scores (f32, after the product). A
+value's scale, divided by the tile's largest, multiplies its column of probabilities before they are rounded
+to f16 for the P @ V product, and the tile's largest multiplies that product: the weights stay in the
+probabilities' range, where p * scale itself would fall below f16's normal range (6e-5) for small values
+(1.4e-2 off at scales of 2e-5 over 2048 keys, against 2.6e-4 so). The softmax sum takes the probabilities
+themselves. Against a reference that dequantizes the cache the error is that of the f16 path.
+
 The chunk's span (start, number of real queries) is either two host integers or an int32 [2] tensor read on
 the device. The second lets one CUDA graph serve every chunk up to its size (runner/prefill_graph): q has as
 many rows as the graph's bucket, rows past the span's count are padding, never written, and their query blocks
@@ -33,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
-from .kv_cache import gather_paged_cache_reference
+from .kv_cache import check_cache_pair, gather_paged_cache_reference, scale_launch_args
 
 DEFAULT_BLOCK_M = 64
 DEFAULT_BLOCK_N = 64
@@ -44,20 +52,22 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # head dims below 16 or not a power of two
 
 
 @triton.jit
-def _attend_tile(q, acc, running_max, running_sum, k_cache_ptr, v_cache_ptr, page_table_ptr, tile_start,
-                 kv_len, kv_head, query_pos, dims,
+def _attend_tile(q, acc, running_max, running_sum, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                 page_table_ptr, tile_start, kv_len, kv_head, query_pos, dims,
                  NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL_MASK: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL_MASK: tl.constexpr, KV_INT8: tl.constexpr):
     # q: [BLOCK_M, BLOCK_D] f16, pre-scaled; acc: [BLOCK_M, BLOCK_D] f32; running_*: [BLOCK_M] f32
     # BLOCK_D > HEAD_DIM pads a head dim that is not a power of two with zeros (masked loads).
     # CAUSAL_MASK False: the caller guarantees every key of the tile is <= every query position (and < kv_len).
+    # KV_INT8: k, v are int8 quants, each token row's scale at the row's index in k_scale, v_scale.
     keys = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N] positions
     if CAUSAL_MASK:
         key_mask = keys < kv_len
         pages = tl.load(page_table_ptr + keys // PAGE_SIZE, mask=key_mask, other=0).to(tl.int64)
     else:
         pages = tl.load(page_table_ptr + keys // PAGE_SIZE).to(tl.int64)
-    token_rows = ((pages * NUM_KV_HEADS + kv_head) * PAGE_SIZE + keys % PAGE_SIZE) * HEAD_DIM
+    cache_rows = (pages * NUM_KV_HEADS + kv_head) * PAGE_SIZE + keys % PAGE_SIZE  # [BLOCK_N] the scales' index
+    token_rows = cache_rows * HEAD_DIM
     kv_offsets = token_rows[:, None] + dims[None, :]  # [BLOCK_N, BLOCK_D]
     if CAUSAL_MASK:
         kv_mask = key_mask[:, None] & (dims < HEAD_DIM)[None, :]
@@ -69,7 +79,17 @@ def _attend_tile(q, acc, running_max, running_sum, k_cache_ptr, v_cache_ptr, pag
     else:
         k = tl.load(k_cache_ptr + kv_offsets)
         v = tl.load(v_cache_ptr + kv_offsets)
-    scores = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] f32, log2 units
+    if KV_INT8:
+        # keys past kv_len get scale 0 (their quants load as 0 too): finite, and masked below
+        if CAUSAL_MASK:
+            k_scale = tl.load(k_scale_ptr + cache_rows, mask=key_mask, other=0.0)  # [BLOCK_N] f32
+            v_scale = tl.load(v_scale_ptr + cache_rows, mask=key_mask, other=0.0)
+        else:
+            k_scale = tl.load(k_scale_ptr + cache_rows)
+            v_scale = tl.load(v_scale_ptr + cache_rows)
+        scores = tl.dot(q, tl.trans(k.to(tl.float16))) * k_scale[None, :]  # [BLOCK_M, BLOCK_N] f32, log2 units
+    else:
+        scores = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] f32, log2 units
     if CAUSAL_MASK:
         # keys >= kv_len are above every real query's position, so this masks them too
         scores = tl.where(keys[None, :] <= query_pos[:, None], scores, float("-inf"))
@@ -79,18 +99,27 @@ def _attend_tile(q, acc, running_max, running_sum, k_cache_ptr, v_cache_ptr, pag
     correction = tl.exp2(running_max - new_max)  # exp2(-inf) = 0 on the first tile
     probs = tl.exp2(scores - new_max[:, None])
     running_sum = running_sum * correction + tl.sum(probs, axis=1)
-    acc = acc * correction[:, None] + tl.dot(probs.to(tl.float16), v)
+    if KV_INT8:
+        # each value's scale relative to the tile's largest, so that the f16 weights keep the probabilities' range
+        # (see the module docstring)
+        v_scale_max = tl.maximum(tl.max(v_scale, axis=0), 1e-30)
+        weights = probs * (v_scale * (1.0 / v_scale_max))[None, :]  # [BLOCK_M, BLOCK_N]
+        acc = acc * correction[:, None] + tl.dot(weights.to(tl.float16), v.to(tl.float16)) * v_scale_max
+    else:
+        acc = acc * correction[:, None] + tl.dot(probs.to(tl.float16), v)
     return acc, new_max, running_sum
 
 
 @triton.jit
 def _paged_prefill_attention_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, out_ptr, start, num_tokens, span_ptr,
-        q_row_stride, q_head_stride, out_row_stride, out_head_stride, qk_scale_log2,
+        q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, page_table_ptr, out_ptr, start, num_tokens,
+        span_ptr, q_row_stride, q_head_stride, out_row_stride, out_head_stride, qk_scale_log2,
         NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPAN_ON_DEVICE: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPAN_ON_DEVICE: tl.constexpr,
+        KV_INT8: tl.constexpr):
     # q: [T, Hq, HEAD_DIM] f32 (rotated); out: [T, Hq, HEAD_DIM] f32; page_table: [max_pages] int32
-    # k_cache, v_cache: [pages, Hkv, PAGE_SIZE, HEAD_DIM] f16; grid (cdiv(T, BLOCK_M), Hq)
+    # k_cache, v_cache: [pages, Hkv, PAGE_SIZE, HEAD_DIM] f16, or int8 (KV_INT8) with k_scale, v_scale
+    # [pages, Hkv, PAGE_SIZE] f32 (not read otherwise); grid (cdiv(T, BLOCK_M), Hq)
     # SPAN_ON_DEVICE: start and num_tokens (<= T) are span_ptr[0], span_ptr[1] (int32), not the arguments.
     if SPAN_ON_DEVICE:
         start = tl.load(span_ptr)
@@ -121,12 +150,14 @@ def _paged_prefill_attention_kernel(
         unmasked_end = tl.minimum(unmasked_end, end)
     for tile_start in range(0, unmasked_end, BLOCK_N):
         acc, running_max, running_sum = _attend_tile(
-            q, acc, running_max, running_sum, k_cache_ptr, v_cache_ptr, page_table_ptr, tile_start, kv_len,
-            kv_head, query_pos, dims, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, BLOCK_N, BLOCK_D, False)
+            q, acc, running_max, running_sum, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, page_table_ptr,
+            tile_start, kv_len, kv_head, query_pos, dims, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, BLOCK_N, BLOCK_D,
+            False, KV_INT8)
     for tile_start in range(unmasked_end, end, BLOCK_N):
         acc, running_max, running_sum = _attend_tile(
-            q, acc, running_max, running_sum, k_cache_ptr, v_cache_ptr, page_table_ptr, tile_start, kv_len,
-            kv_head, query_pos, dims, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, BLOCK_N, BLOCK_D, True)
+            q, acc, running_max, running_sum, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, page_table_ptr,
+            tile_start, kv_len, kv_head, query_pos, dims, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, BLOCK_N, BLOCK_D,
+            True, KV_INT8)
     out = acc / running_sum[:, None]
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * out_row_stride + head * out_head_stride + dims[None, :]
     tl.store(out_ptrs, out, mask=io_mask)
@@ -138,7 +169,8 @@ def _check_block(name: str, value: int) -> None:
 
 
 def _check_arguments(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table_row: torch.Tensor,
-                     start: int | torch.Tensor, out: torch.Tensor) -> None:
+                     start: int | torch.Tensor, out: torch.Tensor, k_scale: torch.Tensor | None,
+                     v_scale: torch.Tensor | None) -> None:
     check_tensor("q", q, torch.float32, (None, None, None), layout="rows")
     num_tokens, num_q_heads, head_dim = q.shape
     if num_tokens < 1:
@@ -147,14 +179,11 @@ def _check_arguments(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"head_dim {head_dim} is not supported by the prefill attention kernel; "
                          f"supported: 1..{MAX_HEAD_DIM}")
     check_tensor("out", out, torch.float32, tuple(q.shape), layout="rows")
-    check_tensor("k_cache", k_cache, torch.float16, (None, None, None, head_dim))
-    check_tensor("v_cache", v_cache, torch.float16, tuple(k_cache.shape))
+    check_cache_pair(k_cache, v_cache, None, head_dim, k_scale, v_scale)  # f16, or int8 with its scales
     num_kv_heads, page_size = k_cache.shape[1], k_cache.shape[2]
     if num_kv_heads < 1 or num_q_heads % num_kv_heads:
         raise ValueError(f"q heads ({num_q_heads}) must be a multiple of the cache's kv heads "
                          f"(k_cache shape {list(k_cache.shape)})")
-    if page_size < 1 or page_size & (page_size - 1):
-        raise ValueError(f"k_cache: page size (dim 2) must be a power of two, got {page_size}")
     check_tensor("page_table_row", page_table_row, torch.int32, (None,))
     if isinstance(start, torch.Tensor):  # a span read on the device: the caller guarantees its bounds
         check_tensor("span", start, torch.int32, (2,))
@@ -167,25 +196,29 @@ def _check_arguments(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                          f"{capacity} tokens that page_table_row ({page_table_row.numel()} pages of {page_size}) "
                          f"covers")
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, page_table_row=page_table_row, out=out)
+    if k_scale is not None:
+        check_same_device(q=q, k_scale=k_scale, v_scale=v_scale)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             page_table_row: torch.Tensor, start: int | torch.Tensor, out: torch.Tensor,
                             scale: float | None = None,
                             *, block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N,
-                            num_warps: int = DEFAULT_NUM_WARPS) -> torch.Tensor:
+                            num_warps: int = DEFAULT_NUM_WARPS, k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """out[t] = softmax(scale * q[t] K^T) V over cached positions 0..start+t of one sequence; returns `out`.
 
     q [T, Hq, Dh] f32 (rotated; queries of positions start..start+T-1; last-dim stride 1);
-    k_cache, v_cache [pages, Hkv, page_size, Dh] f16 contiguous (one layer), already holding positions
-    0..start+T-1; page_table_row [max_pages] int32; out [T, Hq, Dh] f32 (last-dim stride 1).
+    k_cache, v_cache [pages, Hkv, page_size, Dh] contiguous (one layer), already holding positions
+    0..start+T-1: f16, or int8 with their scales k_scale, v_scale [pages, Hkv, page_size] f32 (kv_cache.py);
+    page_table_row [max_pages] int32; out [T, Hq, Dh] f32 (last-dim stride 1).
     q head h reads kv head h // (Hq // Hkv). scale None: Dh ** -0.5. Dh: up to 256 (a power of two runs without
     padding).
     `start` may instead be an int32 [2] device tensor (start, n) with n <= T: the queries are q[:n] at positions
     start..start+n-1, and out[n:] is left as it was. Its values are read on the device only, so the launch is
     the same for every span (capturable in a CUDA graph): the caller guarantees start + n is covered.
     The page table is read on the device only: the caller guarantees the pages it names are in range."""
-    _check_arguments(q, k_cache, v_cache, page_table_row, start, out)
+    _check_arguments(q, k_cache, v_cache, page_table_row, start, out, k_scale, v_scale)
     _check_block("block_m", block_m)
     _check_block("block_n", block_n)
     if num_warps not in (1, 2, 4, 8, 16):
@@ -196,26 +229,30 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         scale = head_dim ** -0.5
     span = start if isinstance(start, torch.Tensor) else None
     _paged_prefill_attention_kernel[(triton.cdiv(num_tokens, block_m), num_q_heads)](
-        q, k_cache, v_cache, page_table_row, out, 0 if span is not None else start, num_tokens, span,
+        q, k_cache, v_cache, *scale_launch_args(k_cache, k_scale, v_scale), page_table_row, out,
+        0 if span is not None else start, num_tokens, span,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), float(scale) * math.log2(math.e),
         NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=num_q_heads // num_kv_heads, HEAD_DIM=head_dim,
         PAGE_SIZE=k_cache.shape[2], BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(MIN_HEAD_DIM, next_power_of_2(head_dim)), SPAN_ON_DEVICE=span is not None,
-        num_warps=num_warps)
+        KV_INT8=k_cache.dtype == torch.int8, num_warps=num_warps)
     return out
 
 
 def paged_prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                      page_table_row: torch.Tensor, start: int,
-                                      scale: float | None = None) -> torch.Tensor:
-    """Dense causal softmax(scale * q k^T) v over the gathered cache, in float64; returns f32 [T, Hq, Dh]."""
+                                      page_table_row: torch.Tensor, start: int, scale: float | None = None,
+                                      *, k_scale: torch.Tensor | None = None,
+                                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense causal softmax(scale * q k^T) v over the gathered cache (an int8 one dequantized with k_scale,
+    v_scale), in float64; returns f32 [T, Hq, Dh]."""
     num_tokens, num_q_heads, head_dim = q.shape
     if scale is None:
         scale = head_dim ** -0.5
     kv_len = start + num_tokens
     group_size = num_q_heads // k_cache.shape[1]
-    k, v = (gather_paged_cache_reference(cache, page_table_row, kv_len).double().repeat_interleave(group_size, 0)
-            for cache in (k_cache, v_cache))  # [Hq, kv_len, Dh]
+    k, v = (gather_paged_cache_reference(cache, page_table_row, kv_len, cache_scale).double()
+            .repeat_interleave(group_size, 0)
+            for cache, cache_scale in ((k_cache, k_scale), (v_cache, v_scale)))  # [Hq, kv_len, Dh]
     scores = torch.einsum("thd,hkd->htk", q.double(), k) * scale  # [Hq, T, kv_len]
     query_pos = start + torch.arange(num_tokens, device=q.device)
     visible = torch.arange(kv_len, device=q.device)[None, :] <= query_pos[:, None]  # [T, kv_len]

@@ -1,4 +1,4 @@
-"""Rotary position embedding of q and k, fused with writing k and v into the paged f16 KV cache.
+"""Rotary position embedding of q and k, fused with writing k and v into the paged KV cache (f16 or int8).
 
 Two pairings of the rotated dimensions exist, and the GGUF file decides which (see docs/architecture.md):
 - normal (GGUF llama): pairs (x[2i], x[2i+1]),
@@ -10,6 +10,10 @@ Each program handles one head of one batch row. q is rotated in place: each thre
 pairs and stores exactly those, so no thread reads what another writes. k goes to the cache, elsewhere, so it
 is rotated by `_load_rotated`, each element loaded with its partner (decode attention's opt-in rope uses it
 too).
+
+An int8 cache (kv_cache.py) gets each rotated k row and each v row quantized as it is stored, with the row's
+f32 scale: one (token, kv head) row is one program's, so its max is a reduction within the program. Both
+divisions are IEEE-rounded, as kv_cache.quantize_kv_reference's torch divisions are.
 
 `num_rows`, an int32 device scalar, limits the work to the first rows: a prefill CUDA graph captured for a
 bucket of rows serves shorter chunks, and its padding rows must neither write the cache nor read a position
@@ -23,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._tensor_checks import check_same_device, check_tensor, next_power_of_2
-from .kv_cache import check_paged_cache
+from .kv_cache import check_paged_cache, scale_launch_args
 from .pdl import _pdl_wait, launch_options
 
 
@@ -50,16 +54,34 @@ def _load_rotated(base, dims, mask, cos_row, sin_row, HALF_ROPE: tl.constexpr, N
 
 
 @triton.jit
+def _store_cache_row(x, row_ptr, scale_ptr, dims, dim_mask, KV_INT8: tl.constexpr):
+    """Store x [BLOCK_D] f32, 0 where dim_mask is off, as the cache row at row_ptr + dims: rounded to f16, or
+    quantized to int8 (as kv_cache.quantize_kv_reference) with its scale at scale_ptr. A row whose dim_mask is off
+    everywhere (a padding row) stores nothing, not even a scale."""
+    if KV_INT8:
+        amax = tl.max(tl.abs(x), axis=0)  # masked dims hold 0: they do not count
+        # div_rn, not Triton's approximate division: from the same row, the torch reference's scale exactly
+        qmax = tl.zeros_like(amax) + 127.0  # kv_cache.KV_INT8_QMAX
+        inverse = tl.where(amax > 0.0, tl.math.div_rn(qmax, tl.maximum(amax, 1e-30)), 0.0)  # a zero row: q = 0
+        tl.store(row_ptr + dims, tl.floor(x * inverse + 0.5).to(tl.int8), mask=dim_mask)  # in [-127, 127]
+        is_real = tl.max(dim_mask.to(tl.int32), axis=0) > 0
+        tl.store(scale_ptr, tl.math.div_rn(amax, qmax), mask=is_real)
+    else:
+        tl.store(row_ptr + dims, x.to(tl.float16), mask=dim_mask)
+
+
+@triton.jit
 def _rope_and_cache_write_kernel(
-        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr,
-        num_rows_ptr, q_row_stride, q_head_stride, k_row_stride, k_head_stride, v_row_stride, v_head_stride,
-        table_row_stride, page_table_row_stride,
+        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+        page_table_ptr, num_rows_ptr, q_row_stride, q_head_stride, k_row_stride, k_head_stride, v_row_stride,
+        v_head_stride, table_row_stride, page_table_row_stride,
         NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_ROPE: tl.constexpr,
         PAGE_SIZE: tl.constexpr, NEOX: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-        USE_PDL: tl.constexpr, LIMIT_ROWS: tl.constexpr):
+        USE_PDL: tl.constexpr, LIMIT_ROWS: tl.constexpr, KV_INT8: tl.constexpr):
     _pdl_wait(USE_PDL)
     # q: [B, Hq, Dh] f32 (rotated in place); k, v: [B, Hkv, Dh] f32; cos, sin: [max_ctx, HALF_ROPE] f32
-    # positions: [B] int32; page_table: [B, max_pages] int32; k_cache, v_cache: [pages, Hkv, PAGE_SIZE, Dh] f16
+    # positions: [B] int32; page_table: [B, max_pages] int32; k_cache, v_cache: [pages, Hkv, PAGE_SIZE, Dh] f16,
+    # or int8 (KV_INT8) with k_scale, v_scale: [pages, Hkv, PAGE_SIZE] f32 (not read otherwise)
     # grid (B, Hq + Hkv): head < Hq rotates a q head, otherwise kv head (head - Hq) is rotated and cached.
     # LIMIT_ROWS: rows >= num_rows_ptr[0] are padding and left alone.
     row = tl.program_id(0)
@@ -96,24 +118,28 @@ def _rope_and_cache_write_kernel(
         kv_head = head - NUM_Q_HEADS
         # a padding row reads the entry of row 0's position in its own page-table row; its stores are masked
         page = tl.load(page_table_ptr + row.to(tl.int64) * page_table_row_stride + position // PAGE_SIZE)
-        slot = ((page.to(tl.int64) * NUM_KV_HEADS + kv_head) * PAGE_SIZE + position % PAGE_SIZE) * HEAD_DIM
+        cache_row = (page.to(tl.int64) * NUM_KV_HEADS + kv_head) * PAGE_SIZE + position % PAGE_SIZE  # scale index
+        slot = cache_row * HEAD_DIM
         k_head = k_ptr + row.to(tl.int64) * k_row_stride + kv_head * k_head_stride
         k_rotated = _load_rotated(k_head, dims, dim_mask, cos_ptr + table_row, sin_ptr + table_row, HALF_ROPE, NEOX)
-        tl.store(k_cache_ptr + slot + dims, k_rotated.to(tl.float16), mask=dim_mask)
+        _store_cache_row(k_rotated, k_cache_ptr + slot, k_scale_ptr + cache_row, dims, dim_mask, KV_INT8)
         v = tl.load(v_ptr + row.to(tl.int64) * v_row_stride + kv_head * v_head_stride + dims, mask=dim_mask,
                     other=0.0)
-        tl.store(v_cache_ptr + slot + dims, v.to(tl.float16), mask=dim_mask)
+        _store_cache_row(v, v_cache_ptr + slot, v_scale_ptr + cache_row, dims, dim_mask, KV_INT8)
 
 
 def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          page_table: torch.Tensor, *, neox: bool, pdl: bool = False,
-                         num_rows: torch.Tensor | None = None) -> None:
-    """Rotate q [B, Hq, Dh] in place; write rotated k [B, Hkv, Dh] and v [B, Hkv, Dh] as f16 into the cache slot
-    of positions[b] for each batch row b (k and v themselves are left unchanged). cos, sin: [max_ctx, rope_dim/2]
-    f32 with rope_dim <= Dh; the caller guarantees positions[b] < max_ctx (read on the device, never checked
-    on the host). `num_rows`: an int32 [1] device tensor n <= B; rows b >= n are neither rotated nor cached
-    (positions[b] and page_table[b] are not used beyond their first entry)."""
+                         num_rows: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                         v_scale: torch.Tensor | None = None) -> None:
+    """Rotate q [B, Hq, Dh] in place; write rotated k [B, Hkv, Dh] and v [B, Hkv, Dh] into the cache slot of
+    positions[b] for each batch row b (k and v themselves are left unchanged): rounded to f16, or, into an int8
+    cache, quantized per (token, kv head) row with the row's scale written to k_scale, v_scale
+    [pages, Hkv, page_size] f32 (as kv_cache.quantize_kv_reference). cos, sin: [max_ctx, rope_dim/2] f32 with
+    rope_dim <= Dh; the caller guarantees positions[b] < max_ctx (read on the device, never checked on the host).
+    `num_rows`: an int32 [1] device tensor n <= B; rows b >= n are neither rotated nor cached, quants and scales
+    alike (positions[b] and page_table[b] are not used beyond their first entry)."""
     check_tensor("q", q, torch.float32, (None, None, None), layout="rows")
     batch, num_q_heads, head_dim = q.shape
     check_tensor("k", k, torch.float32, (batch, None, head_dim), layout="rows")
@@ -125,21 +151,26 @@ def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos:
     if not 1 <= 2 * half_rope <= head_dim:
         raise ValueError(f"cos: width {half_rope} gives rope_dim {2 * half_rope}, must be in 2..head_dim "
                          f"({head_dim})")
-    page_size = check_paged_cache(k_cache, v_cache, page_table, positions, batch, num_kv_heads, head_dim)
+    page_size = check_paged_cache(k_cache, v_cache, page_table, positions, batch, num_kv_heads, head_dim,
+                                  k_scale, v_scale)
     check_same_device(q=q, k=k, v=v, cos=cos, sin=sin, positions=positions, k_cache=k_cache, v_cache=v_cache,
                       page_table=page_table)
+    if k_scale is not None:
+        check_same_device(q=q, k_scale=k_scale, v_scale=v_scale)
     if num_rows is not None:
         check_tensor("num_rows", num_rows, torch.int32, (1,))
         check_same_device(q=q, num_rows=num_rows)
     if batch == 0:
         return
     _rope_and_cache_write_kernel[(batch, num_q_heads + num_kv_heads)](
-        q, k, v, cos, sin, positions, k_cache, v_cache, page_table, num_rows,
+        q, k, v, cos, sin, positions, k_cache, v_cache, *scale_launch_args(k_cache, k_scale, v_scale), page_table,
+        num_rows,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), page_table.stride(0),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF_ROPE=half_rope,
         PAGE_SIZE=page_size, NEOX=bool(neox), BLOCK_HALF=next_power_of_2(half_rope),
-        BLOCK_D=next_power_of_2(head_dim), LIMIT_ROWS=num_rows is not None, num_warps=1, **launch_options(pdl))
+        BLOCK_D=next_power_of_2(head_dim), LIMIT_ROWS=num_rows is not None, KV_INT8=k_cache.dtype == torch.int8,
+        num_warps=1, **launch_options(pdl))
 
 
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, *,

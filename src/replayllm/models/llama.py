@@ -25,13 +25,13 @@ class LlamaAttention(nn.Module):
             self.register_buffer(f"w_{name}", load(f"{prefix}attn_{name}.weight"))  # [out, in]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, start_pos: int) -> torch.Tensor:
+                v_cache: torch.Tensor, start_pos: int, kv_rounding=None) -> torch.Tensor:
         T = x.shape[0]
         q = F.linear(x, self.w_q).view(T, self.num_heads, self.head_dim)  # [T, Hq, Dh]
         k = F.linear(x, self.w_k).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, Dh]
         v = F.linear(x, self.w_v).view(T, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin, neox=False), apply_rope(k, cos, sin, neox=False)
-        return F.linear(attend_with_cache(q, k, v, k_cache, v_cache, start_pos), self.w_output)
+        return F.linear(attend_with_cache(q, k, v, k_cache, v_cache, start_pos, kv_rounding), self.w_output)
 
 
 LLAMA = Architecture(name="llama", rope_neox=False, has_qkv_bias=False, has_qk_norm=False,

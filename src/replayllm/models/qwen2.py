@@ -22,13 +22,13 @@ class Qwen2Attention(nn.Module):
         self.register_buffer("w_output", load(f"{prefix}attn_output.weight"))  # [D, Hq * Dh], no bias
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, start_pos: int) -> torch.Tensor:
+                v_cache: torch.Tensor, start_pos: int, kv_rounding=None) -> torch.Tensor:
         T = x.shape[0]
         q = F.linear(x, self.w_q, self.b_q).view(T, self.num_heads, self.head_dim)  # [T, Hq, Dh]
         k = F.linear(x, self.w_k, self.b_k).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, Dh]
         v = F.linear(x, self.w_v, self.b_v).view(T, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin, neox=True), apply_rope(k, cos, sin, neox=True)
-        return F.linear(attend_with_cache(q, k, v, k_cache, v_cache, start_pos), self.w_output)
+        return F.linear(attend_with_cache(q, k, v, k_cache, v_cache, start_pos, kv_rounding), self.w_output)
 
 
 QWEN2 = Architecture(name="qwen2", rope_neox=True, has_qkv_bias=True, has_qk_norm=False,

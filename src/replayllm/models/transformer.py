@@ -72,8 +72,9 @@ class DecoderBlock(nn.Module):
                           load(prefix + "ffn_down.weight"))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, start_pos: int) -> torch.Tensor:
-        x = x + self.attention(rms_norm(x, self.attn_norm, self.eps), cos, sin, k_cache, v_cache, start_pos)
+                v_cache: torch.Tensor, start_pos: int, kv_rounding=None) -> torch.Tensor:
+        x = x + self.attention(rms_norm(x, self.attn_norm, self.eps), cos, sin, k_cache, v_cache, start_pos,
+                               kv_rounding)
         return x + self.mlp(rms_norm(x, self.ffn_norm, self.eps))
 
 
@@ -95,8 +96,9 @@ class ReferenceModel(nn.Module):
         self._cos, self._sin = config.rope_tables(1, self.freq_factors)  # grown by new_kv_cache
         self.eval()
 
-    def new_kv_cache(self, max_tokens: int) -> KVCache:
-        """An empty cache for one sequence of up to `max_tokens` tokens (prompt and generated together)."""
+    def new_kv_cache(self, max_tokens: int, rounding=None) -> KVCache:
+        """An empty cache for one sequence of up to `max_tokens` tokens (prompt and generated together);
+        `rounding` (KVCache.rounding): what the cache does to keys and values as it stores them, None: nothing."""
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
             raise InvalidParameterError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         device = self.output_norm.device  # the reference also runs on a GPU, to check large models quickly
@@ -105,7 +107,7 @@ class ReferenceModel(nn.Module):
             cos, sin = self.config.rope_tables(max(max_tokens, self._cos.shape[0]), factors)
             self._cos, self._sin = cos.to(device), sin.to(device)
         cfg = self.config
-        return KVCache.allocate(cfg.num_layers, cfg.num_kv_heads, max_tokens, cfg.head_dim, device)
+        return KVCache.allocate(cfg.num_layers, cfg.num_kv_heads, max_tokens, cfg.head_dim, device, rounding)
 
     def forward(self, tokens: torch.Tensor, start_pos: int, cache: KVCache) -> torch.Tensor:
         """tokens [T] int64 at positions start_pos..start_pos+T-1, after start_pos tokens already cached."""
@@ -114,7 +116,7 @@ class ReferenceModel(nn.Module):
         cos, sin = self._cos[start_pos:start_pos + T], self._sin[start_pos:start_pos + T]  # [T, rope_dim / 2]
         x = self.token_embd[tokens]  # [T, D]
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache.k[i], cache.v[i], start_pos)
+            x = block(x, cos, sin, cache.k[i], cache.v[i], start_pos, cache.rounding)
         x = rms_norm(x, self.output_norm, self.config.rms_norm_eps)
         head = self.token_embd if self.output is None else self.output
         return x @ head.t()  # [T, V]

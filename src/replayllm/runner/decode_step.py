@@ -178,7 +178,7 @@ def decode_step(config: ModelConfig, weights: DeviceWeights, cache: PagedKVCache
     """Run all layers for `bufs.tokens` at `bufs.positions`; returns `bufs.logits` [B, vocab]."""
     gather_rows(weights.token_embd, bufs.tokens, bufs.x, pdl=bufs.pdl)
     for i, layer in enumerate(weights.layers):
-        _attention_block(config, layer, cache.k[i], cache.v[i], rope, bufs)
+        _attention_block(config, layer, cache.k[i], cache.v[i], cache.scales(i), rope, bufs)
         _mlp_block(config, layer, bufs)
     h_q8, _, _ = bufs.quantized_inputs()
     rmsnorm(bufs.x, weights.output_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
@@ -187,7 +187,8 @@ def decode_step(config: ModelConfig, weights: DeviceWeights, cache: PagedKVCache
 
 
 def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     rope: RopeTables, bufs: StepBuffers) -> None:
+                     scales: dict, rope: RopeTables, bufs: StepBuffers) -> None:
+    """scales: the layer's int8 cache scales as the kernels' keyword arguments (PagedKVCache.scales), or {}."""
     h_q8, attn_q8, _ = bufs.quantized_inputs()
     rmsnorm(bufs.x, layer.attn_norm, config.rms_norm_eps, bufs.h, h_q8, pdl=bufs.pdl)
     project(bufs.h, layer.qkv, bufs.qkv, layer.qkv_bias, h_q8, **bufs.gemv_options)
@@ -203,10 +204,10 @@ def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Te
         new_token = NewToken(bufs.k, bufs.v, rope.cos, rope.sin, config.rope_neox)
     else:
         rope_and_cache_write(bufs.q, bufs.k, bufs.v, rope.cos, rope.sin, bufs.positions, k_cache, v_cache,
-                             bufs.page_table, neox=config.rope_neox, pdl=bufs.pdl)
+                             bufs.page_table, neox=config.rope_neox, pdl=bufs.pdl, **scales)
     paged_decode_attention(bufs.q, k_cache, v_cache, bufs.page_table, bufs.positions,
                            config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace, out_q8=attn_q8,
-                           pdl=bufs.pdl, fused_merge=bufs.fused_attention_merge, new_token=new_token)
+                           pdl=bufs.pdl, fused_merge=bufs.fused_attention_merge, new_token=new_token, **scales)
     project(bufs.attn.view(bufs.batch_size, -1), [layer.attn_output], bufs.x, None, attn_q8, accumulate=True,
             **bufs.gemv_options)
 

@@ -6,7 +6,7 @@ shape and chunk size (prefill_tuning): the quantized GEMM (kernels/quant_matmul:
 registers for the tensor cores, the residual add fused), or the weight dequantized into an f16 scratch buffer a
 slice at a time and the vendor GEMM (on an H200 the second won everywhere, benchmarks/NOTES.md). Attention is
 one flash kernel over the paged cache (kernels/prefill_attention), so a chunk starting at `start` > 0 attends
-to everything already cached and sees exactly the f16 values decode will see.
+to everything already cached and sees exactly the values decode will see (f16, or an int8 cache's quants).
 
 Memory: a chunk's activations other than the f32 residual stream live in one ActivationPool of two regions,
 because a block never needs two of its GEMM inputs (h, attn, act) at once, nor two of its outputs (qkv,
@@ -277,9 +277,11 @@ class Prefiller:
         if layer.q_norm is not None:  # per-head norms work on whole heads in place
             q, k = q.contiguous(), k.contiguous()
             head_norms(cfg, layer, q, k)
+        scales = self.cache.scales(i)  # an int8 cache's, or none
         rope_and_cache_write(q, k, v, self.rope.cos, self.rope.sin, bufs.positions, self.cache.k[i],
-                             self.cache.v[i], bufs.page_table, neox=cfg.rope_neox, num_rows=span.num_rows)
-        paged_prefill_attention(q, self.cache.k[i], self.cache.v[i], page_table_row, span.start, bufs.attn)
+                             self.cache.v[i], bufs.page_table, neox=cfg.rope_neox, num_rows=span.num_rows, **scales)
+        paged_prefill_attention(q, self.cache.k[i], self.cache.v[i], page_table_row, span.start, bufs.attn,
+                                **scales)
         self.linear(bufs.attn.view(T, Hq * Dh), [layer.attn_output], bufs.x, accumulate=True)
 
     def _mlp_block(self, layer: LayerWeights, bufs: _ChunkBuffers) -> None:
