@@ -2,7 +2,8 @@
 # The one script the GPU machine runs: install what is missing (wheels carried in .whl/), write the synthetic
 # models in the background, run the gpu-marked tests, run the benchmarks, write JSON under $OUT (or
 # benchmarks/results/latest/ without $OUT), and print a short summary last.
-#   usage: bash benchmarks/gpu_suite.sh [stage|probe|tests|full|targets|bench|types|fit|sweep|latency] [BENCH_DEADLINE_S]
+#   usage: bash benchmarks/gpu_suite.sh [stage|probe|tests|full|targets|bench|types|fit|sweep|latency] [BENCH_DEADLINE_S] [TESTS]
+#     TESTS (tests and targets): test files or node ids to run instead of the whole GPU selection, all markers
 #     stage  keep the first half of the default model (.carry/a/smol.part00) in /tmp for a second run on the same host
 #     probe  the new kernels' tests; the decode GEMV's evidence: benchmarks/gemv_probe.py (GB/s, registers,
 #            spills; the int8-activation Q4_K kernel beside the default), Nsight Compute's view of the int8
@@ -30,6 +31,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-full}
 DEADLINE=${2:-330}
+TESTS=${3:-}
 OUT=${OUT:-benchmarks/results/latest}
 mkdir -p "$OUT"
 export REPLAYLLM_CACHE=${REPLAYLLM_CACHE:-/tmp/replayllm-cache}
@@ -102,7 +104,11 @@ if [ "$MODE" = full ] || [ "$MODE" = bench ] || [ "$MODE" = targets ]; then
      "$REPLAYLLM_SYNTH_DIR/llama2-7b-q4_k_m.gguf" && echo "synth llama2-7b q4_k_m done at $(date +%T)") >> "$LOG" 2>&1 &
 fi
 status=0
-if [ "$MODE" != types ] && [ "$MODE" != fit ] && [ "$MODE" != bench ]; then  # types, fit: the benchmarks alone, after a full run has tested the same commit
+if [ -n "$TESTS" ]; then  # a chosen selection: the files a change touched
+  # shellcheck disable=SC2086
+  python3 -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tee "$OUT/gpu_tests.log"
+  status=${PIPESTATUS[0]}
+elif [ "$MODE" != types ] && [ "$MODE" != fit ] && [ "$MODE" != bench ]; then  # types, fit: the benchmarks alone, after a full run has tested the same commit
   # Unmarked kernel tests that take the GPU when there is one: the integer-dot GEMVs (16-bit and int8) and the
   # kernels that write their activations.
   python3 -m pytest -q -p no:cacheprovider tests/kernels/test_quant_matvec_q8.py tests/kernels/test_float_matvec.py \
