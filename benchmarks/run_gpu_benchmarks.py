@@ -407,24 +407,22 @@ def bench(run: Run, llm: LLM, tests: list[BenchTest], modes: list[str], reps: in
 
 
 def bench_variants(run: Run, llm: LLM) -> None:
-    """tg128 with the decode options against the default (PDL on where the GPU has it, 16-bit activations, the
-    attention merge in the attention launch, the greedy draw in one launch): the merge in a launch of its own
-    (at depth too); rope and the cache write in the attention launch (measured slower, off); the greedy draw as
+    """tg128 with the decode options against the default (PDL on where the GPU has it, 16-bit activations, rope,
+    attention and the merge as launches of their own, the greedy draw in one launch): the merge in the attention
+    launch (at depth too; measured slower there, off); rope and the cache write in it too (measured slower,
+    off); the greedy draw as
     torch's launches; the GEMVs' weight prefetch on; PDL off; f32 activations (the path the default replaced);
     int8 activations, with PDL on and off; each row's backend name says which. Then int8 + PDL deep in the
     context (its attention is a larger share of its step)."""
     pdl_default = llm.backend.bufs.pdl
-    llm.backend.set_fused_attention_merge(False)  # "-separate-merge"
-    try:
-        bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
-        bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
-    finally:
-        llm.backend.set_fused_attention_merge(True)
-    llm.backend.set_rope_in_attention(True)  # "-rope-in-attention"
+    bench_fused_merge(run, llm)
+    llm.backend.set_fused_attention_merge(True)  # "-fused-merge-rope-in-attention"
+    llm.backend.set_rope_in_attention(True)
     try:
         bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
     finally:
         llm.backend.set_rope_in_attention(False)
+        llm.backend.set_fused_attention_merge(False)
     llm.backend.set_one_launch_greedy(False)  # "-torch-greedy": the greedy draw as the torch sampler's launches
     try:
         bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
@@ -444,15 +442,15 @@ def bench_variants(run: Run, llm: LLM) -> None:
                 bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
 
 
-def bench_separate_merge(run: Run, llm: LLM) -> None:
-    """tg128 at depth 0 and deep with the attention merge in a launch of its own ("-separate-merge"), on the same
+def bench_fused_merge(run: Run, llm: LLM) -> None:
+    """tg128 at depth 0 and deep with the attention merge in the attention launch ("-fused-merge"), on the same
     load as the default rows: the fused merge's worth, on one machine."""
-    llm.backend.set_fused_attention_merge(False)
+    llm.backend.set_fused_attention_merge(True)
     try:
         bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
         bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
     finally:
-        llm.backend.set_fused_attention_merge(True)
+        llm.backend.set_fused_attention_merge(False)
 
 
 def bench_default_shapes(run: Run, llm: LLM) -> None:
@@ -681,7 +679,7 @@ def other_types(run: Run) -> None:
 def targets(run: Run) -> None:
     """`--only targets`: the issue's Q4_K_M rows at today's defaults, with few comparisons (the variants of a full
     run measured the rest): 7B tg128 and pp512, tg128 deep in the context, the same with the attention merge
-    apart, the step kernel by kernel, the 7B checks against the fp32 reference, the int8 KV cache (speed and
+    in the attention launch, the step kernel by kernel, the 7B checks against the fp32 reference, the int8 KV cache (speed and
     accuracy), the default model's greedy agreement, then 13B tg128 and pp512."""
     run.results["copy_gbps"] = measure_copy_gbps(torch.device("cuda"))
     run.summary.append(f"copy bandwidth {run.results['copy_gbps']:.0f} GB/s (read + write)")
@@ -696,7 +694,7 @@ def targets(run: Run) -> None:
             synth_13b = start_synth("llama2-13b", "q4_k_m")
             # beside the f16 load (memory enough on one GPU): the newest change first
             run.stage("llama2-7b Q4_K_M with the int8 KV cache: speed and accuracy", kv_int8_7b, run, q7)
-            run.stage("bench llama2-7b Q4_K_M, the attention merge in a launch of its own", bench_separate_merge,
+            run.stage("bench llama2-7b Q4_K_M, the attention merge in the attention launch", bench_fused_merge,
                       run, llm)
             run.stage("decode step kernel breakdown llama2-7b Q4_K_M", decode_breakdown, run, llm)
             run.stage("correctness llama2-7b Q4_K_M vs fp32 reference", correctness, run, llm, q7)

@@ -311,25 +311,25 @@ def test_weight_prefetch_changes_no_token(models):
         graph.backend.set_weight_prefetch(False)
 
 
-@pytest.mark.parametrize("merge, rope", [(False, False), (True, True)])
+@pytest.mark.parametrize("merge, rope", [(True, False), (True, True)])
 def test_other_attention_launches_stay_on_the_reference(models, merge, rope):
-    """The default step merges the attention splits in the attention launch, with rope and the cache write in
-    a launch of their own (the other tests check it). The merge apart, or rope and the cache write in the
-    attention launch too: greedy tokens within the logit tolerance of the fp32 reference, and graph replays
-    equal to the eager launches of the same kernels."""
+    """The default step launches rope and the cache write, attention and the splits' merge apart (the other
+    tests check it). The merge in the attention launch, alone or with rope and the cache write: greedy tokens
+    within the logit tolerance of the fp32 reference, and graph replays equal to the eager launches of the same
+    kernels."""
     _, reference, graph, eager = models
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     for llm in (graph, eager):
         llm.backend.set_fused_attention_merge(merge)
         llm.backend.set_rope_in_attention(rope)
     try:
-        assert ("-separate-merge" in graph.backend.name) != merge
+        assert ("-fused-merge" in graph.backend.name) == merge
         assert graph.backend.name.endswith("-rope-in-attention") == rope
         out = graph.generate([PROMPTS[2]], params)[0]
         assert eager.generate([PROMPTS[2]], params)[0].token_ids == out.token_ids
     finally:
         for llm in (graph, eager):
-            llm.backend.set_fused_attention_merge(True)
+            llm.backend.set_fused_attention_merge(False)
             llm.backend.set_rope_in_attention(False)
     agreement = greedy_agreement(reference.logits(out.prompt_token_ids + out.token_ids), len(out.prompt_token_ids),
                                  out.token_ids)
@@ -361,9 +361,11 @@ def test_a_prefill_pass_allocates_no_more_than_its_estimate(models):
 def test_int8_kv_cache_stays_on_its_reference_and_graph_equals_eager(models):
     """The int8 KV cache (one scale per token and kv head) against the reference that rounds keys and values the
     same way: prefill logits within the tolerance with the same argmax, greedy tokens within the logit tolerance
-    of it (exactly equal on the real model), graph replays equal to eager launches; and its rounding is really
-    there (its logits are not the f16 cache's)."""
-    name, reference, graph, _ = models
+    of it, graph replays equal to eager launches; and its rounding is really there (its logits are not the f16
+    cache's). Not exact equality on the real model, as for the f16 cache: where the kernel's quantization and
+    the reference's round a value at a near-tie apart, the two differ by a whole quant step (up to ~0.8% of the
+    row's largest value), and on an H100 the tokens of one prompt parted at the 26th."""
+    _, reference, graph, _ = models
     path = reference.model_file.path
     int8_reference = LLM(path, device="cpu", progress=False, kv_cache="int8")
     int8_graph = LLM(path, device="cuda", mode="graph", progress=False, kv_cache="int8")
@@ -379,12 +381,9 @@ def test_int8_kv_cache_stays_on_its_reference_and_graph_equals_eager(models):
         for prompt in PROMPTS[:2]:
             out = int8_graph.generate([prompt], params)[0]
             assert int8_eager.generate([prompt], params)[0].token_ids == out.token_ids
-            if name == "default":
-                assert out.token_ids == int8_reference.generate([prompt], params)[0].token_ids
-            else:
-                agreement = greedy_agreement(int8_reference.logits(out.prompt_token_ids + out.token_ids),
-                                             len(out.prompt_token_ids), out.token_ids)
-                assert agreement.is_within(LOGIT_TOLERANCE), agreement
+            agreement = greedy_agreement(int8_reference.logits(out.prompt_token_ids + out.token_ids),
+                                         len(out.prompt_token_ids), out.token_ids)
+            assert agreement.is_within(LOGIT_TOLERANCE), agreement
     finally:
         for m in (int8_reference, int8_graph, int8_eager):
             m.close()

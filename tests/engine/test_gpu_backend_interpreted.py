@@ -226,24 +226,23 @@ def test_decode_step_logits_match_the_reference(pair):
 
 
 def test_fused_attention_decode_steps_equal_the_separate_launches(pair):
-    """The default decode step merges the attention splits in the attention launch; rope and the cache write
-    can go there too (opt-in). Their decode-step logits are the separate launches', to f32 rounding (the same
-    arithmetic, in another order)."""
+    """The default decode step launches rope, attention and the splits' merge apart; the merge can go into the
+    attention launch, and rope and the cache write too (both opt-in). Their decode-step logits are the separate
+    launches', to f32 rounding (the same arithmetic, in another order)."""
     reference, backend = pair
-    assert backend.bufs.fused_attention_merge and not backend.bufs.rope_in_attention
-    default = backend.decode_logits(DECODE_IDS, 4)
+    assert not backend.bufs.fused_attention_merge and not backend.bufs.rope_in_attention
+    separate = backend.decode_logits(DECODE_IDS, 4)
     try:
-        backend.set_rope_in_attention(True)
-        assert backend.name.endswith("-rope-in-attention")
-        one_launch = backend.decode_logits(DECODE_IDS, 4)
-        backend.set_rope_in_attention(False)
-        backend.set_fused_attention_merge(False)
-        assert backend.name.endswith("-separate-merge")
-        separate = backend.decode_logits(DECODE_IDS, 4)
-    finally:
         backend.set_fused_attention_merge(True)
+        assert backend.name.endswith("-fused-merge")
+        fused = backend.decode_logits(DECODE_IDS, 4)
+        backend.set_rope_in_attention(True)
+        assert backend.name.endswith("-fused-merge-rope-in-attention")
+        one_launch = backend.decode_logits(DECODE_IDS, 4)
+    finally:
+        backend.set_fused_attention_merge(False)
         backend.set_rope_in_attention(False)
-    assert _relative_error(default, separate) < 1e-5
+    assert _relative_error(fused, separate) < 1e-5
     assert _relative_error(one_launch, separate) < 1e-5
     assert _relative_error(separate, reference.logits(DECODE_IDS)[4:]) < LOGIT_TOLERANCE
 

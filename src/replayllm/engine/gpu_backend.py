@@ -187,7 +187,7 @@ class GPUBackend(Backend):
         untuned = self.is_cuda and self.bufs.gemv_shapes is None  # (benchmarks' baseline: runner/gemv_tuning)
         return (f"cuda-{self.mode.name}-{self.bufs.activations}" + ("-pdl" if self.bufs.pdl else "")
                 + ("-prefetch" if self.bufs.pdl and self.bufs.prefetch_weights else "")
-                + ("" if self.bufs.fused_attention_merge else "-separate-merge")
+                + ("-fused-merge" if self.bufs.fused_attention_merge else "")
                 + ("-rope-in-attention" if self.bufs.rope_in_attention else "")
                 + ("-kv-int8" if self.cache.dtype == "int8" else "")
                 + ("" if self.one_launch_greedy else "-torch-greedy")
@@ -253,9 +253,10 @@ class GPUBackend(Backend):
         self._recapture()
 
     def set_fused_attention_merge(self, enabled: bool) -> None:
-        """Decode attention merges its splits in the same launch (the last split to finish does it), one launch a
-        layer fewer than a merge kernel of its own (off: that kernel, named "-separate-merge"; for
-        comparison). On by default. Recaptures the current mode's graphs."""
+        """Experimental: decode attention merges its splits in the same launch (the last split to finish does
+        it), one launch a layer fewer than the merge kernel of its own ("-fused-merge"). Off by default:
+        measured alike at depth 0 and slower deep in a context (benchmarks/NOTES.md). Recaptures the current
+        mode's graphs."""
         self.bufs.fused_attention_merge = bool(enabled)
         self._recapture()
 

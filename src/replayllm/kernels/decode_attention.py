@@ -12,7 +12,7 @@ table, then K and V. With `early_v` V's load is issued right after K's, so the t
 measured: it takes the kernel from 108 to 137 registers, which may cost residency at long contexts); the
 merge loads each split's max, sum and partial output in one pass and merges the maxima online.
 
-With `fused_merge` (the decode step's default) there is no second kernel: each split's program, once its partials
+With `fused_merge` (opt-in in the decode step: measured slower deep in a context) there is no second kernel: each split's program, once its partials
 are stored, fences them (every thread), meets its block at a barrier and counts itself in on a counter per
 (sequence, kv head) with an acquire-release atomic; the program that counts last reads every split's partials
 from L2, merges them for its kv head's q heads and sets the counter back to zero for the next launch. A

@@ -80,9 +80,11 @@ class StepBuffers:
     # ._prefetch_rows_l2), so the reads start while the kernel before drains. Off: measured slower on an H100
     # (tg128 7B Q4_K_M 356 t/s with it, 404 without; benchmarks/NOTES.md). Read when the step is captured.
     prefetch_weights: bool = False
-    # Decode attention's last split merges the splits in the same launch (kernels/decode_attention fused_merge);
-    # off: a merge kernel of its own, for comparison. Read when the step is captured.
-    fused_attention_merge: bool = True
+    # Decode attention's last split merges the splits in the same launch (kernels/decode_attention fused_merge)
+    # instead of a merge kernel of its own. Off: on one H100 load it measured the same at depth 0 (412.2 t/s
+    # against 411.3 apart) and slower at depth 3,840 (302.8 against 309.6; benchmarks/NOTES.md). Read when
+    # the step is captured.
+    fused_attention_merge: bool = False
     # Decode attention rotates q and the new k and writes the new token into the cache itself (NewToken) instead
     # of rope_and_cache_write's launch before it. Off: measured slower on an H100 (tg128 7B Q4_K_M 402.8 t/s
     # with it, 414.3 without; at depth 3,840 299.5 against 313.0: benchmarks/NOTES.md). Read when captured.
