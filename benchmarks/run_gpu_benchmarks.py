@@ -242,7 +242,8 @@ def correctness(run: Run, llm: LLM, path: Path) -> None:
 
 
 def kv_int8_7b(run: Run, path: Path) -> None:
-    """The int8 KV cache on the 7B Q4_K_M (a load of its own): tg128 at depth 0 and deep in the context; graph ==
+    """The int8 KV cache on the 7B Q4_K_M (a load of its own): tg128 at depth 0 and deep in the context, with the
+    attention's f16 products and with its int8 ones (set_int8_attention_products); graph ==
     eager; its error against the fp32 reference and against the reference that rounds keys and values the same
     way (ReferenceBackend kv_cache="int8"): prefill logits, 32 greedy tokens of 3 prompts, and the decode-step
     logits of 16 teacher-forced steps after a prompt of DEEP tokens, where the rounding of thousands of cached
@@ -253,6 +254,12 @@ def kv_int8_7b(run: Run, path: Path) -> None:
     try:
         bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
         bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
+        llm.backend.set_int8_attention_products(True)  # "-int8-products": no f16 conversion of the tiles
+        try:
+            bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
+            bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
+        finally:
+            llm.backend.set_int8_attention_products(False)
         gen = torch.Generator().manual_seed(0)
         prompts = [torch.randint(3, llm.config.vocab_size, (n,), generator=gen).tolist() for n in (16, 5, 40)]
         deep = torch.randint(3, llm.config.vocab_size, (DEEP + 16,), generator=gen).tolist()

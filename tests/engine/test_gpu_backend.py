@@ -384,6 +384,14 @@ def test_int8_kv_cache_stays_on_its_reference_and_graph_equals_eager(models):
             agreement = greedy_agreement(int8_reference.logits(out.prompt_token_ids + out.token_ids),
                                          len(out.prompt_token_ids), out.token_ids)
             assert agreement.is_within(LOGIT_TOLERANCE), agreement
+        for llm in (int8_graph, int8_eager):  # the attention's products on the quants themselves
+            llm.backend.set_int8_attention_products(True)
+        assert int8_graph.backend.name.endswith("-kv-int8-int8-products")
+        out = int8_graph.generate([PROMPTS[2]], params)[0]
+        assert int8_eager.generate([PROMPTS[2]], params)[0].token_ids == out.token_ids
+        agreement = greedy_agreement(int8_reference.logits(out.prompt_token_ids + out.token_ids),
+                                     len(out.prompt_token_ids), out.token_ids)
+        assert agreement.is_within(LOGIT_TOLERANCE), agreement
     finally:
         for m in (int8_reference, int8_graph, int8_eager):
             m.close()

@@ -354,3 +354,13 @@ def test_the_int8_kv_cache_matches_its_reference(int8_kv_pair, pair):
 
     with pytest.raises(InvalidParameterError, match="int8"):
         backend.set_rope_in_attention(True)
+    with pytest.raises(InvalidParameterError, match="need an int8 KV cache"):
+        pair[1].set_int8_attention_products(True)
+    backend.set_int8_attention_products(True)  # the attention's products on the quants themselves
+    try:
+        assert backend.name.endswith("-kv-int8-int8-products")
+        assert list(backend.generate_ids(ids[:4], params, 0, 3)) == expected_tokens
+        products = backend.decode_logits(ids, 4)
+    finally:
+        backend.set_int8_attention_products(False)
+    assert _relative_error(products, backend.decode_logits(ids, 4)) < 1e-3

@@ -516,3 +516,43 @@ def test_int8_cache_attention_replayed_in_a_cuda_graph_with_advancing_positions(
                                                     k_scale, v_scale)
         assert _relative_error(out, expected) < TOLERANCE
         positions.add_(1)
+
+
+# int8_products rounds q and each tile's probabilities (times the v scales) to 16-bit integers: 1/65024 of a
+# row's largest value, so ~1e-5 of the result, not the f16 split's ~1e-7; a wrong byte or scale is off by O(1).
+INT8_PRODUCTS_TOLERANCE = 1e-4
+
+
+@pytest.mark.parametrize("group_size, head_dim, fused_merge, early_v",
+                         [(1, 32, False, False), (4, 32, True, False), (2, 24, False, True), (4, 64, True, True)])
+def test_int8_products_match_the_dequantized_reference(group_size, head_dim, fused_merge, early_v):
+    """int8_products: the integer products on the cache's quants. Lengths from one token to several 32-token
+    splits, through shuffled pages; head_dim 24 pads its tiles to 32 (the integer products' depth)."""
+    lengths = [1, 5, 32, 33, 90]
+    q, k_cache, v_cache, page_table, positions = _setup(lengths, 2 * group_size, 2, head_dim, 4, 96,
+                                                        seed=41 + group_size, q_scale=2.0)
+    k_q, v_q, k_scale, v_scale = _int8_cache(k_cache, v_cache)
+    workspace = DecodeAttentionWorkspace.create(len(lengths), 2 * group_size, head_dim, 96, DEVICE, split_tokens=32)
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
+    out = _run(q, k_q, v_q, page_table, positions, workspace, 0.3, **scales, fused_merge=fused_merge,
+               early_v=early_v, int8_products=True)
+    expected = paged_decode_attention_reference(q, k_q, v_q, page_table, positions, 0.3, k_scale, v_scale)
+    f16_products = _run(q, k_q, v_q, page_table, positions, workspace, 0.3, **scales, fused_merge=fused_merge,
+                        early_v=early_v)
+    for b in range(len(lengths)):
+        assert _relative_error(out[b], expected[b]) < INT8_PRODUCTS_TOLERANCE
+        assert 0 < _relative_error(out[b], f16_products[b]) < INT8_PRODUCTS_TOLERANCE
+
+
+def test_int8_products_need_an_int8_cache_and_tiles_of_32_tokens():
+    q, k_cache, v_cache, page_table, positions = _setup([5, 40], 4, 2, 32, 4, 64, seed=43)
+    k_q, v_q, k_scale, v_scale = _int8_cache(k_cache, v_cache)
+    out = torch.empty_like(q)
+    with pytest.raises(ValueError, match="int8_products multiplies an int8 KV cache"):
+        paged_decode_attention(q, k_cache, v_cache, page_table, positions, 0.3, out,
+                               DecodeAttentionWorkspace.create(2, 4, 32, 64, DEVICE, split_tokens=32),
+                               int8_products=True)
+    with pytest.raises(ValueError, match="at least 32 tokens"):
+        paged_decode_attention(q, k_q, v_q, page_table, positions, 0.3, out,
+                               DecodeAttentionWorkspace.create(2, 4, 32, 64, DEVICE, split_tokens=16),
+                               k_scale=k_scale, v_scale=v_scale, int8_products=True)

@@ -190,6 +190,7 @@ class GPUBackend(Backend):
                 + ("-fused-merge" if self.bufs.fused_attention_merge else "")
                 + ("-rope-in-attention" if self.bufs.rope_in_attention else "")
                 + ("-kv-int8" if self.cache.dtype == "int8" else "")
+                + ("-int8-products" if self.bufs.int8_attention_products else "")
                 + ("" if self.one_launch_greedy else "-torch-greedy")
                 + ("-default-shapes" if untuned else ""))
 
@@ -268,6 +269,16 @@ class GPUBackend(Backend):
         if enabled and self.cache.dtype == "int8":
             raise InvalidParameterError("rope in the attention launch writes an f16 KV cache only; this one is int8")
         self.bufs.rope_in_attention = bool(enabled)
+        self._recapture()
+
+    def set_int8_attention_products(self, enabled: bool) -> None:
+        """Experimental, with an int8 KV cache: decode attention multiplies the cache's quants in int8 products
+        (q and the probabilities rounded to 16-bit integers) instead of converting each tile to f16
+        ("-int8-products"; kernels/decode_attention). Not yet measured on a GPU, so off. Recaptures the current
+        mode's graphs."""
+        if enabled and self.cache.dtype != "int8":
+            raise InvalidParameterError("int8 attention products need an int8 KV cache (kv_cache='int8')")
+        self.bufs.int8_attention_products = bool(enabled)
         self._recapture()
 
     def set_one_launch_greedy(self, enabled: bool) -> None:

@@ -31,6 +31,12 @@ multiplies per token instead of one per element, and the tiles go into the produ
 to f16, which is exact (|q| <= 127). The cache is written by kernels/rope.rope_and_cache_write (`new_token`
 writes f16 only).
 
+With `int8_products` (opt-in; not yet measured on a GPU) an int8 cache's tiles are not converted at all: q is
+rounded once per program to 16-bit integers (one step per row, max |q| / 32512) split into two int8 bytes,
+hi and lo, and q . k = step * (256 hi . k + lo . k) in exact int32 tensor-core products; the probabilities
+times the v scales are rounded the same way per tile for the V product. The rounding, 1/65024 of a row's
+largest value, is far below the cache's own (1/254 of its row's).
+
 Scores are kept in log2 units (multiplied by scale * log2(e)), so the kernels exponentiate with exp2.
 
 Precision: both products run on f16 tensor cores yet keep f32 accuracy. K and V are f16 already, or int8
@@ -76,7 +82,7 @@ def _paged_decode_attention_kernel(
         new_v_head_stride, cos_ptr, sin_ptr, rope_row_stride,
         NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
         SPLIT_TOKENS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_N: tl.constexpr, KV_INT8: tl.constexpr, EARLY_V: tl.constexpr, FUSED_MERGE: tl.constexpr,
+        BLOCK_N: tl.constexpr, KV_INT8: tl.constexpr, INT8_PRODUCTS: tl.constexpr, EARLY_V: tl.constexpr, FUSED_MERGE: tl.constexpr,
         BLOCK_S: tl.constexpr, MERGE_BLOCK_D: tl.constexpr, QUANTIZE: tl.constexpr, ROPE: tl.constexpr,
         NEOX: tl.constexpr, HALF_ROPE: tl.constexpr, USE_FENCE: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_wait(USE_PDL)
@@ -120,8 +126,12 @@ def _paged_decode_attention_kernel(
                 tl.debug_barrier()
         else:
             q = tl.load(q_heads + dims[None, :], mask=q_mask, other=0.0)  # [BLOCK_G, BLOCK_D]
-        q_hi = q.to(tl.float16)
-        q_lo = ((q - q_hi.to(tl.float32)) * 2048.0).to(tl.float16)
+        if INT8_PRODUCTS:  # q as 16-bit integers split into int8 bytes, for integer products (module docstring)
+            q8_hi, q8_lo, q_step = _split_16bit(q)
+            score_scale = q_step * qk_scale_log2  # [BLOCK_G]
+        else:
+            q_hi = q.to(tl.float16)
+            q_lo = ((q - q_hi.to(tl.float32)) * 2048.0).to(tl.float16)
         running_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -135,17 +145,23 @@ def _paged_decode_attention_kernel(
             kv_mask = token_mask[:, None] & dim_mask[None, :]
             k_t = tl.trans(tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0))  # [BLOCK_D, BLOCK_N]
             if KV_INT8:  # int8 values are exact in f16 (|q| <= 127); the scales load beside the tile
-                k_t = k_t.to(tl.float16)
+                if not INT8_PRODUCTS:
+                    k_t = k_t.to(tl.float16)
                 k_scale = tl.load(k_scale_ptr + token_slots, mask=token_mask, other=0.0)  # [BLOCK_N]
             if EARLY_V:  # issued before the scores need K: V's round trip to memory overlaps K's (module docstring)
                 v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
                 if KV_INT8:
-                    v = v.to(tl.float16)
+                    if not INT8_PRODUCTS:
+                        v = v.to(tl.float16)
                     v_scale = tl.load(v_scale_ptr + token_slots, mask=token_mask, other=0.0)  # [BLOCK_N]
-            dots = tl.dot(q_hi, k_t) + tl.dot(q_lo, k_t) * (1.0 / 2048.0)  # [BLOCK_G, BLOCK_N]
-            if KV_INT8:
+            if INT8_PRODUCTS:  # exact in int32: |hi . k| <= 127 * 127 * 256, times 256 < 2^31
+                dots = (tl.dot(q8_hi, k_t) * 256 + tl.dot(q8_lo, k_t)).to(tl.float32)  # [BLOCK_G, BLOCK_N]
+                scores = dots * score_scale[:, None] * k_scale[None, :]
+            elif KV_INT8:
+                dots = tl.dot(q_hi, k_t) + tl.dot(q_lo, k_t) * (1.0 / 2048.0)  # [BLOCK_G, BLOCK_N]
                 scores = dots * (k_scale * qk_scale_log2)[None, :]
             else:
+                dots = tl.dot(q_hi, k_t) + tl.dot(q_lo, k_t) * (1.0 / 2048.0)  # [BLOCK_G, BLOCK_N]
                 scores = dots * qk_scale_log2
             scores = tl.where(token_mask[None, :], scores, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(scores, axis=1))
@@ -155,15 +171,21 @@ def _paged_decode_attention_kernel(
             if not EARLY_V:
                 v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
                 if KV_INT8:
-                    v = v.to(tl.float16)
+                    if not INT8_PRODUCTS:
+                        v = v.to(tl.float16)
                     v_scale = tl.load(v_scale_ptr + token_slots, mask=token_mask, other=0.0)
             if KV_INT8:  # each token's v scale goes on its probability (module docstring)
                 weights = probs * v_scale[None, :]
             else:
                 weights = probs
-            p_hi = weights.to(tl.float16)
-            p_lo = ((weights - p_hi.to(tl.float32)) * 2048.0).to(tl.float16)
-            acc = acc * correction[:, None] + tl.dot(p_hi, v) + tl.dot(p_lo, v) * (1.0 / 2048.0)
+            if INT8_PRODUCTS:  # exact in int32: |hi . v| <= 127 * 127 * 64, times 256 < 2^31
+                w8_hi, w8_lo, w_step = _split_16bit(weights)
+                pv = (tl.dot(w8_hi, v) * 256 + tl.dot(w8_lo, v)).to(tl.float32) * w_step[:, None]
+                acc = acc * correction[:, None] + pv
+            else:
+                p_hi = weights.to(tl.float16)
+                p_lo = ((weights - p_hi.to(tl.float32)) * 2048.0).to(tl.float16)
+                acc = acc * correction[:, None] + tl.dot(p_hi, v) + tl.dot(p_lo, v) * (1.0 / 2048.0)
             running_max = new_max
         if FUSED_MERGE:
             num_used = tl.minimum((seq_len + SPLIT_TOKENS - 1) // SPLIT_TOKENS, NUM_SPLITS)
@@ -189,6 +211,18 @@ def _paged_decode_attention_kernel(
         else:
             _store_partials(part_max_ptr, part_sum_ptr, part_acc_ptr, running_max, running_sum, acc, row, heads,
                             group_mask, dims, dim_mask, split, NUM_KV_HEADS * GROUP_SIZE, HEAD_DIM, NUM_SPLITS)
+
+
+@triton.jit
+def _split_16bit(x):
+    """x [G, N] f32 as 16-bit integers per row, split into bytes: (hi, lo) int8 [G, N] and step [G] f32 with
+    x ~ (256 hi + lo) * step, step = max |x| / 32512 (hi in [-127, 127], lo in [-128, 127]: the 16-bit
+    activations' form, kernels/int8_activations.py). A row of zeros gives zeros and step 0."""
+    amax = tl.max(tl.abs(x), axis=1)
+    inverse = tl.where(amax > 0.0, 32512.0 / tl.maximum(amax, 1e-30), 0.0)
+    v = tl.floor(x * inverse[:, None] + 0.5).to(tl.int32)  # in [-32512, 32512]
+    hi = (v + 128) >> 8  # arithmetic shift: floor((v + 128) / 256)
+    return hi.to(tl.int8), (v - hi * 256).to(tl.int8), amax * (1.0 / 32512.0)
 
 
 @triton.jit
@@ -373,7 +407,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            v_scale: torch.Tensor | None = None, out_q8: QuantizedActivations | None = None,
                            pdl: bool = False, block_n: int | None = None, num_warps: int = 4,
                            early_v: bool = False, fused_merge: bool = False,
-                           new_token: NewToken | None = None) -> torch.Tensor:
+                           new_token: NewToken | None = None, int8_products: bool = False) -> torch.Tensor:
     """out [B, Hq, Dh] f32 = softmax(scale * q k^T) v over tokens 0..positions[b] of each sequence b.
 
     q [B, Hq, Dh] f32 (rotated); k_cache, v_cache [pages, Hkv, page_size, Dh] f16 with Hq % Hkv == 0, or int8
@@ -387,7 +421,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     writes its result straight away. With `new_token` (f16 caches only), q is taken unrotated: the kernel rotates
     q, and the program whose split holds position positions[b] rotates the new k and writes it and v into the
     cache before reading its tiles (one launch instead of rope_and_cache_write's and this one; q itself is left
-    as it is). Returns `out`."""
+    as it is). `int8_products` (int8 caches only; opt-in, not yet measured on a GPU): both products on the
+    integers themselves instead of f16 conversions of the tiles (the module docstring). Returns `out`."""
     check_tensor("q", q, torch.float32, (None, None, None), layout="rows")
     batch, num_q_heads, head_dim = q.shape
     check_tensor("out", out, torch.float32, (batch, num_q_heads, head_dim), layout="rows")
@@ -427,13 +462,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         rope_args = (q, q, 0, 0, 0, 0, q, q, 0)  # not read
     if batch == 0:
         return out
+    if int8_products and not kv_int8:
+        raise ValueError("int8_products multiplies an int8 KV cache's quants; this cache is f16")
     group_size = num_q_heads // num_kv_heads
-    block_d = max(16, next_power_of_2(head_dim))
+    block_d = max(32 if int8_products else 16, next_power_of_2(head_dim))  # int8 products: k of 32 at least
     largest_tile = min(MAX_TILE_TOKENS, ws.split_tokens, MAX_TILE_ELEMENTS // block_d)
     if block_n is None:
         block_n = largest_tile
     elif block_n not in (16, 32, 64) or block_n > ws.split_tokens:
         raise ValueError(f"block_n must be 16, 32 or 64 and at most split_tokens ({ws.split_tokens}), got {block_n!r}")
+    if int8_products and block_n < 32:
+        raise ValueError(f"int8_products needs tiles of at least 32 tokens (the integer products' depth), got "
+                         f"{block_n}: use split_tokens >= 32")
     if num_warps not in (1, 2, 4, 8):
         raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {num_warps!r}")
     if fused_merge and ws.counters is None:
@@ -447,7 +487,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         ws.counters if fused_merge else positions, out, out.stride(0), out.stride(1), *out_q, *rope_args,
         NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=group_size, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits, BLOCK_G=max(16, next_power_of_2(group_size)),
-        BLOCK_D=block_d, BLOCK_N=block_n, KV_INT8=kv_int8, EARLY_V=bool(early_v), FUSED_MERGE=bool(fused_merge),
+        BLOCK_D=block_d, BLOCK_N=block_n, KV_INT8=kv_int8, INT8_PRODUCTS=bool(int8_products), EARLY_V=bool(early_v), FUSED_MERGE=bool(fused_merge),
         ROPE=new_token is not None, NEOX=bool(new_token is not None and new_token.neox),
         HALF_ROPE=new_token.cos.shape[1] if new_token is not None else 1,
         USE_FENCE=not under_interpreter(), num_warps=num_warps, **merge_shape,

@@ -89,6 +89,9 @@ class StepBuffers:
     # of rope_and_cache_write's launch before it. Off: measured slower on an H100 (tg128 7B Q4_K_M 402.8 t/s
     # with it, 414.3 without; at depth 3,840 299.5 against 313.0: benchmarks/NOTES.md). Read when captured.
     rope_in_attention: bool = False
+    # With an int8 KV cache: decode attention multiplies the cache's quants in integer products instead of f16
+    # conversions of its tiles (kernels/decode_attention int8_products). Opt-in: not yet measured on a GPU.
+    int8_attention_products: bool = False
     # The integer-dot GEMVs' launch shapes, tuned at load on a GPU (runner/gemv_tuning); None: the defaults.
     gemv_shapes: GemvShapes | None = None
 
@@ -209,7 +212,8 @@ def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Te
                              bufs.page_table, neox=config.rope_neox, pdl=bufs.pdl, **scales)
     paged_decode_attention(bufs.q, k_cache, v_cache, bufs.page_table, bufs.positions,
                            config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace, out_q8=attn_q8,
-                           pdl=bufs.pdl, fused_merge=bufs.fused_attention_merge, new_token=new_token, **scales)
+                           pdl=bufs.pdl, fused_merge=bufs.fused_attention_merge, new_token=new_token,
+                           int8_products=bufs.int8_attention_products, **scales)
     project(bufs.attn.view(bufs.batch_size, -1), [layer.attn_output], bufs.x, None, attn_q8, accumulate=True,
             **bufs.gemv_options)
 
