@@ -124,7 +124,8 @@ def compiling_launches(results: list[CompiledFacts], label: str = "") -> Iterato
         # The instructions a flag exists for: missing, the flag would silently do nothing (or, for the fused
         # merge, leave other programs' partials unordered).
         for flag, needed in (("PREFETCH", ("prefetch.global.L2",)), ("FUSED_MERGE", ("fence.acq_rel.gpu", "atom.")),
-                             ("EXACT", ("mul.rn.f32", "sub.rn.f32", "div.rn.f32", "fence.acq_rel.gpu"))):
+                             ("EXACT", ("mul.rn.f32", "sub.rn.f32", "div.rn.f32", "fence.acq_rel.gpu")),
+                             ("INT8_PRODUCTS", (".s32.s8.s8.s32",))):  # integer tensor-core products
             if constants.get(flag) and not all(n in kernel.asm["ptx"] for n in needed):
                 raise AssertionError(f"{self.__name__}: compiled with {flag} but its PTX lacks {needed}")
         results.append(CompiledFacts(f"{label}{self.__name__}", registers, spills, kernel.metadata.shared))
@@ -219,6 +220,17 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
     calls.append(("fused merge + 16-bit copy + PDL: ", lambda: K.paged_decode_attention(
         q, cache, cache, table, positions, 0.1, torch.zeros_like(q), workspace, out_q8=attn_q16, pdl=True,
         fused_merge=True)))
+    cache8, scale8 = torch.zeros(cache.shape, dtype=torch.int8), torch.zeros(cache.shape[:3])
+    int8_cache = (cache8, cache8.clone())
+    int8_scales = dict(k_scale=scale8, v_scale=scale8.clone())
+    calls.append(("int8 cache: ", lambda: K.rope_and_cache_write(q, q.clone(), q.clone(), rope, rope, positions,
+                                                               *int8_cache, table, neox=False, **int8_scales)))
+    calls.append(("int8 cache + 16-bit copy + PDL: ", lambda: K.paged_decode_attention(
+        q, *int8_cache, table, positions, 0.1, torch.zeros_like(q), workspace, out_q8=attn_q16, pdl=True,
+        **int8_scales)))
+    calls.append(("int8 cache, int8 products + 16-bit copy + PDL: ", lambda: K.paged_decode_attention(
+        q, *int8_cache, table, positions, 0.1, torch.zeros_like(q), workspace, out_q8=attn_q16, pdl=True,
+        int8_products=True, **int8_scales)))
     new_token = NewToken(q.clone(), q.clone(), rope, rope, neox=False)
     calls.append(("rope in it + fused merge + 16-bit copy + PDL: ", lambda: K.paged_decode_attention(
         q, cache, cache, table, positions, 0.1, torch.zeros_like(q), workspace, out_q8=attn_q16, pdl=True,
