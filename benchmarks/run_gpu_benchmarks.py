@@ -683,44 +683,71 @@ def other_types(run: Run) -> None:
         path.unlink()  # disk: the next file needs the room
 
 
-def targets(run: Run) -> None:
-    """`--only targets`: the issue's Q4_K_M rows at today's defaults, with few comparisons (the variants of a full
-    run measured the rest): 7B tg128 and pp512, tg128 deep in the context, the same with the attention merge
-    in the attention launch, the step kernel by kernel, the 7B checks against the fp32 reference, the int8 KV cache (speed and
-    accuracy), the default model's greedy agreement, then 13B tg128 and pp512."""
+def copy_bandwidth(run: Run) -> None:
     run.results["copy_gbps"] = measure_copy_gbps(torch.device("cuda"))
     run.summary.append(f"copy bandwidth {run.results['copy_gbps']:.0f} GB/s (read + write)")
+
+
+def first_7b_rows(run: Run) -> tuple[Path | None, LLM | None]:
+    """Wait for the 7B Q4_K_M file, load it (cold kernel cache) and bench tg128, pp512 and tg128 deep in the
+    context: the rows every run starts with. Returns (the file, the loaded model), None where a stage failed."""
     q7 = run.stage("wait for llama2-7b q4_k_m", wait_for, SYNTH_DIR / "llama2-7b-q4_k_m.gguf", 240)
-    synth_13b = None
-    if q7:
-        llm = run.stage("load llama2-7b Q4_K_M (cold kernel cache), ctx 4096", load, run, "startup_7b_cold", q7)
-        if llm:
-            run.stage("bench llama2-7b Q4_K_M", bench, run, llm,
-                      [BenchTest("tg", 128), BenchTest("pp", 512)], ["graph"], 3)
-            run.stage("bench llama2-7b Q4_K_M deep", bench, run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
-            synth_13b = start_synth("llama2-13b", "q4_k_m")
-            # beside the f16 load (memory enough on one GPU): the newest change first
-            run.stage("llama2-7b Q4_K_M with the int8 KV cache: speed and accuracy", kv_int8_7b, run, q7)
-            run.stage("bench llama2-7b Q4_K_M, the attention merge in the attention launch", bench_fused_merge,
-                      run, llm)
-            run.stage("decode step kernel breakdown llama2-7b Q4_K_M", decode_breakdown, run, llm)
-            run.stage("correctness llama2-7b Q4_K_M vs fp32 reference", correctness, run, llm, q7)
-            llm.close()
-            del llm
-            torch.cuda.empty_cache()
-    run.stage("default model: greedy agreement of the default and int8 paths", default_model_agreement, run)
+    if not q7:
+        return None, None
+    llm = run.stage("load llama2-7b Q4_K_M (cold kernel cache), ctx 4096", load, run, "startup_7b_cold", q7)
+    if llm:
+        run.stage("bench llama2-7b Q4_K_M", bench, run, llm, [BenchTest("tg", 128), BenchTest("pp", 512)],
+                  ["graph"], 3)
+        run.stage("bench llama2-7b Q4_K_M deep", bench, run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
+    return q7, llm
+
+
+def rows_13b(run: Run, wait_s: float, *more_stages: tuple) -> None:
+    """13B Q4_K_M tg128 and pp512 once its file is there (written in the background, up to wait_s more seconds),
+    then `more_stages`, each (name, fn, *args after run and the model)."""
     q13 = SYNTH_DIR / "llama2-13b-q4_k_m.gguf"
-    if q13.exists() or run.stage("wait for llama2-13b q4_k_m", wait_for, q13, 150):
-        llm = run.stage("load llama2-13b Q4_K_M", load, run, "startup_13b", q13)
-        if llm:
-            run.stage("bench llama2-13b Q4_K_M", bench, run, llm, [BenchTest("tg", 128), BenchTest("pp", 512)],
-                      ["graph"], 2)
-            llm.close()
+    if not (q13.exists() or run.stage("wait for llama2-13b q4_k_m", wait_for, q13, wait_s)):
+        return
+    llm = run.stage("load llama2-13b Q4_K_M", load, run, "startup_13b", q13)
+    if not llm:
+        return
+    run.stage("bench llama2-13b Q4_K_M", bench, run, llm, [BenchTest("tg", 128), BenchTest("pp", 512)], ["graph"], 2)
+    for name, fn, *args in more_stages:
+        run.stage(name, fn, run, llm, *args)
+    llm.close()
+    del llm
+    torch.cuda.empty_cache()
+
+
+def finish(run: Run, synth_13b: subprocess.Popen | None) -> None:
     if run.bench_rows:
         run.summary.append(markdown_table(run.bench_rows))
     if synth_13b is not None and synth_13b.poll() is None:
         synth_13b.terminate()
     run.flush()
+
+
+def targets(run: Run) -> None:
+    """`--only targets`: the issue's Q4_K_M rows at today's defaults, with few comparisons (the variants of a full
+    run measured the rest): 7B tg128 and pp512, tg128 deep in the context, the same with the attention merge
+    in the attention launch, the step kernel by kernel, the 7B checks against the fp32 reference, the int8 KV cache (speed and
+    accuracy), the default model's greedy agreement, then 13B tg128 and pp512."""
+    copy_bandwidth(run)
+    q7, llm = first_7b_rows(run)
+    synth_13b = None
+    if llm:
+        synth_13b = start_synth("llama2-13b", "q4_k_m")
+        # beside the f16 load (memory enough on one GPU): the newest change first
+        run.stage("llama2-7b Q4_K_M with the int8 KV cache: speed and accuracy", kv_int8_7b, run, q7)
+        run.stage("bench llama2-7b Q4_K_M, the attention merge in the attention launch", bench_fused_merge, run, llm)
+        run.stage("decode step kernel breakdown llama2-7b Q4_K_M", decode_breakdown, run, llm)
+        run.stage("correctness llama2-7b Q4_K_M vs fp32 reference", correctness, run, llm, q7)
+        llm.close()
+        del llm
+        torch.cuda.empty_cache()
+    run.stage("default model: greedy agreement of the default and int8 paths", default_model_agreement, run)
+    rows_13b(run, 150)
+    finish(run, synth_13b)
 
 
 def main() -> None:
@@ -757,16 +784,11 @@ def main() -> None:
     synth_13b = None
     from replayllm.bench.profiler import DEFAULT_MODES, table
 
-    run.results["copy_gbps"] = measure_copy_gbps(torch.device("cuda"))
-    run.summary.append(f"copy bandwidth {run.results['copy_gbps']:.0f} GB/s (read + write)")
-    q7 = run.stage("wait for llama2-7b q4_k_m", wait_for, SYNTH_DIR / "llama2-7b-q4_k_m.gguf", 240)
+    copy_bandwidth(run)
+    q7, llm = first_7b_rows(run)
     if q7:
-        llm = run.stage("load llama2-7b Q4_K_M (cold kernel cache), ctx 4096", load, run, "startup_7b_cold", q7)
         if llm:
-            run.stage("bench llama2-7b Q4_K_M", bench, run, llm,
-                      [BenchTest("tg", 128), BenchTest("pp", 512)], ["graph"], 3)
             # The newest changes' comparisons first, so that a run cut short by its deadline still has them.
-            run.stage("bench llama2-7b Q4_K_M deep", bench, run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
             run.stage("bench llama2-7b Q4_K_M decode variants", bench_variants, run, llm)
             run.stage("decode step kernel breakdown llama2-7b Q4_K_M", decode_breakdown, run, llm)
             run.stage("correctness llama2-7b Q4_K_M vs fp32 reference", correctness, run, llm, q7)
@@ -783,17 +805,8 @@ def main() -> None:
         run.stage("llama2-7b Q4_K_M in 6 GiB (own process): 4096-token context, 4095-token prompt + 1 token",
                   fit_6gib_7b_fresh, run, q7)
     run.stage("default model: greedy agreement of the default and int8 paths", default_model_agreement, run)
-    q13 = SYNTH_DIR / "llama2-13b-q4_k_m.gguf"
-    if q13.exists() or run.stage("wait for llama2-13b q4_k_m", wait_for, q13, 90):
-        llm = run.stage("load llama2-13b Q4_K_M", load, run, "startup_13b", q13)
-        if llm:
-            run.stage("bench llama2-13b Q4_K_M", bench, run, llm, [BenchTest("tg", 128), BenchTest("pp", 512)],
-                      ["graph"], 2)
-            run.stage("profile llama2-13b Q4_K_M", profile, run, llm, ("eager", "graph"), 64)
-            run.stage("prefill breakdown llama2-13b Q4_K_M", prefill_breakdown, run, llm, "prefill_13b")
-            llm.close()
-            del llm
-            torch.cuda.empty_cache()
+    rows_13b(run, 90, ("profile llama2-13b Q4_K_M", profile, ("eager", "graph"), 64),
+             ("prefill breakdown llama2-13b Q4_K_M", prefill_breakdown, "prefill_13b"))
     if q7:
         llm = run.stage("load llama2-7b Q4_K_M again (warm kernel cache)", load, run, "startup_7b_warm", q7)
         if llm:
@@ -802,11 +815,7 @@ def main() -> None:
     if run.profile_rows:
         run.stage("profile chart", draw_profile, run)
         run.summary.append(table(run.profile_rows))
-    if run.bench_rows:
-        run.summary.append(markdown_table(run.bench_rows))
-    if synth_13b is not None and synth_13b.poll() is None:
-        synth_13b.terminate()
-    run.flush()
+    finish(run, synth_13b)
 
 
 if __name__ == "__main__":

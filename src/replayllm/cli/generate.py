@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from ..engine.llm import KV_CACHE_TYPES
 from ..errors import InvalidParameterError, PromptTooLongError
 from ..sampling import SamplingParams
 
@@ -68,7 +69,7 @@ def add_decode_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,
                         help="GPU: programmatic dependent launch of the decode kernels (default: on where the GPU "
                              "has it, compute capability 9.0+; same tokens either way)")
-    parser.add_argument("--kv-cache", choices=("f16", "int8"), default="f16",
+    parser.add_argument("--kv-cache", choices=KV_CACHE_TYPES, default="f16",
                         help="the KV cache's element type: f16 (default) or int8 (about half the bytes: faster "
                              "decode deep in a long context, at a rounding of keys and values; on the CPU the "
                              "reference rounds them the same way)")

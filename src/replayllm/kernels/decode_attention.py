@@ -157,12 +157,12 @@ def _paged_decode_attention_kernel(
             if INT8_PRODUCTS:  # exact in int32: |hi . k| <= 127 * 127 * 256, times 256 < 2^31
                 dots = (tl.dot(q8_hi, k_t) * 256 + tl.dot(q8_lo, k_t)).to(tl.float32)  # [BLOCK_G, BLOCK_N]
                 scores = dots * score_scale[:, None] * k_scale[None, :]
-            elif KV_INT8:
-                dots = tl.dot(q_hi, k_t) + tl.dot(q_lo, k_t) * (1.0 / 2048.0)  # [BLOCK_G, BLOCK_N]
-                scores = dots * (k_scale * qk_scale_log2)[None, :]
             else:
                 dots = tl.dot(q_hi, k_t) + tl.dot(q_lo, k_t) * (1.0 / 2048.0)  # [BLOCK_G, BLOCK_N]
-                scores = dots * qk_scale_log2
+                if KV_INT8:
+                    scores = dots * (k_scale * qk_scale_log2)[None, :]
+                else:
+                    scores = dots * qk_scale_log2
             scores = tl.where(token_mask[None, :], scores, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(scores, axis=1))
             correction = tl.exp2(running_max - new_max)  # exp2(-inf) = 0 on the first tile
