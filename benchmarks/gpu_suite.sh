@@ -21,7 +21,8 @@
 #     fit    the 7B Q4_K_M under a 6 GiB cap alone, in a fresh process (run_gpu_benchmarks.py --only fit), no tests
 #     sweep  launch-shape sweeps of the 16-bit GEMVs and of decode attention alone (benchmarks/kernel_sweep.py)
 #     latency  the decode attention, greedy draw, norm, SiLU and GPU CLI tests, decode attention's launch-shape
-#            sweep, then what a GEMV launch costs beyond its bytes
+#            sweep and its products sweep (f16 and int8 caches; tensor-core, int8 and CUDA-core products), then
+#            what a GEMV launch costs beyond its bytes
 #            (benchmarks/gemv_overhead.py): the step's latency-bound parts alone
 # The default model (98 MB) is larger than one transfer to the GPU host may be, and that host has no network: it
 # travels in two halves over two runs on the same host (`stage`, then a run with .carry/b/smol.part01). Without both,
@@ -88,6 +89,7 @@ if [ "$MODE" = latency ]; then
     tests/cli/test_cli_gpu.py::test_bench_kernels_shows_the_decode_step_kernel_by_kernel 2>&1 | tail -n 12 \
     | tee "$OUT/gpu_tests.log"
   timeout 45 python3 benchmarks/kernel_sweep.py --out "$OUT" --only attention 2>&1 | tee -a "$LOG"
+  timeout 150 python3 benchmarks/kernel_sweep.py --out "$OUT" --only products 2>&1 | tee -a "$LOG"
   timeout 45 python3 benchmarks/gemv_overhead.py --out "$OUT" 2>&1 | tee -a "$LOG"
   echo "==== summary ===="; head -n 1 "$LOG"; cat "$OUT/gpu_tests.log"; grep -E '^attention|^empty|^gemv_overhead' "$LOG"
   exit 0

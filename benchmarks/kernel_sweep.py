@@ -7,12 +7,14 @@
   (quant_matvec), in GB/s of weights read (24 copies: nothing from L2; the activations quantized once, outside
   the timing, as the decode step's own kernels write them);
 - decode attention over 32 layers' caches at 64, 512 and 3840 tokens of context, per split size, tile and
-  whether V's tile is loaded beside K's.
+  whether V's tile is loaded beside K's;
+- decode attention over f16 and int8 caches with each kind of products (tensor-core f16, int8 integers, f32
+  multiply-adds on the CUDA cores) and launch shapes.
 
-Writes --out/sweep_<part>.json for each part run (gemv, attention, gemm), rewritten after every shape in case
+Writes --out/sweep_<part>.json for each part run (gemv, attention, attention_products, gemm), rewritten after every shape in case
 the run is cut short, and prints the best shape per kernel. Figures are CUDA-event medians (graph replays for the
 GEMVs and attention). Usage:
-python benchmarks/kernel_sweep.py --out DIR [--quick] [--only gemv|attention|gemm] [--form 16bit|int8]
+python benchmarks/kernel_sweep.py --out DIR [--quick] [--only gemv|attention|products|gemm] [--form 16bit|int8]
 """
 
 from __future__ import annotations
@@ -208,11 +210,80 @@ def sweep_attention(out_dir: Path) -> list[dict]:
     return results
 
 
+PRODUCT_CONTEXTS = (64, 512, 3840)
+PRODUCT_SHAPES = [  # cache, products ("tensor": f16 tensor cores, the default; "int8": int8_products; "fma"),
+    # split_tokens (None: the engine's choice), block_n (None: largest), num_warps, early_v
+    ("f16", "tensor", None, None, 4, False), ("int8", "tensor", None, None, 4, False),
+    ("int8", "int8", None, None, 4, False),
+    ("f16", "fma", None, None, 4, False), ("f16", "fma", None, None, 4, True), ("f16", "fma", None, 32, 4, False),
+    ("f16", "fma", None, None, 8, False), ("f16", "fma", 256, None, 8, True),
+    ("int8", "fma", None, None, 4, False), ("int8", "fma", None, None, 4, True), ("int8", "fma", None, None, 8, False),
+    ("int8", "fma", None, None, 8, True), ("int8", "fma", None, 64, 4, False), ("int8", "fma", 256, None, 8, True),
+    ("int8", "fma", 64, None, 4, True)]
+
+
+def sweep_attention_products(out_dir: Path) -> list[dict]:
+    """Decode attention at llama2-7b's shape (32 layers' caches) over an f16 and an int8 cache, with each kind of
+    products (tensor-core f16, int8 integers, f32 multiply-adds on the CUDA cores: fma_products) and launch
+    shapes: GB/s of the cache's bytes read (quants and scales)."""
+    from replayllm.kernels import DecodeAttentionWorkspace, paged_decode_attention
+    from replayllm.kernels.kv_cache import quantize_kv_reference
+
+    layers, heads, head_dim, page, capacity = 32, 32, 128, 16, 4096 + 16
+    pages = capacity // page
+    f16 = [(torch.randn(pages, heads, page, head_dim, device="cuda").half(),
+            torch.randn(pages, heads, page, head_dim, device="cuda").half()) for _ in range(layers)]
+    int8 = []
+    for k, v in f16:
+        (kq, ks), (vq, vs) = quantize_kv_reference(k), quantize_kv_reference(v)
+        int8.append((kq, vq, dict(k_scale=ks, v_scale=vs)))
+    f16 = [(k, v, {}) for k, v in f16]
+    table = torch.arange(pages, dtype=torch.int32, device="cuda")[None, :]
+    q = torch.randn(1, heads, head_dim, device="cuda")
+    out = torch.empty_like(q)
+    results = []
+    for context in PRODUCT_CONTEXTS:
+        positions = torch.full((1,), context, dtype=torch.int32, device="cuda")
+        for cache, products, split, block_n, warps, early_v in PRODUCT_SHAPES:
+            caches = f16 if cache == "f16" else int8
+            row_bytes = 2 * head_dim if cache == "f16" else head_dim + 4
+            kv_bytes = 2 * layers * heads * row_bytes * (context + 1)
+            ws = DecodeAttentionWorkspace.create(1, heads, head_dim, capacity, "cuda", split_tokens=split)
+            options = dict(block_n=block_n, num_warps=warps, early_v=early_v, int8_products=products == "int8",
+                           fma_products=products == "fma")
+
+            def body():
+                for k, v, scales in caches:
+                    paged_decode_attention(q, k, v, table, positions, head_dim ** -0.5, out, ws, **scales, **options)
+            entry = {"context": context, "cache": cache, "products": products, "split_tokens": ws.split_tokens,
+                     "block_n": block_n, "num_warps": warps, "early_v": early_v}
+            try:
+                ms = time_graph_replay(body)
+                entry |= {"us_per_step": 1e3 * ms, "gbps": kv_bytes / (ms * 1e-3) / 1e9}
+            except Exception as exc:  # a shape that does not compile or fit: recorded
+                entry["error"] = repr(exc)[:300]
+            results.append(entry)
+            _save(out_dir, "attention_products", results)
+        rows = results[-len(PRODUCT_SHAPES):]
+        best = {}
+        for r in rows:
+            key = (r["cache"], r["products"])
+            if "us_per_step" in r and (key not in best or r["us_per_step"] < best[key]["us_per_step"]):
+                best[key] = r
+        parts = [f"{c} {p} {r['us_per_step']:.1f} us ({r['gbps']:.0f} GB/s; split {r['split_tokens']} block "
+                 f"{r['block_n']} warps {r['num_warps']} early_v {r['early_v']})" for (c, p), r in best.items()]
+        print(f"attention products @{context}, best of each: " + "; ".join(parts), flush=True)
+        for r in rows:
+            if "error" in r:
+                print(f"  failed: {r}", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true", help="a few shapes and configs only")
-    parser.add_argument("--only", choices=["gemm", "gemv", "attention"], default=None)
+    parser.add_argument("--only", choices=["gemm", "gemv", "attention", "products"], default=None)
     parser.add_argument("--form", choices=GEMV_FORMS, default=None, help="the GEMVs' activation form (default: both)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -222,6 +293,8 @@ def main() -> None:
         sweep_gemv(args.quick, out, (args.form,) if args.form else GEMV_FORMS)
     if args.only in (None, "attention"):
         sweep_attention(out)
+    if args.only in (None, "products"):
+        sweep_attention_products(out)
     if args.only in (None, "gemm"):
         sweep_gemm(args.quick, out)
     print(f"sweep done in {time.perf_counter() - started:.0f} s", flush=True)

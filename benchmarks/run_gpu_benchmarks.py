@@ -243,7 +243,8 @@ def correctness(run: Run, llm: LLM, path: Path) -> None:
 
 def kv_int8_7b(run: Run, path: Path) -> None:
     """The int8 KV cache on the 7B Q4_K_M (a load of its own): tg128 at depth 0 and deep in the context, with the
-    attention's f16 products and with its int8 ones (set_int8_attention_products); graph ==
+    attention's f16 products, its int8 ones (set_int8_attention_products) and its f32 multiply-adds
+    (set_fma_attention_products); graph ==
     eager; its error against the fp32 reference and against the reference that rounds keys and values the same
     way (ReferenceBackend kv_cache="int8"): prefill logits, 32 greedy tokens of 3 prompts, and the decode-step
     logits of 16 teacher-forced steps after a prompt of DEEP tokens, where the rounding of thousands of cached
@@ -260,6 +261,12 @@ def kv_int8_7b(run: Run, path: Path) -> None:
             bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
         finally:
             llm.backend.set_int8_attention_products(False)
+        llm.backend.set_fma_attention_products(True)  # "-fma-products": int8 values to f32 on the CUDA cores
+        try:
+            bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
+            bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
+        finally:
+            llm.backend.set_fma_attention_products(False)
         gen = torch.Generator().manual_seed(0)
         prompts = [torch.randint(3, llm.config.vocab_size, (n,), generator=gen).tolist() for n in (16, 5, 40)]
         deep = torch.randint(3, llm.config.vocab_size, (DEEP + 16,), generator=gen).tolist()
@@ -423,6 +430,7 @@ def bench_variants(run: Run, llm: LLM) -> None:
     context (its attention is a larger share of its step)."""
     pdl_default = llm.backend.bufs.pdl
     bench_fused_merge(run, llm)
+    bench_fma_products(run, llm)
     llm.backend.set_fused_attention_merge(True)  # "-fused-merge-rope-in-attention"
     llm.backend.set_rope_in_attention(True)
     try:
@@ -458,6 +466,17 @@ def bench_fused_merge(run: Run, llm: LLM) -> None:
         bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
     finally:
         llm.backend.set_fused_attention_merge(False)
+
+
+def bench_fma_products(run: Run, llm: LLM) -> None:
+    """tg128 at depth 0 and deep with decode attention's products as f32 multiply-adds on the CUDA cores, one
+    program per q head ("-fma-products"), on the same load as the default rows."""
+    llm.backend.set_fma_attention_products(True)
+    try:
+        bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
+        bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
+    finally:
+        llm.backend.set_fma_attention_products(False)
 
 
 def bench_default_shapes(run: Run, llm: LLM) -> None:
@@ -729,8 +748,8 @@ def finish(run: Run, synth_13b: subprocess.Popen | None) -> None:
 
 def targets(run: Run) -> None:
     """`--only targets`: the issue's Q4_K_M rows at today's defaults, with few comparisons (the variants of a full
-    run measured the rest): 7B tg128 and pp512, tg128 deep in the context, the same with the attention merge
-    in the attention launch, the step kernel by kernel, the 7B checks against the fp32 reference, the int8 KV cache (speed and
+    run measured the rest): 7B tg128 and pp512, tg128 deep in the context, the same with attention's products on
+    the CUDA cores (fma), the step kernel by kernel, the 7B checks against the fp32 reference, the int8 KV cache (speed and
     accuracy), the default model's greedy agreement, then 13B tg128 and pp512."""
     copy_bandwidth(run)
     q7, llm = first_7b_rows(run)
@@ -739,7 +758,7 @@ def targets(run: Run) -> None:
         synth_13b = start_synth("llama2-13b", "q4_k_m")
         # beside the f16 load (memory enough on one GPU): the newest change first
         run.stage("llama2-7b Q4_K_M with the int8 KV cache: speed and accuracy", kv_int8_7b, run, q7)
-        run.stage("bench llama2-7b Q4_K_M, the attention merge in the attention launch", bench_fused_merge, run, llm)
+        run.stage("bench llama2-7b Q4_K_M, attention products on the CUDA cores", bench_fma_products, run, llm)
         run.stage("decode step kernel breakdown llama2-7b Q4_K_M", decode_breakdown, run, llm)
         run.stage("correctness llama2-7b Q4_K_M vs fp32 reference", correctness, run, llm, q7)
         llm.close()

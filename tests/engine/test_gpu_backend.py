@@ -395,3 +395,28 @@ def test_int8_kv_cache_stays_on_its_reference_and_graph_equals_eager(models):
     finally:
         for m in (int8_reference, int8_graph, int8_eager):
             m.close()
+
+
+def test_fma_attention_products_keep_greedy_on_the_reference_and_graph_equals_eager(models):
+    """Decode attention's products as f32 multiply-adds (set_fma_attention_products, opt-in): greedy tokens within
+    the logit tolerance of the reference, graph replays equal to eager launches, the decode-step logits near the
+    default products' (their 16-bit copies for the output projection may round a value a step apart)."""
+    _, reference, graph, eager = models
+    ids = reference.tokenizer.encode(PROMPTS[1])
+    default = graph.backend.decode_logits(ids, len(ids) - 4)
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    for llm in (graph, eager):
+        llm.backend.set_fma_attention_products(True)
+    try:
+        assert graph.backend.name.endswith("-fma-products")
+        fma = graph.backend.decode_logits(ids, len(ids) - 4)
+        assert _relative_error(fma, default) < 1e-3
+        for prompt in PROMPTS[:2]:
+            out = graph.generate([prompt], params)[0]
+            assert eager.generate([prompt], params)[0].token_ids == out.token_ids
+            agreement = greedy_agreement(reference.logits(out.prompt_token_ids + out.token_ids),
+                                         len(out.prompt_token_ids), out.token_ids)
+            assert agreement.is_within(LOGIT_TOLERANCE), agreement
+    finally:
+        for llm in (graph, eager):
+            llm.backend.set_fma_attention_products(False)

@@ -247,6 +247,36 @@ def test_fused_attention_decode_steps_equal_the_separate_launches(pair):
     assert _relative_error(separate, reference.logits(DECODE_IDS)[4:]) < LOGIT_TOLERANCE
 
 
+def test_fma_attention_products_give_the_tensor_core_products_logits(pair, int8_kv_pair):
+    """fma attention products (opt-in): the decode step's logits are the default products', with an f16 and with
+    an int8 KV cache, and they refuse the attention options they have no form for. The two attentions agree to
+    ~1e-7 (both kernels are tested against float64 at 1e-5), but the attention output is then quantized to 16
+    bits for the output projection, and a value near a rounding boundary moves by a step: ~1e-4 in the logits
+    (measured), against O(1) for a wrong product."""
+    from replayllm.errors import InvalidParameterError
+
+    for backend in (pair[1], int8_kv_pair[1]):
+        default = backend.decode_logits(DECODE_IDS, 4)
+        backend.set_fma_attention_products(True)
+        try:
+            assert backend.name.endswith("-fma-products")
+            fma = backend.decode_logits(DECODE_IDS, 4)
+            with pytest.raises(InvalidParameterError, match="does not combine with fma attention products"):
+                backend.set_fused_attention_merge(True)
+            assert not backend.bufs.fused_attention_merge
+        finally:
+            backend.set_fma_attention_products(False)
+        assert _relative_error(fma, default) < 1e-3
+        assert torch.equal(fma.argmax(-1), default.argmax(-1))
+    backend = pair[1]
+    backend.set_fused_attention_merge(True)
+    try:
+        with pytest.raises(InvalidParameterError, match="fused attention merge"):
+            backend.set_fma_attention_products(True)
+    finally:
+        backend.set_fused_attention_merge(False)
+
+
 def test_int8_decode_steps_err_by_the_int8_rounding_only(pair):
     """The int8 path's decode-step logits against the fp32 reference and against the int8 reference (the fp32
     reference with the int8 path's products): a wrong kernel errs by the order of the logits, the rounding by

@@ -556,3 +556,71 @@ def test_int8_products_need_an_int8_cache_and_tiles_of_32_tokens():
         paged_decode_attention(q, k_q, v_q, page_table, positions, 0.3, out,
                                DecodeAttentionWorkspace.create(2, 4, 32, 64, DEVICE, split_tokens=16),
                                k_scale=k_scale, v_scale=v_scale, int8_products=True)
+
+
+# fma_products: f32 multiply-adds of the cache's f16 or int8 values, exact in f32, so the f16 cache's tolerance.
+@pytest.mark.parametrize("int8", [False, True], ids=["f16", "int8"])
+@pytest.mark.parametrize("group_size, head_dim, block_n, early_v", [
+    (1, 32, None, False), (4, 32, 16, True), (2, 24, 32, False), (1, 64, 64, True)])
+def test_fma_products_match_the_reference(int8, group_size, head_dim, block_n, early_v):
+    """fma_products: one program per q head, products on the CUDA cores. Lengths from one token to several
+    tiles and splits, through shuffled pages; head_dim 24 pads its tiles; tiles of 16 tokens rescale the
+    running sums within a split."""
+    lengths = [1, 5, 64, 65, 150]
+    q, k_cache, v_cache, page_table, positions = _setup(lengths, 2 * group_size, 2, head_dim, 4, 160,
+                                                        seed=51 + group_size, q_scale=2.0)
+    scales = {}
+    if int8:
+        k_cache, v_cache, k_scale, v_scale = _int8_cache(k_cache, v_cache)
+        scales = dict(k_scale=k_scale, v_scale=v_scale)
+    workspace = DecodeAttentionWorkspace.create(len(lengths), 2 * group_size, head_dim, 160, DEVICE, split_tokens=64)
+    out = _run(q, k_cache, v_cache, page_table, positions, workspace, 0.3, **scales, block_n=block_n,
+               early_v=early_v, fma_products=True)
+    expected = paged_decode_attention_reference(q, k_cache, v_cache, page_table, positions, 0.3, **scales)
+    for b in range(len(lengths)):
+        assert _relative_error(out[b], expected[b]) < TOLERANCE
+
+
+def test_fma_products_with_the_quantized_copy():
+    """The merge writes the quantized copy after fma_products' splits as after the default kernel's."""
+    from replayllm.kernels.int8_activations import QuantizedActivations, quantize_activations
+
+    args = _setup([5, 40], 4, 2, 32, 4, 64, seed=53, q_scale=2.0)
+    workspace = DecodeAttentionWorkspace.create(2, 4, 32, 64, DEVICE, split_tokens=16)
+    out = torch.full(args[0].shape, float("nan"), device=DEVICE)
+    fused = QuantizedActivations.allocate(2, 4 * 32, DEVICE, wide=True)
+    paged_decode_attention(*args, 0.3, out, workspace, out_q8=fused, fma_products=True)
+    assert _relative_error(out, paged_decode_attention_reference(*args, 0.3)) < TOLERANCE
+    _assert_same_copy(fused, quantize_activations(out.view(2, -1), QuantizedActivations.allocate(2, 128, DEVICE,
+                                                                                                 wide=True)))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(fused_merge=True), "no fused_merge form"),
+    (dict(int8_products=True), "int8_products multiplies an int8 KV cache"),
+    (dict(block_n=128), "block_n must be 16, 32, 64 or 128"),
+    (dict(num_warps=3), "num_warps must be"),
+])
+def test_fma_products_reject_what_they_do_not_do(options, message):
+    args = _setup([5, 40], 4, 2, 32, 4, 64, seed=55)
+    out = torch.empty_like(args[0])
+    with pytest.raises(ValueError, match=message):
+        paged_decode_attention(*args, 0.3, out, DecodeAttentionWorkspace.create(2, 4, 32, 64, DEVICE, split_tokens=32),
+                               fma_products=True, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("int8", [False, True], ids=["f16", "int8"])
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_fma_products_at_real_shapes(int8, group_size):
+    lengths = [1, 17, 2048, 4096]
+    q, k_cache, v_cache, page_table, positions = _setup(lengths, 32, 32 // group_size, 128, 16, 4096, seed=57)
+    scales = {}
+    if int8:
+        k_cache, v_cache, k_scale, v_scale = _int8_cache(k_cache, v_cache)
+        scales = dict(k_scale=k_scale, v_scale=v_scale)
+    workspace = DecodeAttentionWorkspace.create(4, 32, 128, 4096, "cuda")
+    out = _run(q, k_cache, v_cache, page_table, positions, workspace, 128 ** -0.5, **scales, fma_products=True)
+    expected = paged_decode_attention_reference(q, k_cache, v_cache, page_table, positions, 128 ** -0.5, **scales)
+    for b in range(len(lengths)):
+        assert _relative_error(out[b], expected[b]) < TOLERANCE

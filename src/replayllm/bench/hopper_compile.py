@@ -231,6 +231,12 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
     calls.append(("int8 cache, int8 products + 16-bit copy + PDL: ", lambda: K.paged_decode_attention(
         q, *int8_cache, table, positions, 0.1, torch.zeros_like(q), workspace, out_q8=attn_q16, pdl=True,
         int8_products=True, **int8_scales)))
+    calls.append(("f16 cache, fma products + 16-bit copy + PDL: ", lambda: K.paged_decode_attention(
+        q, cache, cache, table, positions, 0.1, torch.zeros_like(q), workspace, out_q8=attn_q16, pdl=True,
+        fma_products=True)))
+    calls.append(("int8 cache, fma products + 16-bit copy + PDL: ", lambda: K.paged_decode_attention(
+        q, *int8_cache, table, positions, 0.1, torch.zeros_like(q), workspace, out_q8=attn_q16, pdl=True,
+        fma_products=True, **int8_scales)))
     new_token = NewToken(q.clone(), q.clone(), rope, rope, neox=False)
     calls.append(("rope in it + fused merge + 16-bit copy + PDL: ", lambda: K.paged_decode_attention(
         q, cache, cache, table, positions, 0.1, torch.zeros_like(q), workspace, out_q8=attn_q16, pdl=True,

@@ -191,6 +191,7 @@ class GPUBackend(Backend):
                 + ("-rope-in-attention" if self.bufs.rope_in_attention else "")
                 + ("-kv-int8" if self.cache.dtype == "int8" else "")
                 + ("-int8-products" if self.bufs.int8_attention_products else "")
+                + ("-fma-products" if self.bufs.fma_attention_products else "")
                 + ("" if self.one_launch_greedy else "-torch-greedy")
                 + ("-default-shapes" if untuned else ""))
 
@@ -258,6 +259,7 @@ class GPUBackend(Backend):
         it), one launch a layer fewer than the merge kernel of its own ("-fused-merge"). Off by default:
         measured alike at depth 0 and slower deep in a context (benchmarks/NOTES.md). Recaptures the current
         mode's graphs."""
+        self._refuse_beside_fma_products(enabled, "the fused attention merge")
         self.bufs.fused_attention_merge = bool(enabled)
         self._recapture()
 
@@ -268,6 +270,7 @@ class GPUBackend(Backend):
         the current mode's graphs."""
         if enabled and self.cache.dtype == "int8":
             raise InvalidParameterError("rope in the attention launch writes an f16 KV cache only; this one is int8")
+        self._refuse_beside_fma_products(enabled, "rope in the attention launch")
         self.bufs.rope_in_attention = bool(enabled)
         self._recapture()
 
@@ -278,7 +281,27 @@ class GPUBackend(Backend):
         mode's graphs."""
         if enabled and self.cache.dtype != "int8":
             raise InvalidParameterError("int8 attention products need an int8 KV cache (kv_cache='int8')")
+        self._refuse_beside_fma_products(enabled, "int8 attention products")
         self.bufs.int8_attention_products = bool(enabled)
+        self._recapture()
+
+    def _refuse_beside_fma_products(self, enabled: bool, name: str) -> None:
+        if enabled and self.bufs.fma_attention_products:
+            raise InvalidParameterError(f"{name} does not combine with fma attention products; turn them off first")
+
+    def set_fma_attention_products(self, enabled: bool) -> None:
+        """Experimental: decode attention takes its products as f32 multiply-adds on the CUDA cores, one program
+        per q head, instead of tensor-core products of f16 tiles ("-fma-products"; kernels/decode_attention).
+        Not with the fused merge, rope in the attention launch or int8 products. Not yet measured on a GPU, so
+        off. Recaptures the current mode's graphs."""
+        if enabled:
+            for name, chosen in (("the fused attention merge", self.bufs.fused_attention_merge),
+                                 ("rope in the attention launch", self.bufs.rope_in_attention),
+                                 ("int8 attention products", self.bufs.int8_attention_products)):
+                if chosen:
+                    raise InvalidParameterError(f"fma attention products do not combine with {name}; turn it off "
+                                                f"first")
+        self.bufs.fma_attention_products = bool(enabled)
         self._recapture()
 
     def set_one_launch_greedy(self, enabled: bool) -> None:

@@ -37,6 +37,15 @@ hi and lo, and q . k = step * (256 hi . k + lo . k) in exact int32 tensor-core p
 times the v scales are rounded the same way per tile for the V product. The rounding, 1/65024 of a row's
 largest value, is far below the cache's own (1/254 of its row's).
 
+With `fma_products` (opt-in; not yet measured on a GPU) a second kernel does the split's work: one program
+per (sequence, q head, split) instead of per kv head, and both products as f32 multiply-adds on the CUDA cores,
+scores = sum over Dh of k * q and acc += sum over the tile's tokens of p * v. At batch 1 the products are ~1
+multiply-add per cached value against a byte or two read, far below the cores' rate, and the tiles need no
+transpose, no f16 split of q and no change of layout to reach the tensor cores (which is where an int8 tile's
+time went: benchmarks/NOTES.md); k and v go from the cache to f32 in registers, where f16 and int8 values are
+exact. A GQA group's q heads each read their kv head's tiles (from L2 after the first). No fused merge, no
+`new_token`, no `int8_products` here.
+
 Scores are kept in log2 units (multiplied by scale * log2(e)), so the kernels exponentiate with exp2.
 
 Precision: both products run on f16 tensor cores yet keep f32 accuracy. K and V are f16 already, or int8
@@ -71,6 +80,7 @@ DEFAULT_MIN_SPLIT_TOKENS = 128  # measured on an H100: 64..256 within 10%, 128 b
 MIN_SPLIT_TOKENS = 16  # tl.dot needs tiles of at least 16 tokens
 MAX_TILE_TOKENS = 64
 MAX_TILE_ELEMENTS = 8192  # one K or V tile [tokens, Dh] in registers: 64 x 128, or 32 x 256
+MAX_FMA_TILE_TOKENS = 128  # fma_products: an int8 tile of 128 tokens at head_dim 128 is 16 KB, an f16 one of 64
 
 
 @triton.jit
@@ -211,6 +221,64 @@ def _paged_decode_attention_kernel(
         else:
             _store_partials(part_max_ptr, part_sum_ptr, part_acc_ptr, running_max, running_sum, acc, row, heads,
                             group_mask, dims, dim_mask, split, NUM_KV_HEADS * GROUP_SIZE, HEAD_DIM, NUM_SPLITS)
+
+
+@triton.jit
+def _paged_decode_attention_fma_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, page_table_ptr, positions_ptr, part_max_ptr,
+        part_sum_ptr, part_acc_ptr, q_row_stride, q_head_stride, page_table_row_stride, qk_scale_log2,
+        NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+        PAGE_SIZE: tl.constexpr, SPLIT_TOKENS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr, KV_INT8: tl.constexpr, EARLY_V: tl.constexpr, USE_PDL: tl.constexpr):
+    """fma_products: one program per (sequence, q head, split), both products as f32 multiply-adds on the CUDA
+    cores (module docstring). Same inputs and partials as _paged_decode_attention_kernel; grid (B * Hq, NUM_SPLITS)."""
+    _pdl_wait(USE_PDL)
+    row = tl.program_id(0) // NUM_Q_HEADS
+    head = tl.program_id(0) % NUM_Q_HEADS
+    kv_head = head // GROUP_SIZE
+    split = tl.program_id(1)
+    seq_len = tl.load(positions_ptr + row) + 1
+    start = split * SPLIT_TOKENS
+    if start < seq_len:
+        end = tl.minimum(start + SPLIT_TOKENS, seq_len)
+        dims = tl.arange(0, BLOCK_D)
+        dim_mask = dims < HEAD_DIM
+        # the score scale folded into q once: one multiply a program instead of one a token
+        q = tl.load(q_ptr + row.to(tl.int64) * q_row_stride + head * q_head_stride + dims, mask=dim_mask,
+                    other=0.0) * qk_scale_log2
+        page_row = page_table_ptr + row.to(tl.int64) * page_table_row_stride
+        running_max = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)
+        running_sum = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for tile_start in range(start, end, BLOCK_N):
+            tokens = tile_start + tl.arange(0, BLOCK_N)  # the first is always < end
+            token_mask = tokens < end
+            pages = tl.load(page_row + tokens // PAGE_SIZE, mask=token_mask, other=0).to(tl.int64)
+            token_slots = (pages * NUM_KV_HEADS + kv_head) * PAGE_SIZE + tokens % PAGE_SIZE
+            kv_offsets = token_slots[:, None] * HEAD_DIM + dims[None, :]  # [BLOCK_N, BLOCK_D]
+            kv_mask = token_mask[:, None] & dim_mask[None, :]
+            k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+            if EARLY_V:
+                v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+            scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # [BLOCK_N], log2 units
+            if KV_INT8:
+                scores = scores * tl.load(k_scale_ptr + token_slots, mask=token_mask, other=0.0)
+            scores = tl.where(token_mask, scores, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(scores, axis=0))
+            correction = tl.exp2(running_max - new_max)  # exp2(-inf) = 0 on the first tile
+            probs = tl.exp2(scores - new_max)
+            running_sum = running_sum * correction + tl.sum(probs, axis=0)
+            if not EARLY_V:
+                v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+            weights = probs
+            if KV_INT8:  # each token's v scale goes on its probability (module docstring)
+                weights = probs * tl.load(v_scale_ptr + token_slots, mask=token_mask, other=0.0)
+            acc = acc * correction + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
+            running_max = new_max
+        part = (row.to(tl.int64) * NUM_Q_HEADS + head) * NUM_SPLITS + split
+        tl.store(part_max_ptr + part, running_max)
+        tl.store(part_sum_ptr + part, running_sum)
+        tl.store(part_acc_ptr + part * HEAD_DIM + dims, acc, mask=dim_mask)
 
 
 @triton.jit
@@ -407,7 +475,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            v_scale: torch.Tensor | None = None, out_q8: QuantizedActivations | None = None,
                            pdl: bool = False, block_n: int | None = None, num_warps: int = 4,
                            early_v: bool = False, fused_merge: bool = False,
-                           new_token: NewToken | None = None, int8_products: bool = False) -> torch.Tensor:
+                           new_token: NewToken | None = None, int8_products: bool = False,
+                           fma_products: bool = False) -> torch.Tensor:
     """out [B, Hq, Dh] f32 = softmax(scale * q k^T) v over tokens 0..positions[b] of each sequence b.
 
     q [B, Hq, Dh] f32 (rotated); k_cache, v_cache [pages, Hkv, page_size, Dh] f16 with Hq % Hkv == 0, or int8
@@ -422,7 +491,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     q, and the program whose split holds position positions[b] rotates the new k and writes it and v into the
     cache before reading its tiles (one launch instead of rope_and_cache_write's and this one; q itself is left
     as it is). `int8_products` (int8 caches only; opt-in, not yet measured on a GPU): both products on the
-    integers themselves instead of f16 conversions of the tiles (the module docstring). Returns `out`."""
+    integers themselves instead of f16 conversions of the tiles (the module docstring). `fma_products` (f16 or
+    int8 caches; opt-in until measured): one program per q head, both products as f32 multiply-adds on the
+    CUDA cores, no tensor cores and no tile layout changes (the module docstring); tiles up to 128 tokens, with
+    the merge in its own kernel (not with fused_merge, new_token or int8_products). Returns `out`."""
     check_tensor("q", q, torch.float32, (None, None, None), layout="rows")
     batch, num_q_heads, head_dim = q.shape
     check_tensor("out", out, torch.float32, (batch, num_q_heads, head_dim), layout="rows")
@@ -464,6 +536,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     if int8_products and not kv_int8:
         raise ValueError("int8_products multiplies an int8 KV cache's quants; this cache is f16")
+    if fma_products:
+        return _fma_decode_attention(q, k_cache, v_cache, page_table, positions, scale, out, ws, k_scale, v_scale,
+                                     out_q8, pdl, block_n, num_warps, early_v, fused_merge, new_token, int8_products)
     group_size = num_q_heads // num_kv_heads
     block_d = max(32 if int8_products else 16, next_power_of_2(head_dim))  # int8 products: k of 32 at least
     largest_tile = min(MAX_TILE_TOKENS, ws.split_tokens, MAX_TILE_ELEMENTS // block_d)
@@ -498,6 +573,43 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits,
             BLOCK_S=merge_shape["BLOCK_S"], BLOCK_D=merge_shape["MERGE_BLOCK_D"], QUANTIZE=out_q8 is not None,
             num_warps=1, **launch_options(pdl))
+    return out
+
+
+def _fma_decode_attention(q, k_cache, v_cache, page_table, positions, scale, out, ws, k_scale, v_scale, out_q8,
+                          pdl, block_n, num_warps, early_v, fused_merge, new_token, int8_products) -> torch.Tensor:
+    """paged_decode_attention's fma_products launches, its arguments checked already."""
+    for name, chosen in (("fused_merge", fused_merge), ("new_token", new_token is not None),
+                         ("int8_products", int8_products)):
+        if chosen:
+            raise ValueError(f"fma_products has no {name} form: call with one of the two")
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    kv_int8 = k_cache.dtype == torch.int8
+    block_d = max(16, next_power_of_2(head_dim))
+    # tiles of 16 KB (the largest tensor-core tile's bytes): 64 f16 or 128 int8 tokens at head_dim 128
+    largest_tile = min(MAX_FMA_TILE_TOKENS, ws.split_tokens, MAX_TILE_ELEMENTS * (2 if kv_int8 else 1) // block_d)
+    if block_n is None:
+        block_n = max(MIN_SPLIT_TOKENS, largest_tile)
+    elif block_n not in (16, 32, 64, 128) or block_n > ws.split_tokens:
+        raise ValueError(f"block_n must be 16, 32, 64 or 128 and at most split_tokens ({ws.split_tokens}) with "
+                         f"fma_products, got {block_n!r}")
+    if num_warps not in (1, 2, 4, 8):
+        raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {num_warps!r}")
+    out_q = q8_launch_args(out_q8, out)
+    block_s = min(16, next_power_of_2(ws.num_splits))
+    merge_block_d = max(block_d, ACTIVATION_BLOCK)
+    _paged_decode_attention_fma_kernel[(batch * num_q_heads, ws.num_splits)](
+        q, k_cache, v_cache, *scale_launch_args(k_cache, k_scale, v_scale), page_table, positions, ws.part_max,
+        ws.part_sum, ws.part_acc, q.stride(0), q.stride(1), page_table.stride(0), float(scale) * math.log2(math.e),
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=num_q_heads // num_kv_heads,
+        HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[2], SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits,
+        BLOCK_D=block_d, BLOCK_N=block_n, KV_INT8=kv_int8, EARLY_V=bool(early_v),
+        num_warps=num_warps, **launch_options(pdl))
+    _merge_splits_kernel[(batch, num_q_heads)](
+        ws.part_max, ws.part_sum, ws.part_acc, positions, out, out.stride(0), out.stride(1), *out_q,
+        NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits,
+        BLOCK_S=block_s, BLOCK_D=merge_block_d, QUANTIZE=out_q8 is not None, num_warps=1, **launch_options(pdl))
     return out
 
 

@@ -92,6 +92,9 @@ class StepBuffers:
     # With an int8 KV cache: decode attention multiplies the cache's quants in integer products instead of f16
     # conversions of its tiles (kernels/decode_attention int8_products). Opt-in: not yet measured on a GPU.
     int8_attention_products: bool = False
+    # Decode attention's products as f32 multiply-adds on the CUDA cores, one program per q head
+    # (kernels/decode_attention fma_products), f16 or int8 caches. Opt-in: not yet measured on a GPU.
+    fma_attention_products: bool = False
     # The integer-dot GEMVs' launch shapes, tuned at load on a GPU (runner/gemv_tuning); None: the defaults.
     gemv_shapes: GemvShapes | None = None
 
@@ -213,7 +216,8 @@ def _attention_block(config: ModelConfig, layer: LayerWeights, k_cache: torch.Te
     paged_decode_attention(bufs.q, k_cache, v_cache, bufs.page_table, bufs.positions,
                            config.head_dim ** -0.5, bufs.attn, bufs.attention_workspace, out_q8=attn_q8,
                            pdl=bufs.pdl, fused_merge=bufs.fused_attention_merge, new_token=new_token,
-                           int8_products=bufs.int8_attention_products, **scales)
+                           int8_products=bufs.int8_attention_products, fma_products=bufs.fma_attention_products,
+                           **scales)
     project(bufs.attn.view(bufs.batch_size, -1), [layer.attn_output], bufs.x, None, attn_q8, accumulate=True,
             **bufs.gemv_options)
 
