@@ -151,6 +151,16 @@ def _sweep_gemv_form(weights: list, form: str, quick: bool) -> dict:
     return entry
 
 
+def _time_attention(entry: dict, body, kv_bytes: int) -> None:
+    """Adds body's graph-replay time (us_per_step) and the cache's read rate (gbps) to entry, or the error of a
+    shape that does not compile or fit."""
+    try:
+        ms = time_graph_replay(body)
+        entry |= {"us_per_step": 1e3 * ms, "gbps": kv_bytes / (ms * 1e-3) / 1e9}
+    except Exception as exc:
+        entry["error"] = repr(exc)[:300]
+
+
 ATTENTION_CONTEXTS = (64, 512, 3840)  # tg128's own range, then deep
 ATTENTION_SHAPES = [  # split_tokens (None: the engine's choice), block_n (None: largest), num_warps, early_v,
     # fused_merge, rope_in_attention (the new token rotated and cached in the launch: NewToken)
@@ -191,11 +201,7 @@ def sweep_attention(out_dir: Path) -> list[dict]:
                                            new_token=new_token if rope else None)
             entry = {"context": context, "split_tokens": ws.split_tokens, "block_n": block_n, "num_warps": warps,
                      "early_v": early_v, "fused_merge": fused, "rope_in_attention": rope}
-            try:
-                ms = time_graph_replay(body)
-                entry |= {"us_per_step": 1e3 * ms, "gbps": kv_bytes / (ms * 1e-3) / 1e9}
-            except Exception as exc:  # a shape that does not compile or fit: recorded
-                entry["error"] = repr(exc)[:300]
+            _time_attention(entry, body, kv_bytes)
             results.append(entry)
             _save(out_dir, "attention", results)
         ok = sorted((r for r in results if r["context"] == context and "gbps" in r), key=lambda r: -r["gbps"])
@@ -257,11 +263,7 @@ def sweep_attention_products(out_dir: Path) -> list[dict]:
                     paged_decode_attention(q, k, v, table, positions, head_dim ** -0.5, out, ws, **scales, **options)
             entry = {"context": context, "cache": cache, "products": products, "split_tokens": ws.split_tokens,
                      "block_n": block_n, "num_warps": warps, "early_v": early_v}
-            try:
-                ms = time_graph_replay(body)
-                entry |= {"us_per_step": 1e3 * ms, "gbps": kv_bytes / (ms * 1e-3) / 1e9}
-            except Exception as exc:  # a shape that does not compile or fit: recorded
-                entry["error"] = repr(exc)[:300]
+            _time_attention(entry, body, kv_bytes)
             results.append(entry)
             _save(out_dir, "attention_products", results)
         rows = results[-len(PRODUCT_SHAPES):]

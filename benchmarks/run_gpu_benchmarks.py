@@ -255,18 +255,8 @@ def kv_int8_7b(run: Run, path: Path) -> None:
     try:
         bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
         bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
-        llm.backend.set_int8_attention_products(True)  # "-int8-products": no f16 conversion of the tiles
-        try:
-            bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
-            bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
-        finally:
-            llm.backend.set_int8_attention_products(False)
-        llm.backend.set_fma_attention_products(True)  # "-fma-products": int8 values to f32 on the CUDA cores
-        try:
-            bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
-            bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
-        finally:
-            llm.backend.set_fma_attention_products(False)
+        bench_with(run, llm, llm.backend.set_int8_attention_products)  # "-int8-products": no f16 conversion
+        bench_fma_products(run, llm)  # "-fma-products": int8 values to f32 on the CUDA cores
         gen = torch.Generator().manual_seed(0)
         prompts = [torch.randint(3, llm.config.vocab_size, (n,), generator=gen).tolist() for n in (16, 5, 40)]
         deep = torch.randint(3, llm.config.vocab_size, (DEEP + 16,), generator=gen).tolist()
@@ -457,26 +447,26 @@ def bench_variants(run: Run, llm: LLM) -> None:
                 bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
 
 
-def bench_fused_merge(run: Run, llm: LLM) -> None:
-    """tg128 at depth 0 and deep with the attention merge in the attention launch ("-fused-merge"), on the same
-    load as the default rows: the fused merge's worth, on one machine."""
-    llm.backend.set_fused_attention_merge(True)
+def bench_with(run: Run, llm: LLM, setter) -> None:
+    """tg128 at depth 0 and deep with an attention option on (`setter`, a GPUBackend method taking a bool; the
+    rows' backend name says which), on the same load as the default rows, then the option off again."""
+    setter(True)
     try:
         bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
         bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
     finally:
-        llm.backend.set_fused_attention_merge(False)
+        setter(False)
+
+
+def bench_fused_merge(run: Run, llm: LLM) -> None:
+    """The attention merge in the attention launch ("-fused-merge"): its worth, on one machine."""
+    bench_with(run, llm, llm.backend.set_fused_attention_merge)
 
 
 def bench_fma_products(run: Run, llm: LLM) -> None:
-    """tg128 at depth 0 and deep with decode attention's products as f32 multiply-adds on the CUDA cores, one
-    program per q head ("-fma-products"), on the same load as the default rows."""
-    llm.backend.set_fma_attention_products(True)
-    try:
-        bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
-        bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
-    finally:
-        llm.backend.set_fma_attention_products(False)
+    """Decode attention's products as f32 multiply-adds on the CUDA cores, one program per q head
+    ("-fma-products")."""
+    bench_with(run, llm, llm.backend.set_fma_attention_products)
 
 
 def bench_default_shapes(run: Run, llm: LLM) -> None:

@@ -84,6 +84,19 @@ MAX_FMA_TILE_TOKENS = 128  # fma_products: an int8 tile of 128 tokens at head_di
 
 
 @triton.jit
+def _tile_addresses(page_row, tile_start, end, kv_head, dims, dim_mask, NUM_KV_HEADS: tl.constexpr,
+                    PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Where the tile of BLOCK_N tokens from tile_start (< end) lives in kv head kv_head's pages: (token_mask
+    [BLOCK_N], token_slots [BLOCK_N], the scales' index, kv_offsets and kv_mask [BLOCK_N, BLOCK_D] of K and V)."""
+    tokens = tile_start + tl.arange(0, BLOCK_N)
+    token_mask = tokens < end
+    pages = tl.load(page_row + tokens // PAGE_SIZE, mask=token_mask, other=0).to(tl.int64)
+    token_slots = (pages * NUM_KV_HEADS + kv_head) * PAGE_SIZE + tokens % PAGE_SIZE
+    kv_offsets = token_slots[:, None] * HEAD_DIM + dims[None, :]
+    return token_mask, token_slots, kv_offsets, token_mask[:, None] & dim_mask[None, :]
+
+
+@triton.jit
 def _paged_decode_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, page_table_ptr, positions_ptr, part_max_ptr,
         part_sum_ptr, part_acc_ptr, q_row_stride, q_head_stride, page_table_row_stride, qk_scale_log2,
@@ -146,13 +159,8 @@ def _paged_decode_attention_kernel(
         running_sum = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         for tile_start in range(start, end, BLOCK_N):
-            tokens = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]; the first is always < end
-            token_mask = tokens < end
-            pages = tl.load(page_row + tokens // PAGE_SIZE, mask=token_mask, other=0).to(tl.int64)
-            token_slots = (pages * NUM_KV_HEADS + kv_head) * PAGE_SIZE + tokens % PAGE_SIZE  # the scales' index
-            token_rows = token_slots * HEAD_DIM
-            kv_offsets = token_rows[:, None] + dims[None, :]  # [BLOCK_N, BLOCK_D]
-            kv_mask = token_mask[:, None] & dim_mask[None, :]
+            token_mask, token_slots, kv_offsets, kv_mask = _tile_addresses(
+                page_row, tile_start, end, kv_head, dims, dim_mask, NUM_KV_HEADS, PAGE_SIZE, HEAD_DIM, BLOCK_N)
             k_t = tl.trans(tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0))  # [BLOCK_D, BLOCK_N]
             if KV_INT8:  # int8 values are exact in f16 (|q| <= 127); the scales load beside the tile
                 if not INT8_PRODUCTS:
@@ -251,12 +259,8 @@ def _paged_decode_attention_fma_kernel(
         running_sum = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
         acc = tl.zeros([BLOCK_D], tl.float32)
         for tile_start in range(start, end, BLOCK_N):
-            tokens = tile_start + tl.arange(0, BLOCK_N)  # the first is always < end
-            token_mask = tokens < end
-            pages = tl.load(page_row + tokens // PAGE_SIZE, mask=token_mask, other=0).to(tl.int64)
-            token_slots = (pages * NUM_KV_HEADS + kv_head) * PAGE_SIZE + tokens % PAGE_SIZE
-            kv_offsets = token_slots[:, None] * HEAD_DIM + dims[None, :]  # [BLOCK_N, BLOCK_D]
-            kv_mask = token_mask[:, None] & dim_mask[None, :]
+            token_mask, token_slots, kv_offsets, kv_mask = _tile_addresses(
+                page_row, tile_start, end, kv_head, dims, dim_mask, NUM_KV_HEADS, PAGE_SIZE, HEAD_DIM, BLOCK_N)
             k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
             if EARLY_V:
                 v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
@@ -554,8 +558,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if fused_merge and ws.counters is None:
         raise ValueError("fused_merge needs the workspace's counters (DecodeAttentionWorkspace.create makes them)")
     out_q = q8_launch_args(out_q8, out)
-    merge_shape = dict(BLOCK_S=min(16, next_power_of_2(ws.num_splits)), MERGE_BLOCK_D=max(block_d, ACTIVATION_BLOCK),
-                       QUANTIZE=out_q8 is not None)
+    merge_shape = _merge_shape(ws, block_d, out_q8 is not None)
     _paged_decode_attention_kernel[(batch * num_kv_heads, ws.num_splits)](
         q, k_cache, v_cache, *scale_launch_args(k_cache, k_scale, v_scale), page_table, positions, ws.part_max,
         ws.part_sum, ws.part_acc, q.stride(0), q.stride(1), page_table.stride(0), float(scale) * math.log2(math.e),
@@ -568,12 +571,24 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         USE_FENCE=not under_interpreter(), num_warps=num_warps, **merge_shape,
         **launch_options(pdl))
     if not fused_merge:
-        _merge_splits_kernel[(batch, num_q_heads)](
-            ws.part_max, ws.part_sum, ws.part_acc, positions, out, out.stride(0), out.stride(1), *out_q,
-            NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits,
-            BLOCK_S=merge_shape["BLOCK_S"], BLOCK_D=merge_shape["MERGE_BLOCK_D"], QUANTIZE=out_q8 is not None,
-            num_warps=1, **launch_options(pdl))
+        _launch_merge(ws, positions, out, out_q, merge_shape, pdl)
     return out
+
+
+def _merge_shape(ws: DecodeAttentionWorkspace, block_d: int, quantize: bool) -> dict:
+    return dict(BLOCK_S=min(16, next_power_of_2(ws.num_splits)), MERGE_BLOCK_D=max(block_d, ACTIVATION_BLOCK),
+                QUANTIZE=quantize)
+
+
+def _launch_merge(ws: DecodeAttentionWorkspace, positions: torch.Tensor, out: torch.Tensor, out_q: tuple,
+                  merge_shape: dict, pdl: bool) -> None:
+    """The merge kernel over the splits' partials in `ws`, into out [B, Hq, Dh] (and its quantized copy)."""
+    batch, num_q_heads, head_dim = out.shape
+    _merge_splits_kernel[(batch, num_q_heads)](
+        ws.part_max, ws.part_sum, ws.part_acc, positions, out, out.stride(0), out.stride(1), *out_q,
+        NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits,
+        BLOCK_S=merge_shape["BLOCK_S"], BLOCK_D=merge_shape["MERGE_BLOCK_D"], QUANTIZE=merge_shape["QUANTIZE"],
+        num_warps=1, **launch_options(pdl))
 
 
 def _fma_decode_attention(q, k_cache, v_cache, page_table, positions, scale, out, ws, k_scale, v_scale, out_q8,
@@ -596,9 +611,6 @@ def _fma_decode_attention(q, k_cache, v_cache, page_table, positions, scale, out
                          f"fma_products, got {block_n!r}")
     if num_warps not in (1, 2, 4, 8):
         raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {num_warps!r}")
-    out_q = q8_launch_args(out_q8, out)
-    block_s = min(16, next_power_of_2(ws.num_splits))
-    merge_block_d = max(block_d, ACTIVATION_BLOCK)
     _paged_decode_attention_fma_kernel[(batch * num_q_heads, ws.num_splits)](
         q, k_cache, v_cache, *scale_launch_args(k_cache, k_scale, v_scale), page_table, positions, ws.part_max,
         ws.part_sum, ws.part_acc, q.stride(0), q.stride(1), page_table.stride(0), float(scale) * math.log2(math.e),
@@ -606,10 +618,8 @@ def _fma_decode_attention(q, k_cache, v_cache, page_table, positions, scale, out
         HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[2], SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits,
         BLOCK_D=block_d, BLOCK_N=block_n, KV_INT8=kv_int8, EARLY_V=bool(early_v),
         num_warps=num_warps, **launch_options(pdl))
-    _merge_splits_kernel[(batch, num_q_heads)](
-        ws.part_max, ws.part_sum, ws.part_acc, positions, out, out.stride(0), out.stride(1), *out_q,
-        NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits,
-        BLOCK_S=block_s, BLOCK_D=merge_block_d, QUANTIZE=out_q8 is not None, num_warps=1, **launch_options(pdl))
+    _launch_merge(ws, positions, out, q8_launch_args(out_q8, out), _merge_shape(ws, block_d, out_q8 is not None),
+                  pdl)
     return out
 
 
