@@ -225,15 +225,17 @@ PRODUCT_SHAPES = [  # cache, products ("tensor": f16 tensor cores, the default; 
     ("f16", "fma", None, None, 8, False), ("f16", "fma", 256, None, 8, True),
     ("int8", "fma", None, None, 4, False), ("int8", "fma", None, None, 4, True), ("int8", "fma", None, None, 8, False),
     ("int8", "fma", None, None, 8, True), ("int8", "fma", None, 64, 4, False), ("int8", "fma", 256, None, 8, True),
-    ("int8", "fma", 64, None, 4, True)]
+    ("int8", "fma", 64, None, 4, True),
+    ("q4", "fma", None, None, 4, False), ("q4", "fma", None, None, 8, False), ("q4", "fma", None, 64, 4, False),
+    ("q4", "fma", 256, None, 8, False), ("q4", "fma", 64, None, 4, False), ("q4", "fma", None, None, 2, False)]
 
 
 def sweep_attention_products(out_dir: Path) -> list[dict]:
-    """Decode attention at llama2-7b's shape (32 layers' caches) over an f16 and an int8 cache, with each kind of
-    products (tensor-core f16, int8 integers, f32 multiply-adds on the CUDA cores: fma_products) and launch
-    shapes: GB/s of the cache's bytes read (quants and scales)."""
+    """Decode attention at llama2-7b's shape (32 layers' caches) over an f16, an int8 and a q4 cache, with each
+    kind of products (tensor-core f16, int8 integers, f32 multiply-adds on the CUDA cores: fma_products, the q4
+    cache's only kind) and launch shapes: GB/s of the cache's bytes read (quants and scales)."""
     from replayllm.kernels import DecodeAttentionWorkspace, paged_decode_attention
-    from replayllm.kernels.kv_cache import quantize_kv_reference
+    from replayllm.kernels.kv_cache import quantize_kv_q4_reference, quantize_kv_reference
 
     layers, heads, head_dim, page, capacity = 32, 32, 128, 16, 4096 + 16
     pages = capacity // page
@@ -243,7 +245,13 @@ def sweep_attention_products(out_dir: Path) -> list[dict]:
     for k, v in f16:
         (kq, ks), (vq, vs) = quantize_kv_reference(k), quantize_kv_reference(v)
         int8.append((kq, vq, dict(k_scale=ks, v_scale=vs)))
+    q4 = []
+    for k, v in f16:
+        (kq, ks), (vq, vs) = quantize_kv_q4_reference(k), quantize_kv_q4_reference(v)
+        q4.append((kq, vq, dict(k_scale=ks, v_scale=vs)))
     f16 = [(k, v, {}) for k, v in f16]
+    caches_of = {"f16": f16, "int8": int8, "q4": q4}
+    row_bytes_of = {"f16": 2 * head_dim, "int8": head_dim + 4, "q4": head_dim // 2 + 4 * (head_dim // 32)}
     table = torch.arange(pages, dtype=torch.int32, device="cuda")[None, :]
     q = torch.randn(1, heads, head_dim, device="cuda")
     out = torch.empty_like(q)
@@ -251,8 +259,7 @@ def sweep_attention_products(out_dir: Path) -> list[dict]:
     for context in PRODUCT_CONTEXTS:
         positions = torch.full((1,), context, dtype=torch.int32, device="cuda")
         for cache, products, split, block_n, warps, early_v in PRODUCT_SHAPES:
-            caches = f16 if cache == "f16" else int8
-            row_bytes = 2 * head_dim if cache == "f16" else head_dim + 4
+            caches, row_bytes = caches_of[cache], row_bytes_of[cache]
             kv_bytes = 2 * layers * heads * row_bytes * (context + 1)
             ws = DecodeAttentionWorkspace.create(1, heads, head_dim, capacity, "cuda", split_tokens=split)
             options = dict(block_n=block_n, num_warps=warps, early_v=early_v, int8_products=products == "int8",

@@ -241,22 +241,23 @@ def correctness(run: Run, llm: LLM, path: Path) -> None:
         f"{max(result['int8_greedy_32_max_relative_shortfall_vs_int8_reference']):.1e}")
 
 
-def kv_int8_7b(run: Run, path: Path) -> None:
-    """The int8 KV cache on the 7B Q4_K_M (a load of its own): tg128 at depth 0 and deep in the context, with the
-    attention's f16 products, its int8 ones (set_int8_attention_products) and its f32 multiply-adds
-    (set_fma_attention_products); graph ==
-    eager; its error against the fp32 reference and against the reference that rounds keys and values the same
-    way (ReferenceBackend kv_cache="int8"): prefill logits, 32 greedy tokens of 3 prompts, and the decode-step
-    logits of 16 teacher-forced steps after a prompt of DEEP tokens, where the rounding of thousands of cached
-    keys and values adds up."""
+def kv_quantized_7b(run: Run, path: Path, kv_cache: str) -> None:
+    """A quantized KV cache ("int8" or "q4") on the 7B Q4_K_M (a load of its own): tg128 at depth 0 and deep in
+    the context (an int8 cache also with its attention's int8 products, set_int8_attention_products, and its f32
+    multiply-adds, set_fma_attention_products; a q4 cache has those only); graph == eager; its error against the
+    fp32 reference and against the reference that rounds keys and values the same way (ReferenceBackend
+    kv_cache=kv_cache): prefill logits, 32 greedy tokens of 3 prompts, and the decode-step logits of 16
+    teacher-forced steps after a prompt of DEEP tokens, where the rounding of thousands of cached keys and values
+    adds up."""
     from replayllm.engine.reference_backend import ReferenceBackend
 
-    llm = load(run, "startup_7b_kv_int8", path, kv_cache="int8")
+    llm = load(run, f"startup_7b_kv_{kv_cache}", path, kv_cache=kv_cache)
     try:
         bench(run, llm, [BenchTest("tg", 128)], ["graph"], 3)
         bench(run, llm, [BenchTest("tg", 128, depth=DEEP)], ["graph"], 2)
-        bench_with(run, llm, llm.backend.set_int8_attention_products)  # "-int8-products": no f16 conversion
-        bench_fma_products(run, llm)  # "-fma-products": int8 values to f32 on the CUDA cores
+        if kv_cache == "int8":
+            bench_with(run, llm, llm.backend.set_int8_attention_products)  # "-int8-products": no f16 conversion
+            bench_fma_products(run, llm)  # "-fma-products": int8 values to f32 on the CUDA cores
         gen = torch.Generator().manual_seed(0)
         prompts = [torch.randint(3, llm.config.vocab_size, (n,), generator=gen).tolist() for n in (16, 5, 40)]
         deep = torch.randint(3, llm.config.vocab_size, (DEEP + 16,), generator=gen).tolist()
@@ -271,8 +272,9 @@ def kv_int8_7b(run: Run, path: Path) -> None:
         deep_logits = b.decode_logits(deep, DEEP)
         result = {"graph_equals_eager": tokens["graph"] == tokens["eager"], "tokens_graph": tokens["graph"],
                   "metric": "max |gpu - ref| / max |ref|", "deep_prompt_tokens": DEEP, "deep_decode_steps": 16}
-        for name, kv_cache in (("fp32", "f16"), ("int8_kv_reference", "int8")):
-            reference = ReferenceBackend(llm.model_file, DEEP + 32, progress=False, device="cuda", kv_cache=kv_cache)
+        for name, reference_cache in (("fp32", "f16"), (f"{kv_cache}_kv_reference", kv_cache)):
+            reference = ReferenceBackend(llm.model_file, DEEP + 32, progress=False, device="cuda",
+                                         kv_cache=reference_cache)
             try:
                 ref_logits = reference.logits(prompts[0])
                 agreements = [greedy_agreement(reference.logits(p + t), len(p), t)
@@ -296,16 +298,16 @@ def kv_int8_7b(run: Run, path: Path) -> None:
         llm.close()
         del llm
         torch.cuda.empty_cache()
-    run.results["kv_int8_7b"] = result
+    run.results[f"kv_{kv_cache}_7b"] = result
     parts = []
-    for name in ("fp32", "int8_kv_reference"):
+    for name in ("fp32", f"{kv_cache}_kv_reference"):
         r = result[f"vs_{name}"]
         parts.append(f"vs {name}: prefill {r['prefill_rel_logit_error']:.1e}, argmax equal "
                      f"{r['argmax_equal_every_position']}, greedy32 identical {r['greedy_32_identical']} (first "
                      f"divergence {r['greedy_32_first_divergence']}, max rel shortfall "
                      f"{max(r['greedy_32_max_relative_shortfall']):.1e}), decode at depth {DEEP} "
                      f"{r['deep_decode_rel_logit_error']:.1e} (argmax equal {r['deep_decode_argmax_equal']}/16)")
-    run.summary.append(f"    7B int8 KV cache: graph==eager {result['graph_equals_eager']}; " + "; ".join(parts))
+    run.summary.append(f"    7B {kv_cache} KV cache: graph==eager {result['graph_equals_eager']}; " + "; ".join(parts))
 
 
 CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
@@ -747,7 +749,8 @@ def targets(run: Run) -> None:
     if llm:
         synth_13b = start_synth("llama2-13b", "q4_k_m")
         # beside the f16 load (memory enough on one GPU): the newest change first
-        run.stage("llama2-7b Q4_K_M with the int8 KV cache: speed and accuracy", kv_int8_7b, run, q7)
+        run.stage("llama2-7b Q4_K_M with the q4 KV cache: speed and accuracy", kv_quantized_7b, run, q7, "q4")
+        run.stage("llama2-7b Q4_K_M with the int8 KV cache: speed and accuracy", kv_quantized_7b, run, q7, "int8")
         run.stage("bench llama2-7b Q4_K_M, attention products on the CUDA cores", bench_fma_products, run, llm)
         run.stage("decode step kernel breakdown llama2-7b Q4_K_M", decode_breakdown, run, llm)
         run.stage("correctness llama2-7b Q4_K_M vs fp32 reference", correctness, run, llm, q7)

@@ -5,8 +5,8 @@ plain f16 or TF32 product, or a split merged twice or missed, is off by 1e-4 or 
 workspace are poisoned with NaN before each launch, so an unwritten output element or a partial result read
 from an unused split fails.
 Small splits (16 tokens) and pages (4 tokens) make short sequences cross page and split boundaries.
-An int8 cache is the f16 one quantized (quantize_kv_reference); the reference dequantizes it, and the kernel must
-match that as closely as it matches an f16 cache.
+An int8 (or q4) cache is the f16 one quantized (quantize_kv_reference, quantize_kv_q4_reference); the reference
+dequantizes it, and the kernel must match that as closely as it matches an f16 cache.
 """
 
 from __future__ import annotations
@@ -20,7 +20,12 @@ from replayllm.kernels.decode_attention import (
     paged_decode_attention,
     paged_decode_attention_reference,
 )
-from replayllm.kernels.kv_cache import gather_paged_cache_reference, paged_cache_write_reference, quantize_kv_reference
+from replayllm.kernels.kv_cache import (
+    gather_paged_cache_reference,
+    paged_cache_write_reference,
+    quantize_kv_q4_reference,
+    quantize_kv_reference,
+)
 from replayllm.kernels.rope import rope_and_cache_write, rope_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,6 +56,20 @@ def _int8_cache(k_cache, v_cache):
     """The f16 cache quantized as an int8 cache holds it: (k_cache, v_cache, k_scale, v_scale)."""
     (k_q, k_scale), (v_q, v_scale) = quantize_kv_reference(k_cache), quantize_kv_reference(v_cache)
     return k_q, v_q, k_scale, v_scale
+
+
+def _q4_cache(k_cache, v_cache):
+    """The f16 cache quantized as a q4 cache holds it: (k_cache, v_cache, k_scale, v_scale)."""
+    (k_q, k_scale), (v_q, v_scale) = quantize_kv_q4_reference(k_cache), quantize_kv_q4_reference(v_cache)
+    return k_q, v_q, k_scale, v_scale
+
+
+def _quantized(kind, k_cache, v_cache):
+    """(k_cache, v_cache, the scales as keyword arguments) of the f16 cache as a cache of `kind` holds it."""
+    if kind == "f16":
+        return k_cache, v_cache, {}
+    k_q, v_q, k_scale, v_scale = (_int8_cache if kind == "int8" else _q4_cache)(k_cache, v_cache)
+    return k_q, v_q, dict(k_scale=k_scale, v_scale=v_scale)
 
 
 def _run(q, k_cache, v_cache, page_table, positions, workspace, scale, **options):
@@ -610,17 +629,87 @@ def test_fma_products_reject_what_they_do_not_do(options, message):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("int8", [False, True], ids=["f16", "int8"])
+@pytest.mark.parametrize("kind", ["f16", "int8", "q4"])
 @pytest.mark.parametrize("group_size", [1, 4])
-def test_fma_products_at_real_shapes(int8, group_size):
+def test_fma_products_at_real_shapes(kind, group_size):
     lengths = [1, 17, 2048, 4096]
     q, k_cache, v_cache, page_table, positions = _setup(lengths, 32, 32 // group_size, 128, 16, 4096, seed=57)
-    scales = {}
-    if int8:
-        k_cache, v_cache, k_scale, v_scale = _int8_cache(k_cache, v_cache)
-        scales = dict(k_scale=k_scale, v_scale=v_scale)
+    k_cache, v_cache, scales = _quantized(kind, k_cache, v_cache)
     workspace = DecodeAttentionWorkspace.create(4, 32, 128, 4096, "cuda")
     out = _run(q, k_cache, v_cache, page_table, positions, workspace, 128 ** -0.5, **scales, fma_products=True)
     expected = paged_decode_attention_reference(q, k_cache, v_cache, page_table, positions, 128 ** -0.5, **scales)
     for b in range(len(lengths)):
         assert _relative_error(out[b], expected[b]) < TOLERANCE
+
+
+# A q4 cache: its own kernel (CUDA-core products over half rows of 4-bit cells, a scale per block of 32 dims),
+# whatever fma_products says; its values times their scales are exact in f32, so the f16 cache's tolerance.
+@pytest.mark.parametrize("group_size, head_dim, block_n, fma_products", [
+    (1, 64, None, False), (4, 64, 16, True), (2, 128, 32, False), (1, 192, 64, True)])
+def test_q4_cache_matches_the_dequantized_reference(group_size, head_dim, block_n, fma_products):
+    """Lengths from one token to several tiles and splits through shuffled pages; head_dim 64 (one block a
+    half), 128 (two) and 192 (three: the cells pad to four blocks); tiles of 16 tokens rescale the running sums
+    within a split."""
+    lengths = [1, 5, 64, 65, 150]
+    q, k_cache, v_cache, page_table, positions = _setup(lengths, 2 * group_size, 2, head_dim, 4, 160,
+                                                        seed=61 + group_size, q_scale=2.0)
+    k_cache, v_cache, scales = _quantized("q4", k_cache, v_cache)
+    workspace = DecodeAttentionWorkspace.create(len(lengths), 2 * group_size, head_dim, 160, DEVICE, split_tokens=64)
+    out = _run(q, k_cache, v_cache, page_table, positions, workspace, 0.3, **scales, block_n=block_n,
+               fma_products=fma_products)
+    expected = paged_decode_attention_reference(q, k_cache, v_cache, page_table, positions, 0.3, **scales)
+    for b in range(len(lengths)):
+        assert _relative_error(out[b], expected[b]) < TOLERANCE
+
+
+def test_q4_cache_block_scales_reach_scores_and_values():
+    """Each block's own scale, not its row's or its neighbour's: a cache whose blocks have scales a thousand
+    times apart, where one misplaced scale moves the output far past the tolerance."""
+    q, k_cache, v_cache, page_table, positions = _setup([3, 37], 4, 2, 128, 4, 64, seed=63)
+    k_q, v_q, scales = _quantized("q4", k_cache, v_cache)
+    spread = torch.tensor([1e-3, 1.0, 0.3, 3e-2], device=DEVICE)  # per block of 32 dims
+    scales = {name: (t * spread).contiguous() for name, t in scales.items()}
+    workspace = DecodeAttentionWorkspace.create(2, 4, 128, 64, DEVICE, split_tokens=16)
+    out = _run(q, k_q, v_q, page_table, positions, workspace, 0.5, **scales)
+    expected = paged_decode_attention_reference(q, k_q, v_q, page_table, positions, 0.5, **scales)
+    assert _relative_error(out, expected) < TOLERANCE
+    swapped = {name: t.flip(-1).contiguous() for name, t in scales.items()}
+    assert _relative_error(out, paged_decode_attention_reference(q, k_q, v_q, page_table, positions, 0.5,
+                                                                 **swapped)) > 1e-2
+
+
+def test_q4_cache_with_the_quantized_copy():
+    from replayllm.kernels.int8_activations import QuantizedActivations, quantize_activations
+
+    q, k_cache, v_cache, page_table, positions = _setup([5, 40], 4, 2, 64, 4, 64, seed=65, q_scale=2.0)
+    k_q, v_q, scales = _quantized("q4", k_cache, v_cache)
+    workspace = DecodeAttentionWorkspace.create(2, 4, 64, 64, DEVICE, split_tokens=16)
+    out = torch.full(q.shape, float("nan"), device=DEVICE)
+    fused = QuantizedActivations.allocate(2, 4 * 64, DEVICE, wide=True)
+    paged_decode_attention(q, k_q, v_q, page_table, positions, 0.3, out, workspace, out_q8=fused, **scales)
+    expected = paged_decode_attention_reference(q, k_q, v_q, page_table, positions, 0.3, **scales)
+    assert _relative_error(out, expected) < TOLERANCE
+    _assert_same_copy(fused, quantize_activations(out.view(2, -1), QuantizedActivations.allocate(2, 256, DEVICE,
+                                                                                                 wide=True)))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(fused_merge=True), "q4 KV cache's attention has no fused_merge form"),
+    (dict(int8_products=True), "int8_products multiplies an int8 KV cache's quants; this cache is q4"),
+    (dict(block_n=8), "block_n must be 16, 32, 64 or 128"),
+    (dict(k_scale=None), "needs its scales"),
+    (dict(head_dim=96), "head_dim a multiple of 64"),
+])
+def test_q4_cache_rejects_what_it_does_not_do(options, message):
+    head_dim = options.pop("head_dim", 64)
+    q, k_cache, v_cache, page_table, positions = _setup([5, 40], 4, 2, head_dim, 4, 64, seed=67)
+    if head_dim % 64:  # a q4 cache's shape with an odd number of blocks a half
+        k_q = torch.zeros(*k_cache.shape[:3], head_dim // 2, dtype=torch.uint8, device=DEVICE)
+        scales = dict(k_scale=torch.ones(*k_cache.shape[:3], head_dim // 32, device=DEVICE))
+        scales["v_scale"], v_q = scales["k_scale"].clone(), k_q.clone()
+    else:
+        k_q, v_q, scales = _quantized("q4", k_cache, v_cache)
+    with pytest.raises(ValueError, match=message):
+        paged_decode_attention(q, k_q, v_q, page_table, positions, 0.3, torch.empty_like(q),
+                               DecodeAttentionWorkspace.create(2, 4, head_dim, 64, DEVICE, split_tokens=32),
+                               **{**scales, **options})

@@ -70,9 +70,10 @@ def add_decode_options(parser: argparse.ArgumentParser) -> None:
                         help="GPU: programmatic dependent launch of the decode kernels (default: on where the GPU "
                              "has it, compute capability 9.0+; same tokens either way)")
     parser.add_argument("--kv-cache", choices=KV_CACHE_TYPES, default="f16",
-                        help="the KV cache's element type: f16 (default) or int8 (about half the bytes: faster "
-                             "decode deep in a long context, at a rounding of keys and values; on the CPU the "
-                             "reference rounds them the same way)")
+                        help="the KV cache's element type: f16 (default), int8 (about half the bytes: faster "
+                             "decode deep in a long context, at a rounding of keys and values) or q4 (4 bits in "
+                             "blocks of 32, under a third of the bytes, at a coarser rounding); on the CPU the "
+                             "reference rounds them the same way")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:

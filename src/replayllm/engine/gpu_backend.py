@@ -84,7 +84,8 @@ class GPUBackend(Backend):
                  prefill_graphs: bool = True, kv_cache: str = "f16"):
         """`prefill_chunk`: prompt tokens per prefill pass (already validated, see LLM); None chooses it at load
         (`_default_prefill_chunk`). `prefill_graphs` (CUDA): capture the prefill passes at load. `kv_cache`: the
-        cache's element type, "f16" or "int8" (runner/kv_cache.py)."""
+        cache's element type, "f16", "int8" or "q4" (runner/kv_cache.py; a q4 cache's attention has only the
+        CUDA-core products, so it comes with them on)."""
         started = time.perf_counter()
         self.config = config = model_file.config
         self.max_context_tokens = max_context_tokens
@@ -112,6 +113,7 @@ class GPUBackend(Backend):
         self.bufs = StepBuffers.allocate(config, 1, self.cache.max_pages_per_seq,
                                          self.cache.max_pages_per_seq * self.cache.page_size, self.device)
         self.bufs.activations = default_activations(self.bufs, self.weights)
+        self.bufs.fma_attention_products = self.cache.dtype == "q4"  # its only attention (kernels/decode_attention)
         self._note_peak("kv_cache")
         self.prefiller = Prefiller(config, self.weights, self.cache, self.rope)
         self.prefill_chunk_tokens = (prefill_chunk if prefill_chunk is not None
@@ -189,7 +191,7 @@ class GPUBackend(Backend):
                 + ("-prefetch" if self.bufs.pdl and self.bufs.prefetch_weights else "")
                 + ("-fused-merge" if self.bufs.fused_attention_merge else "")
                 + ("-rope-in-attention" if self.bufs.rope_in_attention else "")
-                + ("-kv-int8" if self.cache.dtype == "int8" else "")
+                + ("" if self.cache.dtype == "f16" else f"-kv-{self.cache.dtype}")
                 + ("-int8-products" if self.bufs.int8_attention_products else "")
                 + ("-fma-products" if self.bufs.fma_attention_products else "")
                 + ("" if self.one_launch_greedy else "-torch-greedy")
@@ -268,8 +270,9 @@ class GPUBackend(Backend):
         launch a layer fewer than a rope kernel before it ("-rope-in-attention"). Off by default: measured
         slower (benchmarks/NOTES.md). Not with an int8 KV cache (rope_and_cache_write quantizes it). Recaptures
         the current mode's graphs."""
-        if enabled and self.cache.dtype == "int8":
-            raise InvalidParameterError("rope in the attention launch writes an f16 KV cache only; this one is int8")
+        if enabled and self.cache.dtype != "f16":
+            raise InvalidParameterError(f"rope in the attention launch writes an f16 KV cache only; this one is "
+                                        f"{self.cache.dtype}")
         self._refuse_beside_fma_products(enabled, "rope in the attention launch")
         self.bufs.rope_in_attention = bool(enabled)
         self._recapture()
@@ -293,7 +296,11 @@ class GPUBackend(Backend):
         """Experimental: decode attention takes its products as f32 multiply-adds on the CUDA cores, one program
         per q head, instead of tensor-core products of f16 tiles ("-fma-products"; kernels/decode_attention).
         Not with the fused merge, rope in the attention launch or int8 products. Not yet measured on a GPU, so
-        off. Recaptures the current mode's graphs."""
+        off; always on with a q4 KV cache, whose attention has no other products. Recaptures the current mode's
+        graphs."""
+        if not enabled and self.cache.dtype == "q4":
+            raise InvalidParameterError("a q4 KV cache's attention has the fma products only; they cannot be turned "
+                                        "off")
         if enabled:
             for name, chosen in (("the fused attention merge", self.bufs.fused_attention_merge),
                                  ("rope in the attention launch", self.bufs.rope_in_attention),

@@ -20,7 +20,7 @@ from .stop_strings import StopStringFilter
 
 Prompt = str | Sequence[int]
 DEVICES = ("auto", "cpu", "cuda")
-KV_CACHE_TYPES = ("f16", "int8")  # kernels/kv_cache.KV_CACHE_DTYPES' names (not imported here: it loads Triton)
+KV_CACHE_TYPES = ("f16", "int8", "q4")  # kernels/kv_cache.KV_CACHE_DTYPES' names (not imported here: it loads Triton)
 DEFAULT_MAX_CONTEXT_TOKENS = 4096
 # Prompt tokens per prefill pass: at least the smallest tuning bucket (and a tensor-core tile); at most what
 # keeps a pass's activations of a large model near a GiB.
@@ -50,9 +50,11 @@ class LLM:
     so that a prompt chunk is one replay instead of a thousand launches from Python; None (default) turns
     it on wherever the device is CUDA, False prefills launch by launch (the same kernels; a chunk padded to its
     bucket may take another GEMM method, so logits agree to the GEMMs' rounding).
-    `kv_cache`: the KV cache's element type, "f16" (default) or "int8" (one scale per token and kv head, about
-    half the bytes: faster decode deep in a context, at a rounding of keys and values; kernels/kv_cache.py). On
-    the CPU, "int8" makes the reference round keys and values the same way: the int8 cache's oracle.
+    `kv_cache`: the KV cache's element type, "f16" (default), "int8" (one scale per token and kv head, about
+    half the bytes: faster decode deep in a context, at a rounding of keys and values) or "q4" (4 bits with a
+    scale per 32 dims, under a third of f16's bytes, at a coarser rounding; head_dim a multiple of 64);
+    kernels/kv_cache.py. On the CPU, "int8" or "q4" makes the reference round keys and values the same way: that
+    cache's oracle.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", *,

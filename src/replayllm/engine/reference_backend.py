@@ -6,11 +6,13 @@ use to check large synthetic models in seconds instead of minutes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
 from tqdm import tqdm
 
+from ..errors import InvalidParameterError
 from ..gguf import dequantize
 from ..models import get_architecture
 from ..models.int8_reference import Int8Products, storage_key
@@ -23,16 +25,20 @@ class ReferenceBackend(Backend):
 
     def __init__(self, model_file: ModelFile, max_context_tokens: int, progress: bool = True,
                  device: torch.device | str = "cpu", kv_cache: str = "f16"):
-        """kv_cache "int8": keys and values go through the int8 KV cache's rounding as they are stored (the
+        """kv_cache "int8" or "q4": keys and values go through that KV cache's rounding as they are stored (the
         reference of the GPU path with that cache); "f16" (the default): kept in f32, unrounded."""
         self.device = torch.device(device)
         self.name = ("cpu" if self.device.type == "cpu" else f"reference-{self.device.type}") \
-            + ("-kv-int8" if kv_cache == "int8" else "")
+            + ("" if kv_cache == "f16" else f"-kv-{kv_cache}")
         self._kv_rounding = None
-        if kv_cache == "int8":
-            from ..kernels.kv_cache import round_trip_kv_reference
+        if kv_cache != "f16":
+            from ..kernels.kv_cache import kv_row_shape, round_trip_kv_reference
 
-            self._kv_rounding = round_trip_kv_reference
+            try:
+                kv_row_shape(kv_cache, model_file.config.head_dim)
+            except ValueError as err:
+                raise InvalidParameterError(f"{err} (this model's head_dim); use kv_cache='int8' or 'f16'") from None
+            self._kv_rounding = functools.partial(round_trip_kv_reference, dtype=kv_cache)
         self.config = model_file.config
         self.max_context_tokens = max_context_tokens
         gguf_file = model_file.gguf

@@ -71,7 +71,7 @@ from ._tensor_checks import check_same_device, check_tensor, next_power_of_2, un
 from .int8_activations import (ACTIVATION_BLOCK, QuantizedActivations, _quantize_blocks, _store_quantized_row,
                                check_activation_q8, q8_launch_args, q8_tensors)
 from ._last_program import _count_in
-from .kv_cache import check_paged_cache, gather_paged_cache_reference, scale_launch_args
+from .kv_cache import check_paged_cache, gather_paged_cache_reference, kv_cache_type, scale_launch_args
 from .pdl import _pdl_wait, launch_options
 from .rope import _load_rotated
 
@@ -232,6 +232,17 @@ def _paged_decode_attention_kernel(
 
 
 @triton.jit
+def _online_softmax_step(scores, token_mask, running_max, running_sum):
+    """One tile's step of the online softmax over scores [BLOCK_N] (log2 units; masked tokens ignored): returns
+    (probs [BLOCK_N] relative to the new max, the factor the accumulator is rescaled by, new max, new sum)."""
+    scores = tl.where(token_mask, scores, float("-inf"))
+    new_max = tl.maximum(running_max, tl.max(scores, axis=0))
+    correction = tl.exp2(running_max - new_max)  # exp2(-inf) = 0 on the first tile
+    probs = tl.exp2(scores - new_max)
+    return probs, correction, new_max, running_sum * correction + tl.sum(probs, axis=0)
+
+
+@triton.jit
 def _paged_decode_attention_fma_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, page_table_ptr, positions_ptr, part_max_ptr,
         part_sum_ptr, part_acc_ptr, q_row_stride, q_head_stride, page_table_row_stride, qk_scale_log2,
@@ -267,22 +278,89 @@ def _paged_decode_attention_fma_kernel(
             scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # [BLOCK_N], log2 units
             if KV_INT8:
                 scores = scores * tl.load(k_scale_ptr + token_slots, mask=token_mask, other=0.0)
-            scores = tl.where(token_mask, scores, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(scores, axis=0))
-            correction = tl.exp2(running_max - new_max)  # exp2(-inf) = 0 on the first tile
-            probs = tl.exp2(scores - new_max)
-            running_sum = running_sum * correction + tl.sum(probs, axis=0)
+            probs, correction, running_max, running_sum = _online_softmax_step(scores, token_mask, running_max,
+                                                                                running_sum)
             if not EARLY_V:
                 v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
             weights = probs
             if KV_INT8:  # each token's v scale goes on its probability (module docstring)
                 weights = probs * tl.load(v_scale_ptr + token_slots, mask=token_mask, other=0.0)
             acc = acc * correction + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
-            running_max = new_max
         part = (row.to(tl.int64) * NUM_Q_HEADS + head) * NUM_SPLITS + split
         tl.store(part_max_ptr + part, running_max)
         tl.store(part_sum_ptr + part, running_sum)
         tl.store(part_acc_ptr + part * HEAD_DIM + dims, acc, mask=dim_mask)
+
+
+@triton.jit
+def _q4_tile_half(cache_ptr, scale_ptr, byte_offsets, scale_offsets, kv_mask, scale_mask, HIGH: tl.constexpr):
+    """One half of a q4 tile as f32 nibble values [BLOCK_N, BLOCK_B, 32] (q, not yet scaled) and the block scales
+    [BLOCK_N, BLOCK_B] (kv_cache.py). Both halves come from the same bytes; L1 serves the second load."""
+    packed = tl.load(cache_ptr + byte_offsets, mask=kv_mask, other=0).to(tl.int32)
+    nibbles = (packed >> 4) if HIGH else (packed & 15)
+    return (nibbles - 8).to(tl.float32), tl.load(scale_ptr + scale_offsets, mask=scale_mask, other=0.0)
+
+
+@triton.jit
+def _paged_decode_attention_q4_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, page_table_ptr, positions_ptr, part_max_ptr,
+        part_sum_ptr, part_acc_ptr, q_row_stride, q_head_stride, page_table_row_stride, qk_scale_log2,
+        NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+        PAGE_SIZE: tl.constexpr, SPLIT_TOKENS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_B: tl.constexpr,
+        BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
+    """fma_products over a q4 cache (kv_cache.py): as _paged_decode_attention_fma_kernel, with each half of a row
+    held as [BLOCK_B, 32] cells (block i of the low half is dims 32i.., of the high half Dh/2 + 32i..), so that a
+    block's scale multiplies the block's partial dot product (k) or the probability (v) once, not every element.
+    Grid (B * Hq, NUM_SPLITS)."""
+    _pdl_wait(USE_PDL)
+    HALF_DIM: tl.constexpr = HEAD_DIM // 2
+    HALF_BLOCKS: tl.constexpr = HEAD_DIM // 64
+    row = tl.program_id(0) // NUM_Q_HEADS
+    head = tl.program_id(0) % NUM_Q_HEADS
+    kv_head = head // GROUP_SIZE
+    split = tl.program_id(1)
+    seq_len = tl.load(positions_ptr + row) + 1
+    start = split * SPLIT_TOKENS
+    if start < seq_len:
+        end = tl.minimum(start + SPLIT_TOKENS, seq_len)
+        blocks = tl.arange(0, BLOCK_B)
+        block_mask = blocks < HALF_BLOCKS
+        cells = blocks[:, None] * 32 + tl.arange(0, 32)[None, :]  # [BLOCK_B, 32]: dims of the low half
+        cell_mask = block_mask[:, None] & (cells < HALF_DIM)
+        q_head = q_ptr + row.to(tl.int64) * q_row_stride + head * q_head_stride
+        q_low = tl.load(q_head + cells, mask=cell_mask, other=0.0) * qk_scale_log2
+        q_high = tl.load(q_head + HALF_DIM + cells, mask=cell_mask, other=0.0) * qk_scale_log2
+        page_row = page_table_ptr + row.to(tl.int64) * page_table_row_stride
+        running_max = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)
+        running_sum = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
+        acc_low = tl.zeros([BLOCK_B, 32], tl.float32)
+        acc_high = tl.zeros([BLOCK_B, 32], tl.float32)
+        for tile_start in range(start, end, BLOCK_N):
+            tokens = tile_start + tl.arange(0, BLOCK_N)
+            token_mask = tokens < end
+            pages = tl.load(page_row + tokens // PAGE_SIZE, mask=token_mask, other=0).to(tl.int64)
+            token_slots = (pages * NUM_KV_HEADS + kv_head) * PAGE_SIZE + tokens % PAGE_SIZE
+            byte_offsets = token_slots[:, None, None] * HALF_DIM + cells[None, :, :]  # [BLOCK_N, BLOCK_B, 32]
+            kv_mask = token_mask[:, None, None] & cell_mask[None, :, :]
+            scale_low = token_slots[:, None] * (2 * HALF_BLOCKS) + blocks[None, :]  # [BLOCK_N, BLOCK_B]
+            scale_mask = token_mask[:, None] & block_mask[None, :]
+            k, k_scale = _q4_tile_half(k_cache_ptr, k_scale_ptr, byte_offsets, scale_low, kv_mask, scale_mask, False)
+            scores = tl.sum(tl.sum(k * q_low[None, :, :], axis=2) * k_scale, axis=1)  # [BLOCK_N], log2 units
+            k, k_scale = _q4_tile_half(k_cache_ptr, k_scale_ptr, byte_offsets, scale_low + HALF_BLOCKS, kv_mask,
+                                       scale_mask, True)
+            scores += tl.sum(tl.sum(k * q_high[None, :, :], axis=2) * k_scale, axis=1)
+            probs, correction, running_max, running_sum = _online_softmax_step(scores, token_mask, running_max,
+                                                                                running_sum)
+            v, v_scale = _q4_tile_half(v_cache_ptr, v_scale_ptr, byte_offsets, scale_low, kv_mask, scale_mask, False)
+            acc_low = acc_low * correction + tl.sum((probs[:, None] * v_scale)[:, :, None] * v, axis=0)
+            v, v_scale = _q4_tile_half(v_cache_ptr, v_scale_ptr, byte_offsets, scale_low + HALF_BLOCKS, kv_mask,
+                                       scale_mask, True)
+            acc_high = acc_high * correction + tl.sum((probs[:, None] * v_scale)[:, :, None] * v, axis=0)
+        part = (row.to(tl.int64) * NUM_Q_HEADS + head) * NUM_SPLITS + split
+        tl.store(part_max_ptr + part, running_max)
+        tl.store(part_sum_ptr + part, running_sum)
+        tl.store(part_acc_ptr + part * HEAD_DIM + cells, acc_low, mask=cell_mask)
+        tl.store(part_acc_ptr + part * HEAD_DIM + HALF_DIM + cells, acc_high, mask=cell_mask)
 
 
 @triton.jit
@@ -524,13 +602,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             raise ValueError(f"out_q8: the quantized copy is made per head and needs head_dim a multiple of "
                              f"{ACTIVATION_BLOCK}, got {head_dim}")
         check_activation_q8("out_q8", out_q8, batch, num_q_heads * head_dim)
-    scales = dict(k_scale=k_scale, v_scale=v_scale) if kv_int8 else {}
+    scales = dict(k_scale=k_scale, v_scale=v_scale) if k_scale is not None else {}
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, positions=positions, out=out,
                       workspace=ws.part_acc, **scales, **q8_tensors("out_q8", out_q8))
     if new_token is not None:
-        if kv_int8:
-            raise ValueError("new_token writes the new k and v as f16 and cannot fill an int8 KV cache; write them "
-                             "with kernels/rope.rope_and_cache_write and call without new_token")
+        if k_cache.dtype != torch.float16:
+            raise ValueError(f"new_token writes the new k and v as f16 and cannot fill an {kv_cache_type(k_cache)} KV "
+                             f"cache; write them with kernels/rope.rope_and_cache_write and call without new_token")
         new_token.check(batch, num_kv_heads, head_dim)
         check_same_device(q=q, new_k=new_token.k, new_v=new_token.v, cos=new_token.cos, sin=new_token.sin)
         rope_args = new_token.launch_args()
@@ -539,8 +617,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if batch == 0:
         return out
     if int8_products and not kv_int8:
-        raise ValueError("int8_products multiplies an int8 KV cache's quants; this cache is f16")
-    if fma_products:
+        raise ValueError(f"int8_products multiplies an int8 KV cache's quants; this cache is {kv_cache_type(k_cache)}")
+    if fma_products or k_cache.dtype == torch.uint8:  # a q4 cache has the CUDA-core products only
         return _fma_decode_attention(q, k_cache, v_cache, page_table, positions, scale, out, ws, k_scale, v_scale,
                                      out_q8, pdl, block_n, num_warps, early_v, fused_merge, new_token, int8_products)
     group_size = num_q_heads // num_kv_heads
@@ -593,31 +671,39 @@ def _launch_merge(ws: DecodeAttentionWorkspace, positions: torch.Tensor, out: to
 
 def _fma_decode_attention(q, k_cache, v_cache, page_table, positions, scale, out, ws, k_scale, v_scale, out_q8,
                           pdl, block_n, num_warps, early_v, fused_merge, new_token, int8_products) -> torch.Tensor:
-    """paged_decode_attention's fma_products launches, its arguments checked already."""
+    """paged_decode_attention's fma_products launches (those of every q4 cache), its arguments checked already."""
+    what = "a q4 KV cache's attention" if k_cache.dtype == torch.uint8 else "fma_products"
     for name, chosen in (("fused_merge", fused_merge), ("new_token", new_token is not None),
                          ("int8_products", int8_products)):
         if chosen:
-            raise ValueError(f"fma_products has no {name} form: call with one of the two")
+            raise ValueError(f"{what} has no {name} form: call without {name}")
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     kv_int8 = k_cache.dtype == torch.int8
     block_d = max(16, next_power_of_2(head_dim))
-    # tiles of 16 KB (the largest tensor-core tile's bytes): 64 f16 or 128 int8 tokens at head_dim 128
-    largest_tile = min(MAX_FMA_TILE_TOKENS, ws.split_tokens, MAX_TILE_ELEMENTS * (2 if kv_int8 else 1) // block_d)
+    # tiles of 16 KB at most (the largest tensor-core tile's bytes): 64 f16 or 128 int8 (or q4) tokens at head_dim
+    # 128
+    largest_tile = min(MAX_FMA_TILE_TOKENS, ws.split_tokens,
+                       MAX_TILE_ELEMENTS * (1 if k_cache.dtype == torch.float16 else 2) // block_d)
     if block_n is None:
         block_n = max(MIN_SPLIT_TOKENS, largest_tile)
     elif block_n not in (16, 32, 64, 128) or block_n > ws.split_tokens:
         raise ValueError(f"block_n must be 16, 32, 64 or 128 and at most split_tokens ({ws.split_tokens}) with "
-                         f"fma_products, got {block_n!r}")
+                         f"{what}, got {block_n!r}")
     if num_warps not in (1, 2, 4, 8):
         raise ValueError(f"num_warps must be 1, 2, 4 or 8, got {num_warps!r}")
-    _paged_decode_attention_fma_kernel[(batch * num_q_heads, ws.num_splits)](
-        q, k_cache, v_cache, *scale_launch_args(k_cache, k_scale, v_scale), page_table, positions, ws.part_max,
-        ws.part_sum, ws.part_acc, q.stride(0), q.stride(1), page_table.stride(0), float(scale) * math.log2(math.e),
-        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=num_q_heads // num_kv_heads,
-        HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[2], SPLIT_TOKENS=ws.split_tokens, NUM_SPLITS=ws.num_splits,
-        BLOCK_D=block_d, BLOCK_N=block_n, KV_INT8=kv_int8, EARLY_V=bool(early_v),
-        num_warps=num_warps, **launch_options(pdl))
+    common = (q, k_cache, v_cache, *scale_launch_args(k_cache, k_scale, v_scale), page_table, positions, ws.part_max,
+              ws.part_sum, ws.part_acc, q.stride(0), q.stride(1), page_table.stride(0),
+              float(scale) * math.log2(math.e))
+    shape = dict(NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, GROUP_SIZE=num_q_heads // num_kv_heads,
+                 HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[2], SPLIT_TOKENS=ws.split_tokens,
+                 NUM_SPLITS=ws.num_splits, BLOCK_N=block_n, num_warps=num_warps, **launch_options(pdl))
+    grid = (batch * num_q_heads, ws.num_splits)
+    if k_cache.dtype == torch.uint8:  # early_v has no meaning here: the q4 kernel loads V after the softmax
+        _paged_decode_attention_q4_kernel[grid](*common, BLOCK_B=next_power_of_2(head_dim // 64), **shape)
+    else:
+        _paged_decode_attention_fma_kernel[grid](*common, BLOCK_D=block_d, KV_INT8=kv_int8, EARLY_V=bool(early_v),
+                                                 **shape)
     _launch_merge(ws, positions, out, q8_launch_args(out_q8, out), _merge_shape(ws, block_d, out_q8 is not None),
                   pdl)
     return out

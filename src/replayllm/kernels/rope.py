@@ -1,4 +1,4 @@
-"""Rotary position embedding of q and k, fused with writing k and v into the paged KV cache (f16 or int8).
+"""Rotary position embedding of q and k, fused with writing k and v into the paged KV cache (f16, int8 or q4).
 
 Two pairings of the rotated dimensions exist, and the GGUF file decides which (see docs/architecture.md):
 - normal (GGUF llama): pairs (x[2i], x[2i+1]),
@@ -13,7 +13,10 @@ too).
 
 An int8 cache (kv_cache.py) gets each rotated k row and each v row quantized as it is stored, with the row's
 f32 scale: one (token, kv head) row is one program's, so its max is a reduction within the program. Both
-divisions are IEEE-rounded, as kv_cache.quantize_kv_reference's torch divisions are.
+divisions are IEEE-rounded, as kv_cache.quantize_kv_reference's torch divisions are. A q4 cache gets them in
+blocks of 32 dims: the program loads (and rotates) the row as [Dh / 64, 32] cells twice, the low half of the
+row and the high half, so that the two nibbles of each byte (dim j and dim j + Dh/2, kv_cache.py) are in the same
+thread and each block's max is a reduction along a cell row.
 
 `num_rows`, an int32 device scalar, limits the work to the first rows: a prefill CUDA graph captured for a
 bucket of rows serves shorter chunks, and its padding rows must neither write the cache nor read a position
@@ -71,17 +74,44 @@ def _store_cache_row(x, row_ptr, scale_ptr, dims, dim_mask, KV_INT8: tl.constexp
 
 
 @triton.jit
+def _q4_nibbles(x, scale_ptr, block_mask):
+    """x [BLOCK_B, 32] f32 (one half of a row, 0 where masked) as 4-bit nibbles q + 8 in 1..15 (int32), each
+    block's scale max |x| / 7 stored at scale_ptr [BLOCK_B] where block_mask is on (kv_cache.quantize_kv_q4_reference;
+    IEEE-rounded divisions, as its torch ones)."""
+    amax = tl.max(tl.abs(x), axis=1)  # [BLOCK_B]; masked cells hold 0
+    qmax = tl.zeros_like(amax) + 7.0  # kv_cache.KV_Q4_QMAX
+    inverse = tl.where(amax > 0.0, tl.math.div_rn(qmax, tl.maximum(amax, 1e-30)), 0.0)  # a zero block: q = 0
+    q = tl.minimum(tl.maximum(tl.floor(x * inverse[:, None] + 0.5), -7.0), 7.0)
+    tl.store(scale_ptr, tl.math.div_rn(amax, qmax), mask=block_mask)
+    return (q + 8.0).to(tl.int32)
+
+
+@triton.jit
+def _store_q4_cache_row(low, high, row_ptr, scale_ptr, cells, cell_mask, blocks, block_mask,
+                        HALF_BLOCKS: tl.constexpr):
+    """Store one q4 cache row from its halves low, high [BLOCK_B, 32] f32 (dims cells and cells + Dh/2, 0 where
+    cell_mask is off): the bytes at row_ptr + cells, the low half's block scales at scale_ptr + blocks, the high
+    half's at scale_ptr + HALF_BLOCKS + blocks. block_mask [BLOCK_B] says which blocks exist for this row (off
+    everywhere on a padding row: nothing is stored)."""
+    low_nibbles = _q4_nibbles(low, scale_ptr + blocks, block_mask)
+    high_nibbles = _q4_nibbles(high, scale_ptr + HALF_BLOCKS + blocks, block_mask)
+    tl.store(row_ptr + cells, (low_nibbles | (high_nibbles << 4)).to(tl.uint8), mask=cell_mask)
+
+
+@triton.jit
 def _rope_and_cache_write_kernel(
         q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, positions_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
         page_table_ptr, num_rows_ptr, q_row_stride, q_head_stride, k_row_stride, k_head_stride, v_row_stride,
         v_head_stride, table_row_stride, page_table_row_stride,
         NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_ROPE: tl.constexpr,
         PAGE_SIZE: tl.constexpr, NEOX: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-        USE_PDL: tl.constexpr, LIMIT_ROWS: tl.constexpr, KV_INT8: tl.constexpr):
+        USE_PDL: tl.constexpr, LIMIT_ROWS: tl.constexpr, KV_INT8: tl.constexpr, KV_Q4: tl.constexpr,
+        BLOCK_B: tl.constexpr):
     _pdl_wait(USE_PDL)
     # q: [B, Hq, Dh] f32 (rotated in place); k, v: [B, Hkv, Dh] f32; cos, sin: [max_ctx, HALF_ROPE] f32
     # positions: [B] int32; page_table: [B, max_pages] int32; k_cache, v_cache: [pages, Hkv, PAGE_SIZE, Dh] f16,
-    # or int8 (KV_INT8) with k_scale, v_scale: [pages, Hkv, PAGE_SIZE] f32 (not read otherwise)
+    # or int8 (KV_INT8) with k_scale, v_scale: [pages, Hkv, PAGE_SIZE] f32 (not read otherwise), or q4 (KV_Q4):
+    # [pages, Hkv, PAGE_SIZE, Dh / 2] uint8 with k_scale, v_scale [pages, Hkv, PAGE_SIZE, Dh / 32] f32
     # grid (B, Hq + Hkv): head < Hq rotates a q head, otherwise kv head (head - Hq) is rotated and cached.
     # LIMIT_ROWS: rows >= num_rows_ptr[0] are padding and left alone.
     row = tl.program_id(0)
@@ -119,13 +149,36 @@ def _rope_and_cache_write_kernel(
         # a padding row reads the entry of row 0's position in its own page-table row; its stores are masked
         page = tl.load(page_table_ptr + row.to(tl.int64) * page_table_row_stride + position // PAGE_SIZE)
         cache_row = (page.to(tl.int64) * NUM_KV_HEADS + kv_head) * PAGE_SIZE + position % PAGE_SIZE  # scale index
-        slot = cache_row * HEAD_DIM
         k_head = k_ptr + row.to(tl.int64) * k_row_stride + kv_head * k_head_stride
-        k_rotated = _load_rotated(k_head, dims, dim_mask, cos_ptr + table_row, sin_ptr + table_row, HALF_ROPE, NEOX)
-        _store_cache_row(k_rotated, k_cache_ptr + slot, k_scale_ptr + cache_row, dims, dim_mask, KV_INT8)
-        v = tl.load(v_ptr + row.to(tl.int64) * v_row_stride + kv_head * v_head_stride + dims, mask=dim_mask,
-                    other=0.0)
-        _store_cache_row(v, v_cache_ptr + slot, v_scale_ptr + cache_row, dims, dim_mask, KV_INT8)
+        v_head = v_ptr + row.to(tl.int64) * v_row_stride + kv_head * v_head_stride
+        if KV_Q4:
+            HALF_DIM: tl.constexpr = HEAD_DIM // 2
+            HALF_BLOCKS: tl.constexpr = HEAD_DIM // 64
+            blocks = tl.arange(0, BLOCK_B)
+            cells = blocks[:, None] * 32 + tl.arange(0, 32)[None, :]  # [BLOCK_B, 32]: dims of the low half
+            block_mask = blocks < HALF_BLOCKS
+            if LIMIT_ROWS:
+                block_mask = block_mask & ((blocks * 0 + row) < num_rows)
+            cell_mask = block_mask[:, None] & (cells < HALF_DIM)
+            cos_row = cos_ptr + table_row
+            sin_row = sin_ptr + table_row
+            row_bytes = cache_row * HALF_DIM
+            row_scales = cache_row * (2 * HALF_BLOCKS)
+            _store_q4_cache_row(
+                _load_rotated(k_head, cells, cell_mask, cos_row, sin_row, HALF_ROPE, NEOX),
+                _load_rotated(k_head, cells + HALF_DIM, cell_mask, cos_row, sin_row, HALF_ROPE, NEOX),
+                k_cache_ptr + row_bytes, k_scale_ptr + row_scales, cells, cell_mask, blocks, block_mask, HALF_BLOCKS)
+            _store_q4_cache_row(
+                tl.load(v_head + cells, mask=cell_mask, other=0.0),
+                tl.load(v_head + cells + HALF_DIM, mask=cell_mask, other=0.0),
+                v_cache_ptr + row_bytes, v_scale_ptr + row_scales, cells, cell_mask, blocks, block_mask, HALF_BLOCKS)
+        else:
+            slot = cache_row * HEAD_DIM
+            k_rotated = _load_rotated(k_head, dims, dim_mask, cos_ptr + table_row, sin_ptr + table_row, HALF_ROPE,
+                                      NEOX)
+            _store_cache_row(k_rotated, k_cache_ptr + slot, k_scale_ptr + cache_row, dims, dim_mask, KV_INT8)
+            v = tl.load(v_head + dims, mask=dim_mask, other=0.0)
+            _store_cache_row(v, v_cache_ptr + slot, v_scale_ptr + cache_row, dims, dim_mask, KV_INT8)
 
 
 def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -136,7 +189,8 @@ def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos:
     """Rotate q [B, Hq, Dh] in place; write rotated k [B, Hkv, Dh] and v [B, Hkv, Dh] into the cache slot of
     positions[b] for each batch row b (k and v themselves are left unchanged): rounded to f16, or, into an int8
     cache, quantized per (token, kv head) row with the row's scale written to k_scale, v_scale
-    [pages, Hkv, page_size] f32 (as kv_cache.quantize_kv_reference). cos, sin: [max_ctx, rope_dim/2] f32 with
+    [pages, Hkv, page_size] f32 (as kv_cache.quantize_kv_reference), or into a q4 cache in blocks of 32 with
+    their scales in k_scale, v_scale [pages, Hkv, page_size, Dh / 32] (kv_cache.quantize_kv_q4_reference). cos, sin: [max_ctx, rope_dim/2] f32 with
     rope_dim <= Dh; the caller guarantees positions[b] < max_ctx (read on the device, never checked on the host).
     `num_rows`: an int32 [1] device tensor n <= B; rows b >= n are neither rotated nor cached, quants and scales
     alike (positions[b] and page_table[b] are not used beyond their first entry)."""
@@ -170,7 +224,8 @@ def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos:
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF_ROPE=half_rope,
         PAGE_SIZE=page_size, NEOX=bool(neox), BLOCK_HALF=next_power_of_2(half_rope),
         BLOCK_D=next_power_of_2(head_dim), LIMIT_ROWS=num_rows is not None, KV_INT8=k_cache.dtype == torch.int8,
-        num_warps=1, **launch_options(pdl))
+        KV_Q4=k_cache.dtype == torch.uint8, BLOCK_B=next_power_of_2(max(1, head_dim // 64)), num_warps=1,
+        **launch_options(pdl))
 
 
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, *,

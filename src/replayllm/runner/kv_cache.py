@@ -1,8 +1,9 @@
 """The paged KV cache: pages allocated once, handed to sequences through per-sequence page tables.
 
 Layout per layer: k, v [num_pages, num_kv_heads, page_size, head_dim], f16 (the default) or int8 with one f32
-scale per (token, kv head) in k_scale, v_scale [num_pages, num_kv_heads, page_size] (kernels/kv_cache.py), so
-one page of one head is a contiguous [page_size, head_dim] tile that the attention kernel reads with wide loads. A sequence's pages are
+scale per (token, kv head) in k_scale, v_scale [num_pages, num_kv_heads, page_size], or q4 (head_dim / 2 bytes a
+row, with a scale per block of 32 dims; kernels/kv_cache.py), so one page of one head is a contiguous
+[page_size, row] tile that the attention kernel reads with wide loads. A sequence's pages are
 reserved on the host when its request starts (for prompt + max new tokens), so the per-token path never asks
 for memory: the decode step only follows `page_table` on the device.
 """
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidParameterError, ReplayLLMError
-from ..kernels.kv_cache import KV_CACHE_DTYPES
+from ..kernels.kv_cache import KV_CACHE_DTYPES, kv_cache_type, kv_row_shape
 from ..models import ModelConfig
 
 DEFAULT_PAGE_SIZE = 16
@@ -22,39 +23,41 @@ DEFAULT_PAGE_SIZE = 16
 
 @dataclass
 class PagedKVCache:
-    k: torch.Tensor  # [L, num_pages, Hkv, page_size, Dh] f16 or int8
-    v: torch.Tensor  # [L, num_pages, Hkv, page_size, Dh] f16 or int8
+    k: torch.Tensor  # [L, num_pages, Hkv, page_size, Dh] f16 or int8, or [..., Dh / 2] uint8 (q4)
+    v: torch.Tensor
     page_size: int
     max_pages_per_seq: int
     _free: list[int]
-    k_scale: torch.Tensor | None = None  # [L, num_pages, Hkv, page_size] f32 (int8 only)
+    k_scale: torch.Tensor | None = None  # [L, num_pages, Hkv, page_size] f32 (int8), [..., Dh / 32] (q4)
     v_scale: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, config: ModelConfig, max_context_tokens: int, max_sequences: int, device: torch.device,
                  page_size: int = DEFAULT_PAGE_SIZE, dtype: str = "f16") -> PagedKVCache:
-        """dtype: "f16" or "int8" (kernels/kv_cache.py)."""
+        """dtype: "f16", "int8" or "q4" (kernels/kv_cache.py)."""
         if dtype not in KV_CACHE_DTYPES:
             raise InvalidParameterError(f"KV cache type must be one of {', '.join(KV_CACHE_DTYPES)}, got {dtype!r}")
+        try:
+            row, scale_row = kv_row_shape(dtype, config.head_dim)
+        except ValueError as err:
+            raise InvalidParameterError(f"{err} (this model's head_dim); use kv_cache='int8' or 'f16'") from None
         max_pages_per_seq = -(-max_context_tokens // page_size)
         num_pages = max_pages_per_seq * max_sequences
-        shape = (config.num_layers, num_pages, config.num_kv_heads, page_size, config.head_dim)
+        rows = (config.num_layers, num_pages, config.num_kv_heads, page_size)
         element = KV_CACHE_DTYPES[dtype]
+        shapes = [(rows + row, element)] * 2 + ([(rows + scale_row, torch.float32)] * 2 if scale_row is not None else [])
         try:
-            k = torch.zeros(shape, dtype=element, device=device)
-            v = torch.zeros(shape, dtype=element, device=device)
-            scales = [torch.zeros(shape[:-1], dtype=torch.float32, device=device) for _ in range(2)] \
-                if dtype == "int8" else [None, None]
+            k, v, *scales = (torch.zeros(shape, dtype=kind, device=device) for shape, kind in shapes)
         except torch.OutOfMemoryError:
-            need = 2 * torch.Size(shape).numel() * element.itemsize \
-                + (2 * torch.Size(shape[:-1]).numel() * 4 if dtype == "int8" else 0)
+            need = sum(torch.Size(shape).numel() * kind.itemsize for shape, kind in shapes)
             raise ReplayLLMError(f"the KV cache for {max_context_tokens} tokens x {max_sequences} sequences needs "
                                  f"{need / 2**30:.2f} GiB of GPU memory, which is not free; lower --ctx") from None
+        scales = scales or [None, None]
         return cls(k, v, page_size, max_pages_per_seq, list(range(num_pages - 1, -1, -1)), *scales)
 
     @property
     def dtype(self) -> str:
-        return "int8" if self.k.dtype == torch.int8 else "f16"
+        return kv_cache_type(self.k)
 
     @property
     def nbytes(self) -> int:
@@ -62,8 +65,8 @@ class PagedKVCache:
                    if t is not None)
 
     def scales(self, layer: int) -> dict:
-        """The keyword arguments the attention and cache-write kernels take for layer `layer`: its scales (int8),
-        or none (f16)."""
+        """The keyword arguments the attention and cache-write kernels take for layer `layer`: its scales (int8,
+        q4), or none (f16)."""
         if self.k_scale is None:
             return {}
         return dict(k_scale=self.k_scale[layer], v_scale=self.v_scale[layer])
