@@ -6,7 +6,9 @@ Metrics: q is f32, ||kernel - reference|| / ||reference|| < 1e-5; the cached k i
 within one f16 ulp of the float64 result rounded to f16, and v must equal v rounded to f16 exactly. An int8
 cache's quants must be within one of quantize_kv_reference's (a rounding tie may fall either way, the rotation
 being f32) and its scales within 1e-6 relative; each dequantized value within half a quant step of the exact
-value (plus f32 slack).
+value (plus f32 slack). A q4 cache is held to the same with quantize_kv_q4_reference, nibble by nibble and block
+scale by block scale: the reference rotates in float64, the kernel in f32, so a block's max (and its scale) may
+differ by an f32 ulp, and a nibble on a rounding tie may fall either way (almost none do).
 Where the cache write lands is tested in test_kv_cache.py.
 """
 
@@ -15,7 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replayllm.kernels.kv_cache import gather_paged_cache_reference, quantize_kv_reference
+from replayllm.kernels.kv_cache import (KV_CACHE_DTYPES, dequantize_kv_q4_reference, gather_paged_cache_reference,
+                                       kv_row_shape, quantize_kv_q4_reference, quantize_kv_reference)
 from replayllm.kernels.rope import rope_and_cache_write, rope_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,15 +86,20 @@ def test_the_two_pairings_differ():
 
 
 def _at_slots(t: torch.Tensor, page_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """[B, Hkv, ...]: what t (a cache [pages, Hkv, page_size, Dh] or its scales [pages, Hkv, page_size]) holds
-    in the slot of each row's position."""
+    """[B, Hkv, ...]: what t (a cache [pages, Hkv, page_size, ...] or its scales [pages, Hkv, page_size, ...])
+    holds in the slot of each row's position."""
     page_size = t.shape[2]
     return torch.stack([t[int(page_table[b, p // page_size]), :, p % page_size]
                         for b, p in enumerate(positions.tolist())])
 
 
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """A q4 cache's bytes [..., Dh/2] as their nibbles q + 8 [..., Dh] int32, in dim order (kv_cache.py)."""
+    return torch.cat([packed & 15, packed >> 4], dim=-1).int()
+
+
 def _run(batch, num_q_heads, num_kv_heads, head_dim, rope_dim, positions, neox, seed=0, page_size=4,
-         kv_int8=False):
+         kv_int8=False, kv_q4=False):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, num_q_heads, head_dim, generator=gen).to(DEVICE)
     k = torch.randn(batch, num_kv_heads, head_dim, generator=gen).to(DEVICE)
@@ -99,16 +107,18 @@ def _run(batch, num_q_heads, num_kv_heads, head_dim, rope_dim, positions, neox, 
     max_pages = -(-(max(positions) + 1) // page_size)
     num_pages = batch * max_pages
     page_table = torch.randperm(num_pages, generator=gen).to(torch.int32).view(batch, max_pages).to(DEVICE)
-    cache_dtype = torch.int8 if kv_int8 else torch.float16
-    k_cache = torch.zeros(num_pages, num_kv_heads, page_size, head_dim, dtype=cache_dtype, device=DEVICE)
+    kv_type = "q4" if kv_q4 else "int8" if kv_int8 else "f16"
+    row_shape, scale_shape = kv_row_shape(kv_type, head_dim)
+    k_cache = torch.zeros(num_pages, num_kv_heads, page_size, *row_shape, dtype=KV_CACHE_DTYPES[kv_type],
+                          device=DEVICE)
     v_cache = torch.zeros_like(k_cache)
-    scales = dict(k_scale=torch.zeros(k_cache.shape[:3], device=DEVICE),
-                  v_scale=torch.zeros(k_cache.shape[:3], device=DEVICE)) if kv_int8 else {}
+    scales = {name: torch.zeros(*k_cache.shape[:3], *scale_shape, device=DEVICE)
+              for name in ("k_scale", "v_scale")} if scale_shape is not None else {}
     positions = torch.tensor(positions, dtype=torch.int32, device=DEVICE)
     cos, sin = _tables(int(positions.max()) + 1, rope_dim)
     q_in, k_in, v_in = q.clone(), k.clone(), v.clone()
     rope_and_cache_write(q, k, v, cos, sin, positions, k_cache, v_cache, page_table, neox=neox, **scales)
-    if kv_int8:  # the raw quants and scales: the int8 tests compare them, not the dequantized rows
+    if scales:  # the raw quants (q4: packed bytes) and scales: the tests compare them, not the dequantized rows
         return dict(k_in=k_in, v_in=v_in, cos=cos, sin=sin, positions=positions,
                     k_quants=_at_slots(k_cache, page_table, positions),
                     v_quants=_at_slots(v_cache, page_table, positions),
@@ -184,6 +194,59 @@ def test_int8_cache_stores_a_row_of_zeros_as_zero_quants_and_scale():
     assert v_scale[0, 0, 1] > 0.0  # the row that is not zero
 
 
+@pytest.mark.parametrize("neox, head_dim, rope_dim", [(False, 64, 64), (True, 64, 32), (False, 128, 96),
+                                                     (True, 128, 96), (True, 192, 192), (False, 256, 64)])
+def test_q4_cache_holds_the_rotated_k_and_v_quantized(neox, head_dim, rope_dim):
+    # rope_dim 96 of 128: pairs that straddle the two halves a byte joins (neox: partners 48 dims apart);
+    # head_dim 192: three blocks a half, padded to four, whose masked cells must not be stored
+    r = _run(batch=3, num_q_heads=1, num_kv_heads=2, head_dim=head_dim, rope_dim=rope_dim, positions=[0, 9, 22],
+             neox=neox, kv_q4=True)
+    rotated_k = rope_reference(r["k_in"], r["cos"], r["sin"], r["positions"], neox=neox)
+    exact_k = _rotate_as_complex(r["k_in"], r["positions"], rope_dim, neox)
+    for name, rotated, exact in (("k", rotated_k, exact_k), ("v", r["v_in"], r["v_in"].double())):
+        packed, scales = r[f"{name}_quants"].cpu(), r[f"{name}_scales"].cpu()
+        expected_packed, expected_scales = quantize_kv_q4_reference(rotated.cpu())
+        nibbles, expected_nibbles = _nibbles(packed), _nibbles(expected_packed)
+        assert (nibbles - expected_nibbles).abs().max() <= 1
+        assert (nibbles != expected_nibbles).float().mean() <= 0.01  # a tie now and then, not a habit
+        torch.testing.assert_close(scales, expected_scales, rtol=1e-6, atol=0)
+        step = scales.double().repeat_interleave(32, dim=-1)  # each dim's block scale
+        error = (dequantize_kv_q4_reference(packed, scales).double() - exact.cpu()).abs()
+        assert (error <= 0.5 * step + 1e-6 * exact.abs().amax(dim=-1, keepdim=True).cpu()).all()
+
+
+def test_q4_cache_stores_a_zero_block_as_nibble_8_and_scale_0():
+    # amax 0: the inverse is taken as 0, not 7 / 0, so neither nibbles nor scale are NaN; byte 0 (the poison)
+    # is never a q4 byte, nibbles being q + 8 in 1..15
+    k, v = torch.zeros(2, 1, 64, device=DEVICE), torch.randn(2, 1, 64, generator=torch.Generator().manual_seed(1))
+    v = v.to(DEVICE)
+    v[0, 0, 32:] = 0.0  # row 0: its second block (the high nibbles) zero, its first not
+    v[1] = 0.0
+    k_cache = torch.zeros((1, 1, 4, 32), dtype=torch.uint8, device=DEVICE)
+    v_cache = k_cache.clone()
+    k_scale, v_scale = torch.full((1, 1, 4, 2), -1.0, device=DEVICE), torch.full((1, 1, 4, 2), -1.0, device=DEVICE)
+    cos, sin = _tables(4, 64)
+    positions, page_table = torch.tensor([1, 2], dtype=torch.int32), torch.zeros(2, 1, dtype=torch.int32)
+    rope_and_cache_write(torch.zeros(2, 1, 64, device=DEVICE), k, v, cos, sin, positions.to(DEVICE), k_cache,
+                         v_cache, page_table.to(DEVICE), neox=False, k_scale=k_scale, v_scale=v_scale)
+    assert (k_cache[0, 0, 1:3] == 0x88).all() and (k_scale[0, 0, 1:3] == 0.0).all()
+    assert (v_cache[0, 0, 2] == 0x88).all() and (v_scale[0, 0, 2] == 0.0).all()
+    assert (v_cache[0, 0, 1] >> 4 == 8).all() and v_scale[0, 0, 1, 1] == 0.0
+    assert v_scale[0, 0, 1, 0] > 0.0 and (v_cache[0, 0, 1] & 15 != 8).any()  # the block that is not zero
+    assert (k_cache[0, 0, ::3] == 0).all() and (k_scale[0, 0, ::3] == -1.0).all()  # slots 0 and 3 untouched
+
+
+def test_q4_cache_needs_head_dim_a_multiple_of_64():
+    # 96: each half would be one and a half blocks
+    q, k = torch.zeros(1, 2, 96), torch.zeros(1, 1, 96)
+    k_cache, k_scale = torch.zeros(2, 1, 4, 48, dtype=torch.uint8), torch.zeros(2, 1, 4, 3)
+    cos, sin = torch.zeros(8, 48), torch.zeros(8, 48)
+    positions, page_table = torch.zeros(1, dtype=torch.int32), torch.zeros(1, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="a q4 KV cache needs head_dim a multiple of 64, got 96"):
+        rope_and_cache_write(q, k, k.clone(), cos, sin, positions, k_cache, k_cache.clone(), page_table, neox=True,
+                             k_scale=k_scale, v_scale=k_scale.clone())
+
+
 def test_rotation_preserves_relative_position():
     # q_m . k_n depends only on m - n: the property RoPE exists for
     gen = torch.Generator().manual_seed(9)
@@ -216,7 +279,8 @@ def _int8_cache(**change):
     (dict(v_cache=torch.zeros(4, 2, 4, 16, dtype=torch.float32)), "v_cache: expected dtype torch.float16"),
     (_int8_cache(k_scale=None, v_scale=None), r"an int8 KV cache needs its scales \(k_scale, v_scale\)"),
     (_int8_cache(v_scale=None), "an int8 KV cache needs its scales"),
-    (dict(k_scale=torch.zeros(4, 2, 4), v_scale=torch.zeros(4, 2, 4)), "k_scale, v_scale belong to an int8 KV cache"),
+    (dict(k_scale=torch.zeros(4, 2, 4), v_scale=torch.zeros(4, 2, 4)),
+     "k_scale, v_scale belong to an int8 or q4 KV cache"),
     (_int8_cache(k_scale=torch.zeros(4, 2, 8)), r"k_scale: expected shape \[4, 2, 4\]"),
     (_int8_cache(v_scale=torch.zeros(4, 2, 4, dtype=torch.float16)), "v_scale: expected dtype torch.float32"),
     (_int8_cache(v_cache=torch.zeros(4, 2, 4, 16, dtype=torch.float16)), "v_cache: expected dtype torch.int8"),
@@ -250,6 +314,19 @@ def test_int8_real_shapes():
     for name, rotated in (("k", rotated_k), ("v", r["v_in"])):
         expected_quants, expected_scales = quantize_kv_reference(rotated)
         assert (r[f"{name}_quants"].int() - expected_quants.int()).abs().max() <= 1
+        torch.testing.assert_close(r[f"{name}_scales"], expected_scales, rtol=1e-6, atol=0)
+
+
+@pytest.mark.gpu
+def test_q4_real_shapes():
+    r = _run(batch=4, num_q_heads=32, num_kv_heads=8, head_dim=128, rope_dim=128, positions=[0, 15, 1000, 4095],
+             neox=True, page_size=16, kv_q4=True)
+    rotated_k = rope_reference(r["k_in"], r["cos"], r["sin"], r["positions"], neox=True)
+    for name, rotated in (("k", rotated_k), ("v", r["v_in"])):
+        expected_packed, expected_scales = quantize_kv_q4_reference(rotated)
+        nibbles, expected_nibbles = _nibbles(r[f"{name}_quants"]), _nibbles(expected_packed)
+        assert (nibbles - expected_nibbles).abs().max() <= 1
+        assert (nibbles != expected_nibbles).float().mean() <= 0.01
         torch.testing.assert_close(r[f"{name}_scales"], expected_scales, rtol=1e-6, atol=0)
 
 
@@ -308,4 +385,33 @@ def test_int8_rows_past_num_rows_write_no_quants_and_no_scales(num_rows):
             assert (cache[page, 0, slot].cpu().int() - expected_quants[b, 0].int()).abs().max() <= 1
             torch.testing.assert_close(scale[page, 0, slot].cpu(), expected_scales[b, 0], rtol=1e-6, atol=0)
         assert (cache[:, 0].cpu()[~written] == -128).all() and (scale[:, 0].cpu()[~written] == -1.0).all()
+    assert int(written.sum()) == num_rows
+
+
+@pytest.mark.parametrize("num_rows", [0, 2])
+def test_q4_rows_past_num_rows_write_no_bytes_and_no_scales(num_rows):
+    # as the int8 test: a store by a padding row would land in row 0's slot or its scales; byte 0 is never
+    # a q4 byte (nibbles are 1..15)
+    gen = torch.Generator().manual_seed(num_rows)
+    batch, page_size = 5, 4
+    q, k, v = (torch.randn(batch, h, 64, generator=gen).to(DEVICE) for h in (2, 1, 1))
+    positions = torch.tensor([1, 6, 1000, 2000, 3000], dtype=torch.int32, device=DEVICE)
+    page_table = torch.tensor([[1, 0, 2]] * batch, dtype=torch.int32, device=DEVICE)
+    caches = [torch.zeros((3, 1, page_size, 32), dtype=torch.uint8, device=DEVICE) for _ in range(2)]
+    scales = [torch.full((3, 1, page_size, 2), -1.0, device=DEVICE) for _ in range(2)]
+    cos, sin = _tables(16, 64)
+    limit = torch.tensor([num_rows], dtype=torch.int32, device=DEVICE)
+    rope_and_cache_write(q, k, v, cos, sin, positions, *caches, page_table, neox=False, num_rows=limit,
+                         k_scale=scales[0], v_scale=scales[1])
+    real = positions[:num_rows]
+    rotated_k = rope_reference(k[:num_rows], cos, sin, real, neox=False)
+    written = torch.zeros(3, page_size, dtype=torch.bool)
+    for cache, scale, x in ((caches[0], scales[0], rotated_k), (caches[1], scales[1], v[:num_rows])):
+        expected_packed, expected_scales = quantize_kv_q4_reference(x.cpu())
+        for b, position in enumerate(real.tolist()):
+            page, slot = int(page_table[b, position // page_size]), position % page_size
+            written[page, slot] = True
+            assert (_nibbles(cache[page, 0, slot].cpu()) - _nibbles(expected_packed[b, 0])).abs().max() <= 1
+            torch.testing.assert_close(scale[page, 0, slot].cpu(), expected_scales[b, 0], rtol=1e-6, atol=0)
+        assert (cache[:, 0].cpu()[~written] == 0).all() and (scale[:, 0].cpu()[~written] == -1.0).all()
     assert int(written.sum()) == num_rows

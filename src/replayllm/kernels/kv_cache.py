@@ -75,7 +75,8 @@ def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads:
     check_tensor("v_cache", v_cache, KV_CACHE_DTYPES[dtype], tuple(k_cache.shape))
     if scale_row is not None:
         if k_scale is None or v_scale is None:
-            raise ValueError(f"an {dtype} KV cache needs its scales (k_scale, v_scale)")
+            article = "an" if dtype == "int8" else "a"
+            raise ValueError(f"{article} {dtype} KV cache needs its scales (k_scale, v_scale)")
         check_tensor("k_scale", k_scale, torch.float32, (*k_cache.shape[:3], *scale_row))
         check_tensor("v_scale", v_scale, torch.float32, (*k_cache.shape[:3], *scale_row))
     elif k_scale is not None or v_scale is not None:
