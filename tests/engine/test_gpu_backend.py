@@ -397,6 +397,38 @@ def test_int8_kv_cache_stays_on_its_reference_and_graph_equals_eager(models):
             m.close()
 
 
+def test_q4_kv_cache_errs_by_its_rounding_only_and_graph_equals_eager(models):
+    """The q4 KV cache (4 bits, a scale per 32 dims) against the reference that rounds keys and values the same
+    way: prefill logits closer to it than 3/4 of the rounding's own effect (reference against the unrounded
+    reference), and closer to it than to the unrounded reference; graph replays equal to eager launches; greedy
+    tokens within the rounding's effect of its reference's logits. A value near a half step rounds a whole step
+    (1/7 of its block's largest value) apart when upstream f16 differences push it across, hence no tighter
+    bound (tests/engine/test_gpu_backend_interpreted.py)."""
+    _, reference, _, _ = models
+    path = reference.model_file.path
+    q4_reference = LLM(path, device="cpu", progress=False, kv_cache="q4")
+    q4_graph = LLM(path, device="cuda", mode="graph", progress=False, kv_cache="q4")
+    q4_eager = LLM(path, device="cuda", mode="eager", progress=False, kv_cache="q4")
+    try:
+        assert q4_graph.backend.name.endswith("-kv-q4-fma-products")
+        ids = reference.tokenizer.encode(PROMPTS[2])
+        expected, actual = q4_reference.logits(ids), q4_graph.logits(ids)
+        rounding = _relative_error(expected, reference.logits(ids))
+        assert rounding > 0
+        assert _relative_error(actual, expected) < 0.75 * rounding
+        assert _relative_error(actual, expected) < _relative_error(actual, reference.logits(ids))
+        params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+        for prompt in PROMPTS[:2]:
+            out = q4_graph.generate([prompt], params)[0]
+            assert q4_eager.generate([prompt], params)[0].token_ids == out.token_ids
+            agreement = greedy_agreement(q4_reference.logits(out.prompt_token_ids + out.token_ids),
+                                         len(out.prompt_token_ids), out.token_ids)
+            assert agreement.is_within(max(LOGIT_TOLERANCE, rounding)), agreement
+    finally:
+        for m in (q4_reference, q4_graph, q4_eager):
+            m.close()
+
+
 def test_fma_attention_products_keep_greedy_on_the_reference_and_graph_equals_eager(models):
     """Decode attention's products as f32 multiply-adds (set_fma_attention_products, opt-in): greedy tokens within
     the logit tolerance of the reference, graph replays equal to eager launches, the decode-step logits near the

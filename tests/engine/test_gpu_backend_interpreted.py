@@ -9,6 +9,8 @@ fixed model are compared exactly.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -362,6 +364,61 @@ def int8_kv_pair(tiny_q4_k_m):
     yield reference, backend
     backend.close()
     reference.close()
+
+
+@pytest.fixture(scope="module")
+def q4_kv_pair(tiny_q4_k_m):
+    reference = LLM(tiny_q4_k_m, device="cpu", progress=False, max_context=64, kv_cache="q4")
+    backend = GPUBackend(reference.model_file, 64, mode="eager", progress=False, device=torch.device("cpu"),
+                         kv_cache="q4")
+    yield reference, backend
+    backend.close()
+    reference.close()
+
+
+def test_the_q4_kv_cache_errs_by_its_rounding_only(q4_kv_pair, pair):
+    """The q4 KV cache (4 bits, a scale per 32 dims) through prefill (rope_and_cache_write quantizing, prefill
+    attention reading) and decode (its CUDA-core attention) against the reference that rounds keys and values the
+    same way. Not within the f16 cache's tolerance: a value near a half step that upstream f16 differences round
+    the other way moves by a whole step, 1/7 of its block's largest value (int8: 1/127), so on this model the
+    rounding itself moves the logits ~1e-1 and the GPU path is ~5e-2 from its reference (the int8 cache: 7e-3 and
+    4e-3). Bounded by 3/4 of the rounding's effect, and closer to its own reference than to the unrounded one: a
+    scale misplaced or a half dropped errs by the order of the logits. Its attention has the fma products only,
+    and says so."""
+    from replayllm.errors import InvalidParameterError
+
+    reference, backend = q4_kv_pair
+    assert reference.backend.name == "cpu-kv-q4"
+    assert backend.name.endswith("-kv-q4-fma-products") and backend.cache.k.dtype == torch.uint8
+    ids = [1, 17, 230, 5, 99, 42, 7]
+    fp32, expected = pair[0].logits(ids), reference.logits(ids)
+    rounding = _relative_error(expected, fp32)
+    assert 1e-2 < rounding < 0.5
+    for actual in (backend.logits(ids), torch.cat([backend.logits(ids[:4]), backend.decode_logits(ids, 4)])):
+        assert _relative_error(actual, expected) < 0.75 * rounding
+        assert _relative_error(actual, expected) < 0.75 * _relative_error(actual, fp32)
+    for setter, enabled, message in ((backend.set_fma_attention_products, False, "fma products only"),
+                                     (backend.set_rope_in_attention, True, "this one is q4"),
+                                     (backend.set_int8_attention_products, True, "need an int8 KV cache")):
+        with pytest.raises(InvalidParameterError, match=message):
+            setter(enabled)
+
+
+def test_a_q4_kv_cache_needs_head_dim_a_multiple_of_64(tmp_path):
+    from replayllm.errors import InvalidParameterError
+
+    path = write_synthetic_model("tiny", "q8_0", tmp_path / "tiny.gguf", progress=False)
+    with pytest.raises(InvalidParameterError, match="kv_cache must be one of"):
+        LLM(path, device="cpu", progress=False, max_context=32, kv_cache="q3")
+    reference = LLM(path, device="cpu", progress=False, max_context=32)
+    try:
+        config = dataclasses.replace(reference.model_file.config, head_dim=32, rope_dim=32)
+        from replayllm.runner.kv_cache import PagedKVCache
+
+        with pytest.raises(InvalidParameterError, match="head_dim a multiple of 64"):
+            PagedKVCache.allocate(config, 32, 1, torch.device("cpu"), dtype="q4")
+    finally:
+        reference.close()
 
 
 def test_the_int8_kv_cache_matches_its_reference(int8_kv_pair, pair):

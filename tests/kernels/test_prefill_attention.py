@@ -8,6 +8,10 @@ past start+T or through a wrong page shows as NaN. The output is poisoned with N
 An int8 cache is the same cache quantized (kv_cache.quantize_kv_reference), its unwritten slots holding quant
 -128 and a NaN scale; the reference dequantizes it, so the kernel's error is still only its f16 roundings and
 the same tolerance holds.
+A q4 cache likewise (kv_cache.quantize_kv_q4_reference), its unwritten slots holding byte 0 (nibbles of -8, which
+no write produces) and NaN scales. The kernel rounds each dequantized value (relative to its tile's largest scale)
+to f16 too: 3e-4..6e-4 on these data, still a tenth of the tolerance; a block read with a neighbour's scale, or
+the two halves of a byte swapped, is off by 1e-1 or more.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replayllm.kernels.kv_cache import quantize_kv_reference
+from replayllm.kernels.kv_cache import quantize_kv_q4_reference, quantize_kv_reference
 from replayllm.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_reference
 
 TOLERANCE = 5e-3
@@ -58,6 +62,21 @@ def _setup_int8(*args, **kwargs):
     q, k_cache, v_cache, page_table_row = _setup(*args, **kwargs)
     (k_quants, k_scale), (v_quants, v_scale) = _quantized(k_cache), _quantized(v_cache)
     return (q, k_quants, v_quants, page_table_row), dict(k_scale=k_scale, v_scale=v_scale)
+
+
+def _quantized_q4(cache):
+    """(packed, scales) of _setup's f16 cache as a q4 one; its NaN slots get byte 0 and NaN scales."""
+    written = ~cache.isnan().any(dim=-1)  # [pages, Hkv, page_size]
+    packed, scales = quantize_kv_q4_reference(cache.float().nan_to_num())
+    packed[~written], scales[~written] = 0, float("nan")
+    return packed, scales
+
+
+def _setup_q4(*args, **kwargs):
+    """_setup's q, cache pair and page table with the cache quantized to q4, and the scales as keywords."""
+    q, k_cache, v_cache, page_table_row = _setup(*args, **kwargs)
+    (k_packed, k_scale), (v_packed, v_scale) = _quantized_q4(k_cache), _quantized_q4(v_cache)
+    return (q, k_packed, v_packed, page_table_row), dict(k_scale=k_scale, v_scale=v_scale)
 
 
 def _run(q, k_cache, v_cache, page_table_row, start, scale=None, **options):
@@ -218,6 +237,62 @@ def test_int8_scales_are_applied(device):
         assert _max_relative_error(out, expected) > 0.3, name
 
 
+@pytest.mark.parametrize("num_tokens, start, num_kv_heads, head_dim, page_size, block_m, block_n", [
+    (7, 0, 4, 64, 16, 16, 16),  # one diagonal tile; each half of a row one block of 32
+    (37, 21, 2, 128, 4, 16, 32),  # GQA, several query blocks, unmasked tiles, tiles larger than a page
+    (37, 17, 1, 64, 16, 32, 16),  # key tiles smaller than the query block
+    (1, 40, 2, 128, 16, 64, 64),  # one query after a prefix, the default blocks
+    (21, 5, 2, 192, 8, 16, 16),  # halves of 96 dims, padded to 128
+])
+def test_q4_cache_matches_the_dequantizing_reference(num_tokens, start, num_kv_heads, head_dim, page_size,
+                                                     block_m, block_n, device):
+    args, scales = _setup_q4(num_tokens, start, 4, num_kv_heads, head_dim, page_size, device,
+                             seed=num_tokens + start + head_dim)
+    out = _run(*args, start, block_m=block_m, block_n=block_n, **scales)
+    assert out.isfinite().all()
+    assert _max_relative_error(out, paged_prefill_attention_reference(*args, start, **scales)) < TOLERANCE
+
+
+@pytest.mark.parametrize("factor", [1e-6, 1e5])
+def test_q4_cache_of_small_and_large_values(factor, device):
+    # values of 1e-6 (nibble * scale below f16's normal range) or 1e5 (past its 65504): f16 of the values themselves
+    # would be off by 1e-2 or overflow; relative to the tile's largest scale they keep f16's precision
+    q, k_cache, v_cache, page_table_row = _setup(16, 96, 2, 1, 64, 16, device, seed=14)
+    (k_packed, k_scale), (v_packed, v_scale) = _quantized_q4(k_cache), _quantized_q4(v_cache.float() * factor)
+    args, scales = (q, k_packed, v_packed, page_table_row), dict(k_scale=k_scale, v_scale=v_scale)
+    out = _run(*args, 96, block_m=16, block_n=16, **scales)
+    assert _max_relative_error(out, paged_prefill_attention_reference(*args, 96, **scales)) < TOLERANCE
+
+
+def test_q4_span_on_the_device_attends_its_rows_only(device):
+    # the prefill graph's launch over a q4 cache: padding rows keep their poison, real rows match the reference
+    args, scales = _setup_q4(21, 9, 4, 2, 64, 16, device, seed=15)
+    q = args[0]
+    padded_q = torch.randn(48, 4, 64, device=device)
+    padded_q[:21] = q
+    span = torch.tensor([9, 21], dtype=torch.int32, device=device)
+    out = _run(padded_q, *args[1:], span, block_m=16, block_n=16, **scales)
+    assert out[21:].isnan().all()
+    assert _max_relative_error(out[:21], paged_prefill_attention_reference(*args, 9, **scales)) < TOLERANCE
+
+
+def test_q4_blocks_keep_their_own_scales(device):
+    # Each block of 32 dims of K and V 4x the magnitude of the one before: the kernel matches the reference, and
+    # guards the comparison against a kernel and a reference that agree on a wrong scale. With either scale
+    # replaced by 1.0 (nibbles read as values), or each block given its neighbour's scale, the output is far off.
+    q, k_cache, v_cache, page_table_row = _setup(19, 5, 4, 2, 128, 16, device, seed=16)
+    magnitudes = (4.0 ** torch.arange(4, device=device)).repeat_interleave(32) / 8  # [Dh]: 1/8 .. 8
+    (k_packed, k_scale), (v_packed, v_scale) = (_quantized_q4(cache.float() * magnitudes)
+                                                for cache in (k_cache, v_cache))
+    args, scales = (q / magnitudes, k_packed, v_packed, page_table_row), dict(k_scale=k_scale, v_scale=v_scale)
+    expected = paged_prefill_attention_reference(*args, 5, **scales)
+    assert _max_relative_error(_run(*args, 5, block_m=16, block_n=16, **scales), expected) < TOLERANCE
+    for name in ("k_scale", "v_scale"):
+        for wrong in (torch.ones_like(scales[name]), scales[name].roll(1, dims=-1)):
+            out = _run(*args, 5, block_m=16, block_n=16, **(scales | {name: wrong}))
+            assert _max_relative_error(out, expected) > 0.3, name
+
+
 def _cpu_args(**change):
     q, k_cache, v_cache, page_table_row = _setup(8, 4, 4, 2, 16, 4, "cpu", seed=8, spare_pages=0)
     return dict(q=q, k_cache=k_cache, v_cache=v_cache, page_table_row=page_table_row, start=4,
@@ -255,7 +330,8 @@ def _int8_cache(**change):
 @pytest.mark.parametrize("change, message", [
     (_int8_cache(k_scale=None, v_scale=None), r"an int8 KV cache needs its scales \(k_scale, v_scale\)"),
     (_int8_cache(k_scale=None), "an int8 KV cache needs its scales"),
-    (dict(k_scale=torch.zeros(7, 2, 4), v_scale=torch.zeros(7, 2, 4)), "k_scale, v_scale belong to an int8 KV cache"),
+    (dict(k_scale=torch.zeros(7, 2, 4), v_scale=torch.zeros(7, 2, 4)),
+     "k_scale, v_scale belong to an int8 or q4 KV cache; this one is f16"),
     (_int8_cache(v_scale=torch.zeros(7, 2, 8)), r"v_scale: expected shape \[7, 2, 4\]"),
     (_int8_cache(k_scale=torch.zeros(7, 2, 4, dtype=torch.float64)), "k_scale: expected dtype torch.float32"),
     (_int8_cache(k_scale=torch.zeros(7, 4, 2).transpose(1, 2)), "k_scale: must be contiguous"),
@@ -264,6 +340,31 @@ def _int8_cache(**change):
 def test_rejects_bad_int8_arguments(change, message):
     with pytest.raises(ValueError, match=message):
         paged_prefill_attention(**_cpu_args(**change))
+
+
+
+def _q4_args(**change):
+    """_cpu_args with head_dim 64 and a q4 cache pair and its scales, with `change` applied."""
+    return _cpu_args(q=torch.zeros(8, 4, 64), out=torch.zeros(8, 4, 64),
+                     k_cache=torch.zeros(7, 2, 4, 32, dtype=torch.uint8),
+                     v_cache=torch.zeros(7, 2, 4, 32, dtype=torch.uint8),
+                     k_scale=torch.zeros(7, 2, 4, 2), v_scale=torch.zeros(7, 2, 4, 2)) | change
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(q=torch.zeros(8, 4, 48), out=torch.zeros(8, 4, 48), k_cache=torch.zeros(7, 2, 4, 24, dtype=torch.uint8),
+          v_cache=torch.zeros(7, 2, 4, 24, dtype=torch.uint8)),
+     "a q4 KV cache needs head_dim a multiple of 64, got 48"),
+    (dict(k_scale=None, v_scale=None), r"q4 KV cache needs its scales \(k_scale, v_scale\)"),
+    (dict(v_scale=None), r"q4 KV cache needs its scales \(k_scale, v_scale\)"),
+    (dict(k_cache=torch.zeros(7, 2, 4, 64, dtype=torch.uint8)), r"k_cache: expected shape \[\*, \*, \*, 32\]"),
+    (dict(v_cache=torch.zeros(7, 2, 4, 32, dtype=torch.float16)), "v_cache: expected dtype torch.uint8"),
+    (dict(v_scale=torch.zeros(7, 2, 4)), r"v_scale: expected shape \[7, 2, 4, 2\]"),
+    (dict(k_scale=torch.zeros(7, 2, 4, 2, dtype=torch.float16)), "k_scale: expected dtype torch.float32"),
+])
+def test_rejects_bad_q4_arguments(change, message):
+    with pytest.raises(ValueError, match=message):
+        paged_prefill_attention(**_q4_args(**change))
 
 
 @pytest.mark.gpu
@@ -280,6 +381,15 @@ def test_real_shapes(num_tokens, start, num_kv_heads):
 @pytest.mark.parametrize("num_tokens, start", [(600, 0), (300, 700)])
 def test_int8_real_shapes(num_tokens, start):
     args, scales = _setup_int8(num_tokens, start, 32, 8, 128, 16, "cuda", seed=13)
+    out = _run(*args, start, **scales)
+    assert out.isfinite().all()
+    assert _max_relative_error(out, paged_prefill_attention_reference(*args, start, **scales)) < TOLERANCE
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens, start", [(600, 0), (300, 700)])
+def test_q4_real_shapes(num_tokens, start):
+    args, scales = _setup_q4(num_tokens, start, 32, 8, 128, 16, "cuda", seed=17)
     out = _run(*args, start, **scales)
     assert out.isfinite().all()
     assert _max_relative_error(out, paged_prefill_attention_reference(*args, start, **scales)) < TOLERANCE
