@@ -237,6 +237,14 @@ def _launches() -> list[tuple[str, Callable[[], object]]]:
     calls.append(("int8 cache, fma products + 16-bit copy + PDL: ", lambda: K.paged_decode_attention(
         q, *int8_cache, table, positions, 0.1, torch.zeros_like(q), workspace, out_q8=attn_q16, pdl=True,
         fma_products=True, **int8_scales)))
+    cache4 = torch.zeros(*cache.shape[:3], head_dim // 2, dtype=torch.uint8)
+    scale4 = torch.zeros(*cache.shape[:3], head_dim // 32)
+    q4_cache, q4_scales = (cache4, cache4.clone()), dict(k_scale=scale4, v_scale=scale4.clone())
+    calls.append(("q4 cache: ", lambda: K.rope_and_cache_write(q, q.clone(), q.clone(), rope, rope, positions,
+                                                             *q4_cache, table, neox=False, **q4_scales)))
+    calls.append(("q4 cache + 16-bit copy + PDL: ", lambda: K.paged_decode_attention(
+        q, *q4_cache, table, positions, 0.1, torch.zeros_like(q), workspace, out_q8=attn_q16, pdl=True,
+        **q4_scales)))
     new_token = NewToken(q.clone(), q.clone(), rope, rope, neox=False)
     calls.append(("rope in it + fused merge + 16-bit copy + PDL: ", lambda: K.paged_decode_attention(
         q, cache, cache, table, positions, 0.1, torch.zeros_like(q), workspace, out_q8=attn_q16, pdl=True,
