@@ -341,7 +341,7 @@ def test_int8_cache_with_the_quantized_copy():
 
 @pytest.mark.parametrize("case, message", [
     ("int8 without scales", "an int8 KV cache needs its scales"),
-    ("f16 with scales", "k_scale, v_scale belong to an int8 KV cache"),
+    ("f16 with scales", "k_scale, v_scale belong to an int8 or q4 KV cache"),
     ("scales of the wrong shape", r"v_scale: expected shape \[16, 1, 4\]"),
     ("int8 with new_token", "new_token .* cannot fill an int8 KV cache"),
 ])
