@@ -336,9 +336,13 @@ def default_model_agreement(run: Run) -> None:
         kv_reference = ReferenceBackend(llm.model_file, 512, progress=False, device="cuda", kv_cache="int8")
         with LLM(path, device="cuda", max_context=512, progress=False, kv_cache="int8") as kv_llm:
             kv_int8 = [kv_llm.generate([p], params)[0].token_ids for p in prompts]
-        for p, d, q, kv in zip(prompts, default, int8, kv_int8):
+        q4_reference = ReferenceBackend(llm.model_file, 512, progress=False, device="cuda", kv_cache="q4")
+        with LLM(path, device="cuda", max_context=512, progress=False, kv_cache="q4") as q4_llm:
+            kv_q4 = [q4_llm.generate([p], params)[0].token_ids for p in prompts]
+        for p, d, q, kv, kv4 in zip(prompts, default, int8, kv_int8, kv_q4):
             ref = list(reference.generate_ids(p, params, 0, 48))
             kv_ref = list(kv_reference.generate_ids(p, params, 0, 48))
+            q4_ref = list(q4_reference.generate_ids(p, params, 0, 48))
             rows.append({
                 "prompt_tokens": len(p),
                 "default_first_difference": next((i for i, (a, r) in enumerate(zip(d, ref)) if a != r), None),
@@ -350,8 +354,13 @@ def default_model_agreement(run: Run) -> None:
                 "kv_int8_first_difference": next((i for i, (a, r) in enumerate(zip(kv, ref)) if a != r), None),
                 "kv_int8_first_difference_from_its_reference":
                     next((i for i, (a, r) in enumerate(zip(kv, kv_ref)) if a != r), None),
+                "kv_q4_first_difference": next((i for i, (a, r) in enumerate(zip(kv4, ref)) if a != r), None),
+                "kv_q4_first_difference_from_its_reference":
+                    next((i for i, (a, r) in enumerate(zip(kv4, q4_ref)) if a != r), None),
+                "kv_q4_max_relative_shortfall_vs_its_reference":
+                    greedy_agreement(q4_reference.logits(p + kv4), len(p), kv4).max_relative_shortfall,
             })
-        del reference, kv_reference
+        del reference, kv_reference, q4_reference
     run.results["default_model_agreement"] = {"tokens": 48, "prompts": CHAT_PROMPTS, "rows": rows}
     run.summary.append(
         "    default model, 48 greedy tokens of 4 chat prompts, first difference from the fp32 reference (None: "
@@ -360,7 +369,10 @@ def default_model_agreement(run: Run) -> None:
         f"{max(r['int8_max_relative_shortfall_vs_fp32'] for r in rows):.1e}, vs int8 reference "
         f"{max(r['int8_max_relative_shortfall_vs_int8_reference'] for r in rows):.1e}; int8 KV cache "
         f"{[r['kv_int8_first_difference'] for r in rows]} (from the reference that rounds keys and values the same "
-        f"way: {[r['kv_int8_first_difference_from_its_reference'] for r in rows]})")
+        f"way: {[r['kv_int8_first_difference_from_its_reference'] for r in rows]}); q4 KV cache "
+        f"{[r['kv_q4_first_difference'] for r in rows]} (from its own reference: "
+        f"{[r['kv_q4_first_difference_from_its_reference'] for r in rows]}, max rel shortfall "
+        f"{max(r['kv_q4_max_relative_shortfall_vs_its_reference'] for r in rows):.1e})")
 
 
 def prefill_breakdown(run: Run, llm: LLM, key: str, n_tokens: int = 512) -> None:
