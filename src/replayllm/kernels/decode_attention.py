@@ -88,12 +88,31 @@ def _tile_addresses(page_row, tile_start, end, kv_head, dims, dim_mask, NUM_KV_H
                     PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
     """Where the tile of BLOCK_N tokens from tile_start (< end) lives in kv head kv_head's pages: (token_mask
     [BLOCK_N], token_slots [BLOCK_N], the scales' index, kv_offsets and kv_mask [BLOCK_N, BLOCK_D] of K and V)."""
+    token_mask, token_slots = _tile_slots(page_row, tile_start, end, kv_head, NUM_KV_HEADS, PAGE_SIZE, BLOCK_N)
+    kv_offsets = token_slots[:, None] * HEAD_DIM + dims[None, :]
+    return token_mask, token_slots, kv_offsets, token_mask[:, None] & dim_mask[None, :]
+
+
+@triton.jit
+def _tile_slots(page_row, tile_start, end, kv_head, NUM_KV_HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """(token_mask [BLOCK_N], the cache rows [BLOCK_N] of kv head kv_head) of the tile of BLOCK_N tokens from
+    tile_start (< end): the row index of the scales too, and times a row's elements, of the values."""
     tokens = tile_start + tl.arange(0, BLOCK_N)
     token_mask = tokens < end
     pages = tl.load(page_row + tokens // PAGE_SIZE, mask=token_mask, other=0).to(tl.int64)
-    token_slots = (pages * NUM_KV_HEADS + kv_head) * PAGE_SIZE + tokens % PAGE_SIZE
-    kv_offsets = token_slots[:, None] * HEAD_DIM + dims[None, :]
-    return token_mask, token_slots, kv_offsets, token_mask[:, None] & dim_mask[None, :]
+    return token_mask, (pages * NUM_KV_HEADS + kv_head) * PAGE_SIZE + tokens % PAGE_SIZE
+
+
+@triton.jit
+def _per_q_head_program(positions_ptr, NUM_Q_HEADS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                        SPLIT_TOKENS: tl.constexpr):
+    """The CUDA-core kernels' program (grid (B * Hq, NUM_SPLITS)): (row, q head, kv head, split, the split's first
+    token, the sequence's length)."""
+    row = tl.program_id(0) // NUM_Q_HEADS
+    head = tl.program_id(0) % NUM_Q_HEADS
+    split = tl.program_id(1)
+    return row, head, head // GROUP_SIZE, split, split * SPLIT_TOKENS, tl.load(positions_ptr + row) + 1
 
 
 @triton.jit
@@ -252,12 +271,8 @@ def _paged_decode_attention_fma_kernel(
     """fma_products: one program per (sequence, q head, split), both products as f32 multiply-adds on the CUDA
     cores (module docstring). Same inputs and partials as _paged_decode_attention_kernel; grid (B * Hq, NUM_SPLITS)."""
     _pdl_wait(USE_PDL)
-    row = tl.program_id(0) // NUM_Q_HEADS
-    head = tl.program_id(0) % NUM_Q_HEADS
-    kv_head = head // GROUP_SIZE
-    split = tl.program_id(1)
-    seq_len = tl.load(positions_ptr + row) + 1
-    start = split * SPLIT_TOKENS
+    row, head, kv_head, split, start, seq_len = _per_q_head_program(positions_ptr, NUM_Q_HEADS, GROUP_SIZE,
+                                                                    SPLIT_TOKENS)
     if start < seq_len:
         end = tl.minimum(start + SPLIT_TOKENS, seq_len)
         dims = tl.arange(0, BLOCK_D)
@@ -315,12 +330,8 @@ def _paged_decode_attention_q4_kernel(
     _pdl_wait(USE_PDL)
     HALF_DIM: tl.constexpr = HEAD_DIM // 2
     HALF_BLOCKS: tl.constexpr = HEAD_DIM // 64
-    row = tl.program_id(0) // NUM_Q_HEADS
-    head = tl.program_id(0) % NUM_Q_HEADS
-    kv_head = head // GROUP_SIZE
-    split = tl.program_id(1)
-    seq_len = tl.load(positions_ptr + row) + 1
-    start = split * SPLIT_TOKENS
+    row, head, kv_head, split, start, seq_len = _per_q_head_program(positions_ptr, NUM_Q_HEADS, GROUP_SIZE,
+                                                                    SPLIT_TOKENS)
     if start < seq_len:
         end = tl.minimum(start + SPLIT_TOKENS, seq_len)
         blocks = tl.arange(0, BLOCK_B)
@@ -336,10 +347,8 @@ def _paged_decode_attention_q4_kernel(
         acc_low = tl.zeros([BLOCK_B, 32], tl.float32)
         acc_high = tl.zeros([BLOCK_B, 32], tl.float32)
         for tile_start in range(start, end, BLOCK_N):
-            tokens = tile_start + tl.arange(0, BLOCK_N)
-            token_mask = tokens < end
-            pages = tl.load(page_row + tokens // PAGE_SIZE, mask=token_mask, other=0).to(tl.int64)
-            token_slots = (pages * NUM_KV_HEADS + kv_head) * PAGE_SIZE + tokens % PAGE_SIZE
+            token_mask, token_slots = _tile_slots(page_row, tile_start, end, kv_head, NUM_KV_HEADS, PAGE_SIZE,
+                                                  BLOCK_N)
             byte_offsets = token_slots[:, None, None] * HALF_DIM + cells[None, :, :]  # [BLOCK_N, BLOCK_B, 32]
             kv_mask = token_mask[:, None, None] & cell_mask[None, :, :]
             scale_low = token_slots[:, None] * (2 * HALF_BLOCKS) + blocks[None, :]  # [BLOCK_N, BLOCK_B]
